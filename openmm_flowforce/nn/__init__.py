@@ -1,0 +1,4 @@
+"""Conditioners and small networks."""
+from .mlp import MLP
+
+__all__ = ["MLP"]
