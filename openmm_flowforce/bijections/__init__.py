@@ -3,11 +3,7 @@ from .base import (Bijection, CircularShift, Compose, ElementwiseFamily, Inverse
                    get_family, register_family)
 from .rootfind import invert_monotone, solve_monotone
 from .smooth import SmoothFamily, SmoothMixture, smooth_mixture, smooth_step
-
-try:  # the spline lives in its own module; imported here so it registers itself
-    from .spline import RationalQuadraticSpline, SplineFamily
-except ImportError:  # pragma: no cover - only while the module is being written
-    pass
+from .spline import RationalQuadraticSpline, SplineFamily
 
 __all__ = ["Bijection", "CircularShift", "Compose", "ElementwiseFamily", "Inverse", "family_names",
            "get_family", "register_family", "invert_monotone", "solve_monotone", "SmoothFamily",

@@ -1,0 +1,57 @@
+"""Files that matter are written atomically; checkpoints load with ``weights_only=True``."""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename,
+    so a reader never sees a half-written file and an interrupted write leaves the old one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
+    """``torch.save`` to bytes, then :func:`atomic_write_bytes`."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: str | os.PathLike, expected_format: str | None = None) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` (no code runs from the file).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is corrupt, truncated, or not a checkpoint of the expected
+            format; the message names the file and what to do.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated/garbled files
+        raise ValueError(f"checkpoint {path} is corrupt or not a PyTorch checkpoint ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200]}); re-create it (re-run the command that wrote it)") from None
+    if not isinstance(obj, dict) or (expected_format and obj.get("format") != expected_format):
+        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"{path} is not a {expected_format or 'flowforce'} checkpoint (found format {found!r})")
+    return obj
