@@ -9,6 +9,9 @@ from typing import Any
 
 import torch
 
+#: Format tag of every checkpoint the trainer writes (model files are trainer checkpoints).
+CHECKPOINT_FORMAT = "openmm-flowforce/checkpoint/1"
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename,

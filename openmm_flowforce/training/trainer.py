@@ -11,12 +11,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..io import load_checkpoint, save_checkpoint
+from ..io import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from .losses import nll_on_data, weighted_loss
 from .reporters import Reporter, TrainState
 
 Tensor = torch.Tensor
-CHECKPOINT_FORMAT = "openmm-flowforce/train/1"
 
 
 @dataclass

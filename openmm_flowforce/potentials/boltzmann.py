@@ -1,0 +1,114 @@
+"""Boltzmann generator of a molecule: internal coordinates + a flow on the unit cube.
+
+Noé, Olsson, Köhler, Wu, Science 2019 (arXiv 1812.01729) with the smooth flows of
+Köhler, Krämer, Noé, NeurIPS 2021 (arXiv 2110.00351). The density over Cartesian
+positions x (nm), modulo rigid motions, is
+
+    log q(x) = log q_flow(u(x)) + log|det du/dx|,
+
+where u = ``InternalCoordinates.to_unit(x)``; the potential of mean force it defines is
+U(x) = −kT·log q(x) in kJ/mol (up to a constant).
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..conventions import energy_from_log_prob
+from ..coordinates import InternalCoordinates
+from ..flows import CouplingFlow
+from ..io import CHECKPOINT_FORMAT, load_checkpoint
+
+Tensor = torch.Tensor
+MODEL_KIND = "boltzmann_generator"
+
+
+def topology_to_pdb(topology, positions_nm: np.ndarray) -> str:
+    """PDB text of an OpenMM topology with positions in nm (stored in model files)."""
+    from openmm import app, unit
+    buffer = io.StringIO()
+    app.PDBFile.writeFile(topology, np.asarray(positions_nm) * 10.0 * unit.angstrom, buffer, keepIds=True)
+    return buffer.getvalue()
+
+
+def topology_from_pdb(text: str):
+    """OpenMM topology and positions (nm, numpy) from PDB text."""
+    from openmm import app, unit
+    pdb = app.PDBFile(io.StringIO(text))
+    return pdb.topology, np.asarray(pdb.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
+
+
+class BoltzmannGenerator(nn.Module):
+    """A normalized density over the Cartesian positions of one molecule.
+
+    Args:
+        coordinates: internal coordinates of the molecule (fitted to data).
+        flow: a flow on ``[0, 1]^(3N−6)`` with ``flow.config['periodic'] == coordinates.periodic``.
+        topology_pdb: PDB text of the molecule, stored so the model file is self-contained.
+    """
+
+    def __init__(self, coordinates: InternalCoordinates, flow: CouplingFlow, topology_pdb: str = ""):
+        super().__init__()
+        if list(flow.config["periodic"]) != coordinates.periodic:
+            raise ValueError("the flow's periodic dimensions must be the coordinates' torsions")
+        self.coordinates = coordinates
+        self.flow = flow
+        self.topology_pdb = topology_pdb
+
+    @classmethod
+    def from_topology(cls, topology, positions_nm: Any, **flow_kwargs) -> "BoltzmannGenerator":
+        """Build internal coordinates from the topology's bonds, fit them to positions
+        ``(T, N, 3)`` nm, and put a flow (``CouplingFlow`` keyword arguments) on top."""
+        positions = np.asarray(positions_nm)
+        ic = InternalCoordinates.from_topology(topology, positions)
+        flow = CouplingFlow(ic.periodic, **flow_kwargs)
+        frame = positions[0] if positions.ndim == 3 else positions
+        return cls(ic, flow, topology_to_pdb(topology, frame))
+
+    @property
+    def n_atoms(self) -> int:
+        return self.coordinates.n_atoms
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """log q(x) for positions ``(B, N, 3)`` nm; invariant to rigid motions."""
+        u, ladj = self.coordinates.to_unit(x, check=False)
+        return self.flow.log_prob(u) + ladj
+
+    def energy(self, x: Tensor, temperature: float) -> Tensor:
+        """U(x) = −kT·log q(x) in kJ/mol for positions ``(B, N, 3)`` nm."""
+        return energy_from_log_prob(self.log_prob(x), temperature)
+
+    def sample_and_log_prob(self, n: int) -> tuple[Tensor, Tensor]:
+        """n samples ``(n, N, 3)`` nm in the canonical frame, and their log q."""
+        u, log_q_u = self.flow.sample_and_log_prob(n)
+        x, ladj = self.coordinates.from_unit(u)
+        return x, log_q_u - ladj
+
+    def sample(self, n: int) -> Tensor:
+        return self.sample_and_log_prob(n)[0]
+
+    def metadata(self) -> dict[str, Any]:
+        """Plain data from which :func:`load_boltzmann_generator` rebuilds the model."""
+        return {"kind": MODEL_KIND, "flow": dict(self.flow.config), "topology_pdb": self.topology_pdb}
+
+
+def build_from_metadata(metadata: dict[str, Any]) -> BoltzmannGenerator:
+    """An untrained model with the architecture recorded in ``metadata``."""
+    if metadata.get("kind") != MODEL_KIND:
+        raise ValueError(f"not a Boltzmann generator model (kind {metadata.get('kind')!r})")
+    topology, positions = topology_from_pdb(metadata["topology_pdb"])
+    ic = InternalCoordinates.from_topology(topology)
+    return BoltzmannGenerator(ic, CouplingFlow(**metadata["flow"]), metadata["topology_pdb"])
+
+
+def load_boltzmann_generator(path: str | Path) -> BoltzmannGenerator:
+    """Load a trained Boltzmann generator from a trainer checkpoint (``weights_only``)."""
+    state = load_checkpoint(path, CHECKPOINT_FORMAT)
+    model = build_from_metadata(state.get("metadata", {}))
+    model.load_state_dict(state["model"])
+    return model

@@ -1,0 +1,89 @@
+"""Test markers: ``slow`` (opt-in) and ``gpu`` (only where CUDA works in torch and OpenMM)."""
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--runslow",
+        action="store_true",
+        default=False,
+        help="also run tests marked slow (or set FLOWFORCE_RUNSLOW=1)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import torch
+
+    # The tests' tensors are small: one intra-op thread is faster than two on a 2-core
+    # machine, and far faster when another process competes for the cores.
+    torch.set_num_threads(1)
+    config.addinivalue_line("markers", "slow: long test; skipped unless --runslow or FLOWFORCE_RUNSLOW=1")
+    config.addinivalue_line(
+        "markers", "gpu: needs CUDA in torch and the OpenMM CUDA platform; skipped where either is missing"
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _gpu_missing_reason() -> str | None:
+    """Why GPU tests cannot run here, or None when they can."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "torch.cuda is not available"
+    import openmm
+
+    names = [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
+    if "CUDA" not in names:
+        return f"OpenMM has no CUDA platform (available: {names})"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    run_slow = config.getoption("--runslow") or os.environ.get("FLOWFORCE_RUNSLOW") == "1"
+    skip_slow = pytest.mark.skip(reason="slow test: use --runslow or FLOWFORCE_RUNSLOW=1")
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
+        # Only probe torch/OpenMM when a gpu test was collected: keeps collection cheap.
+        if "gpu" in item.keywords:
+            reason = _gpu_missing_reason()
+            if reason is not None:
+                item.add_marker(pytest.mark.skip(reason=f"gpu test: {reason}"))
+
+
+@pytest.fixture(scope="session")
+def alanine_md():
+    """Short Langevin MD of the built-in alanine dipeptide (amber14, vacuum, 300 K).
+
+    Returns a dict with ``topology``, ``positions`` (T, N, 3) nm and ``forces`` (T, N, 3)
+    kJ/mol/nm, float64 numpy, T = 1500 frames every 20 fs after minimisation.
+    """
+    import numpy as np
+    import openmm
+    from openmm import app, unit
+
+    from openmm_flowforce.data import alanine_dipeptide_pdb
+
+    pdb = app.PDBFile(alanine_dipeptide_pdb())
+    system = app.ForceField("amber14-all.xml").createSystem(pdb.topology, nonbondedMethod=app.NoCutoff,
+                                                            constraints=None)
+    integrator = openmm.LangevinMiddleIntegrator(300 * unit.kelvin, 5.0 / unit.picosecond, 0.001 * unit.picosecond)
+    integrator.setRandomNumberSeed(7)
+    context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName("Reference"))
+    context.setPositions(pdb.positions)
+    openmm.LocalEnergyMinimizer.minimize(context)
+    context.setVelocitiesToTemperature(300 * unit.kelvin, 7)
+    integrator.step(1000)
+    positions, forces = [], []
+    for _ in range(1500):
+        integrator.step(20)
+        state = context.getState(getPositions=True, getForces=True)
+        positions.append(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
+        forces.append(state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer))
+    return {"topology": pdb.topology, "system": system, "positions": np.array(positions),
+            "forces": np.array(forces)}
