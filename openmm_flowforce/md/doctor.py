@@ -1,0 +1,457 @@
+"""Installation check: do torch, OpenMM and openmm-torch work together on every platform?
+
+For each OpenMM platform found, two force backends evaluate the analytic toy potential
+
+    E(r) = Σ_i |r_i|²   (kJ/mol, positions r in nm),   F_i = −∂E/∂r_i = −2 r_i   (kJ/mol/nm)
+
+on random positions of a few particles in a real :class:`openmm.Context`:
+
+* ``torchforce``: openmm-torch's ``TorchForce`` loading a TorchScript module from a file;
+* ``pythonforce``: ``openmm.PythonForce`` calling back into Python with numpy.
+
+These are the two backends learned potentials run through, so a PASS on a platform means
+a model exported by this package can run there. Everything heavy (torch, openmm,
+openmmtorch) is imported inside the functions: the doctor exists to diagnose broken
+installs, so an import failure must become a FAIL line, not a traceback.
+
+The command line front end is ``flowforce doctor`` (:mod:`openmm_flowforce.cli`).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.metadata
+import logging
+import math
+import os
+import platform as _platform
+import re
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+#: The install command that restores a working torch / openmm-torch pair.
+FIX_HINT = (
+    'pip install "torch>=2.10,<2.13" acellera-openmmtorch-cu13==1.10 '
+    "(or acellera-openmmtorch-cpu==1.10 on CPU-only machines)"
+)
+
+#: Tolerances (rtol, atol) per floating-point precision of the platform.
+#: float32: as OpenMM's own tests for single/mixed precision; float64: what the Reference
+#: platform actually achieves on this toy (errors ~1e-15), with margin.
+TOLERANCES: dict[str, tuple[float, float]] = {"float32": (1e-5, 1e-4), "float64": (1e-9, 1e-8)}
+
+# Messages that mean the compiled openmm-torch does not match the installed libtorch.
+_ABI_MISMATCH = re.compile(r"interpreter|undefined symbol|\babi\b|libtorch|libc10|GLIBCXX", re.IGNORECASE)
+
+EnergyFn = Callable[[np.ndarray], float]
+ForcesFn = Callable[[np.ndarray], np.ndarray]
+
+
+def toy_energy(positions: np.ndarray) -> float:
+    """E = Σ|r|² in kJ/mol for positions ``(N, 3)`` in nm."""
+    return float(np.sum(np.asarray(positions, dtype=np.float64) ** 2))
+
+
+def toy_forces(positions: np.ndarray) -> np.ndarray:
+    """F = −∇E = −2r in kJ/mol/nm, shape ``(N, 3)``, for positions ``(N, 3)`` in nm."""
+    return -2.0 * np.asarray(positions, dtype=np.float64)
+
+
+@dataclass
+class CheckResult:
+    """One row of the report: a named check on one platform."""
+
+    name: str
+    platform: str
+    passed: bool
+    detail: str
+
+    @property
+    def status(self) -> str:
+        return "PASS" if self.passed else "FAIL"
+
+
+@dataclass
+class DoctorReport:
+    """Everything the doctor found. ``ok`` is true only when every check passed."""
+
+    versions: dict[str, dict[str, str | None]]
+    platforms: list[str]
+    plugin_load_failures: list[str]
+    plugin_failure_summary: list[str]
+    checks: list[CheckResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and all(check.passed for check in self.checks)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable view (what ``flowforce doctor --json`` prints)."""
+        out = asdict(self)
+        out["checks"] = [{**asdict(c), "status": c.status} for c in self.checks]
+        out["ok"] = self.ok
+        return out
+
+
+# --------------------------------------------------------------------------- versions
+
+
+def _distribution_of(module_name: str) -> str | None:
+    """Name of the installed distribution that provides top-level module ``module_name``."""
+    names = importlib.metadata.packages_distributions().get(module_name)
+    return names[0] if names else None
+
+
+def _module_version(module_name: str) -> tuple[str | None, str | None]:
+    """(version reported by the module itself, import error message) for ``module_name``."""
+    try:
+        with _quiet_deprecation_logging():
+            module = importlib.import_module(module_name)
+    except Exception as error:  # noqa: BLE001 - any import failure is a finding to report
+        return None, f"{type(error).__name__}: {error}"
+    version = getattr(module, "__version__", None)
+    if version is None and module_name == "openmm":
+        version = module.Platform.getOpenMMVersion()
+    return (str(version) if version is not None else "(no __version__)"), None
+
+
+def collect_versions() -> dict[str, dict[str, str | None]]:
+    """Versions of python, torch, openmm and openmmtorch.
+
+    For each module: the distribution that installed it and its version (importlib.metadata),
+    the version the imported module reports, and the import error if it did not import.
+    """
+    versions: dict[str, dict[str, str | None]] = {
+        "python": {
+            "distribution": _platform.python_implementation(),
+            "distribution_version": _platform.python_version(),
+            "module_version": _platform.python_version(),
+            "error": None,
+        }
+    }
+    for module_name in ("torch", "openmm", "openmmtorch"):
+        dist = _distribution_of(module_name)
+        dist_version = None
+        if dist is not None:
+            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+                dist_version = importlib.metadata.version(dist)
+        module_version, error = _module_version(module_name)
+        versions[module_name] = {
+            "distribution": dist,
+            "distribution_version": dist_version,
+            "module_version": module_version,
+            "error": error,
+        }
+    return versions
+
+
+@contextlib.contextmanager
+def _quiet_deprecation_logging() -> Iterator[None]:
+    # openmmtorch imports simtk.openmm, which logs a deprecation warning on the root logger
+    # that would land in the middle of the report; it is not something the user can act on.
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+# --------------------------------------------------------------------------- platforms
+
+
+def available_platforms() -> list[str]:
+    """Names of the OpenMM platforms that loaded (e.g. ``["Reference", "CPU", "CUDA"]``)."""
+    import openmm
+
+    return [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
+
+
+def plugin_load_failures() -> list[str]:
+    """OpenMM's raw messages for plugin libraries that failed to load."""
+    import openmm
+
+    openmm.Platform.getNumPlatforms()  # plugins are loaded by now; make sure of it
+    return list(openmm.Platform.getPluginLoadFailures())
+
+
+_FAILURE = re.compile(r"Error loading library (?P<path>\S+?): (?P<reason>.*)")
+
+
+def summarise_plugin_failures(failures: Sequence[str]) -> list[str]:
+    """Group plugin load failures by cause, one line per cause.
+
+    A missing ``libcuda.so.1`` / ``libOpenCL.so.1`` just means no GPU driver, which is
+    expected on CPU-only machines; those lines are information, not errors. An
+    ``undefined symbol`` in a Torch plugin means openmm-torch and torch do not match.
+    """
+    by_reason: dict[str, list[str]] = {}
+    for message in failures:
+        match = _FAILURE.match(message)
+        if match is None:
+            by_reason.setdefault(message, [])
+            continue
+        library = os.path.basename(match["path"])
+        library = re.sub(r"^lib|\.so.*$|\.dylib$|\.dll$", "", library)
+        by_reason.setdefault(match["reason"].strip(), []).append(library)
+    lines = []
+    for reason, libraries in by_reason.items():
+        note = ""
+        if "libcuda.so" in reason:
+            note = " [no NVIDIA driver: expected on CPU-only machines]"
+        elif "libOpenCL.so" in reason:
+            note = " [no OpenCL runtime: expected on machines without one]"
+        elif re.search(r"lib\w*(CUDA|OpenCL)\w*\.so", reason):
+            note = " [depends on a GPU plugin that did not load]"
+        elif _ABI_MISMATCH.search(reason) and any("Torch" in lib for lib in libraries):
+            note = f" [openmm-torch and torch do not match; fix: {FIX_HINT}]"
+        lines.append(f"{', '.join(sorted(libraries)) or '?'}: {reason}{note}")
+    return lines
+
+
+def _precision(context: Any) -> str:
+    """'float32' or 'float64': the precision in which the context's platform computes forces."""
+    platform = context.getPlatform()
+    if "Precision" in platform.getPropertyNames():
+        return "float64" if platform.getPropertyValue(context, "Precision") == "double" else "float32"
+    # Reference computes in double and has no Precision property; CPU computes in float.
+    return "float64" if platform.supportsDoublePrecision() else "float32"
+
+
+# --------------------------------------------------------------------------- force backends
+
+
+def _toy_python_computation(state: Any) -> tuple[float, np.ndarray]:
+    """openmm.PythonForce callback: E = Σ|r|² (kJ/mol) and F = −2r (kJ/mol/nm), r in nm."""
+    import openmm.unit as unit
+
+    positions = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+    return float(np.sum(positions**2)), -2.0 * positions
+
+
+def _python_force_factory(_workdir: str) -> Any:
+    import openmm
+
+    if not hasattr(openmm, "PythonForce"):
+        raise RuntimeError(
+            f"openmm {openmm.Platform.getOpenMMVersion()} has no PythonForce (added in 8.5); "
+            'upgrade with: pip install "openmm>=8.5"'
+        )
+    return openmm.PythonForce(_toy_python_computation)
+
+
+def _write_toy_torchscript(path: str) -> None:
+    """Save a TorchScript module computing E = Σ|r|² from positions ``(N, 3)`` in nm."""
+    import torch
+
+    class SquaredNorm(torch.nn.Module):
+        def forward(self, positions: torch.Tensor) -> torch.Tensor:
+            return torch.sum(positions**2)
+
+    # openmm-torch loads TorchScript files only; torch >= 2.10 warns that jit.script is
+    # deprecated, which is not actionable for the user of the doctor.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=DeprecationWarning)
+        torch.jit.script(SquaredNorm()).save(path)
+
+
+def _torch_force_factory(workdir: str) -> Any:
+    with _quiet_deprecation_logging():
+        import openmmtorch
+
+    path = os.path.join(workdir, "squared_norm.pt")
+    if not os.path.exists(path):
+        _write_toy_torchscript(path)
+    return openmmtorch.TorchForce(path)
+
+
+#: Force backends under test: check name → factory(workdir) → openmm.Force.
+FORCE_BACKENDS: dict[str, Callable[[str], Any]] = {
+    "torchforce": _torch_force_factory,
+    "pythonforce": _python_force_factory,
+}
+
+
+def explain_error(check_name: str, error: BaseException) -> str:
+    """One-line description of ``error``, with the install fix when torch and openmm-torch mismatch."""
+    message = " ".join(f"{type(error).__name__}: {error}".split())
+    if len(message) > 300:
+        message = message[:297] + "..."
+    if check_name == "torchforce" and (isinstance(error, ImportError) or _ABI_MISMATCH.search(str(error))):
+        message += f" -- openmm-torch and torch do not match (or openmm-torch is missing); fix: {FIX_HINT}"
+    return message
+
+
+def check_force(
+    check_name: str,
+    force_factory: Callable[[str], Any],
+    platform_name: str,
+    positions: np.ndarray,
+    workdir: str,
+    expected_energy: EnergyFn = toy_energy,
+    expected_forces: ForcesFn = toy_forces,
+) -> CheckResult:
+    """Evaluate one force backend in a real Context and compare with the expected values.
+
+    Args:
+        check_name: name of the row in the report (``"torchforce"``, ``"pythonforce"``).
+        force_factory: builds the ``openmm.Force`` under test; gets a scratch directory.
+        platform_name: OpenMM platform to create the Context on.
+        positions: ``(N, 3)`` positions in nm.
+        workdir: scratch directory for files the factory writes (e.g. TorchScript).
+        expected_energy: truth for the energy in kJ/mol, from positions in nm.
+        expected_forces: truth for the forces ``(N, 3)`` in kJ/mol/nm.
+
+    Returns:
+        A PASS when energy and every force component agree within the platform's tolerance
+        (``|a − b| ≤ atol + rtol·|b|``, see :data:`TOLERANCES`); otherwise a FAIL whose
+        detail says what differed or which error was raised. Never raises for a broken
+        install.
+    """
+    try:
+        import openmm
+        import openmm.unit as unit
+
+        system = openmm.System()
+        for _ in range(len(positions)):
+            system.addParticle(1.0)
+        system.addForce(force_factory(workdir))
+        context = openmm.Context(
+            system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName(platform_name)
+        )
+        try:
+            context.setPositions(positions)
+            state = context.getState(getEnergy=True, getForces=True)
+            energy = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+            forces = state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer)
+            precision = _precision(context)
+        finally:
+            del context
+    except Exception as error:  # noqa: BLE001 - a broken install is a FAIL row, not a crash
+        return CheckResult(check_name, platform_name, False, explain_error(check_name, error))
+
+    rtol, atol = TOLERANCES[precision]
+    want_energy = float(expected_energy(positions))
+    want_forces = np.asarray(expected_forces(positions), dtype=np.float64)
+    forces = np.asarray(forces, dtype=np.float64)
+    energy_error = abs(energy - want_energy)
+    energy_ok = math.isfinite(energy) and energy_error <= atol + rtol * abs(want_energy)
+    if forces.shape != want_forces.shape:
+        return CheckResult(check_name, platform_name, False, f"forces have shape {forces.shape}, expected {want_forces.shape}")
+    force_errors = np.abs(forces - want_forces)
+    forces_ok = bool(np.all(np.isfinite(forces)) and np.all(force_errors <= atol + rtol * np.abs(want_forces)))
+    detail = f"{precision}: |dE|={energy_error:.1e} max|dF|={force_errors.max():.1e} (rtol={rtol:g}, atol={atol:g})"
+    if not energy_ok:
+        detail += f"; energy {energy:.6g} kJ/mol, expected {want_energy:.6g}"
+    if not forces_ok:
+        detail += "; forces differ from expected"
+    return CheckResult(check_name, platform_name, energy_ok and forces_ok, detail)
+
+
+# --------------------------------------------------------------------------- the doctor
+
+
+def run_doctor(
+    platforms: Sequence[str] | None = None,
+    n_particles: int = 5,
+    seed: int = 2021,
+    expected_energy: EnergyFn = toy_energy,
+    expected_forces: ForcesFn = toy_forces,
+) -> DoctorReport:
+    """Check versions, platforms and both force backends on every (or the given) platform.
+
+    Args:
+        platforms: OpenMM platform names to check; ``None`` checks every available one.
+        n_particles: number of particles of the toy system.
+        seed: seed of the random positions (uniform in [−1, 1] nm per coordinate).
+        expected_energy: truth the backends are compared with (tests pass a wrong one to
+            see the doctor report FAIL).
+        expected_forces: truth for the forces.
+
+    Returns:
+        The :class:`DoctorReport`; ``report.ok`` tells whether everything passed.
+
+    Raises:
+        ValueError: if a requested platform is not available (the message lists those that are).
+    """
+    versions = collect_versions()
+    try:
+        found = available_platforms()
+        failures = plugin_load_failures()
+    except Exception as error:  # noqa: BLE001 - openmm itself is broken or missing
+        report = DoctorReport(versions, [], [], [])
+        report.checks.append(CheckResult("openmm", "-", False, f"{type(error).__name__}: {error}"))
+        return report
+
+    if platforms is None:
+        selected = found
+    else:
+        unknown = [name for name in platforms if name not in found]
+        if unknown:
+            raise ValueError(f"unknown OpenMM platform(s) {unknown}; available: {found}")
+        selected = list(platforms)
+
+    report = DoctorReport(versions, found, failures, summarise_plugin_failures(failures))
+    positions = np.random.default_rng(seed).uniform(-1.0, 1.0, size=(n_particles, 3))
+    with _single_torch_thread(), tempfile.TemporaryDirectory(prefix="flowforce-doctor-") as workdir:
+        for platform_name in selected:
+            for check_name, factory in FORCE_BACKENDS.items():
+                report.checks.append(
+                    check_force(
+                        check_name, factory, platform_name, positions, workdir, expected_energy, expected_forces
+                    )
+                )
+    return report
+
+
+@contextlib.contextmanager
+def _single_torch_thread() -> Iterator[None]:
+    # One thread: the check is tiny, and it must not oversubscribe cores in CI.
+    try:
+        import torch
+    except Exception:  # noqa: BLE001 - reported by the torchforce checks
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def format_report(report: DoctorReport) -> str:
+    """The human-readable report: versions, platforms, plugin failures, and a table of checks."""
+    lines = ["Versions"]
+    for name, info in report.versions.items():
+        if name == "python":
+            lines.append(f"  {name:<12} {info['module_version']}")
+            continue
+        dist = info["distribution"] or "(no distribution found)"
+        dist_version = info["distribution_version"] or "?"
+        module = info["module_version"] if info["error"] is None else f"import failed: {info['error']}"
+        lines.append(f"  {name:<12} {dist} {dist_version}; module {module}")
+    lines.append("")
+    lines.append(f"OpenMM platforms: {', '.join(report.platforms) or '(none)'}")
+    if report.plugin_failure_summary:
+        lines.append(f"Plugin load failures ({len(report.plugin_load_failures)}; information, not errors):")
+        lines.extend(f"  {line}" for line in report.plugin_failure_summary)
+    lines.append("")
+
+    header = ("check", "platform", "result", "detail")
+    rows = [(c.name, c.platform, c.status, c.detail) for c in report.checks]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
+    fmt = f"{{:<{widths[0]}}}  {{:<{widths[1]}}}  {{:<{widths[2]}}}  {{}}"
+    lines.append(fmt.format(*header))
+    lines.append(fmt.format(*("-" * w for w in widths), "-" * len(header[3])))
+    lines.extend(fmt.format(*row) for row in rows)
+    lines.append("")
+    n_failed = sum(not c.passed for c in report.checks)
+    if report.ok:
+        lines.append(f"All {len(report.checks)} checks passed.")
+    else:
+        lines.append(f"{n_failed} of {len(report.checks)} checks FAILED.")
+    return "\n".join(lines)
