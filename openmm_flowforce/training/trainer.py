@@ -91,8 +91,9 @@ class Trainer:
                  metadata: Mapping[str, Any] | None = None):
         self.model = model
         self.weights = dict(weights)
-        self.data = dict(data or {})
-        self.val_data = dict(val_data or {})
+        device = next(model.parameters()).device  # CPU or CUDA: the data follow the model
+        self.data = {k: v.to(device) for k, v in (data or {}).items()}
+        self.val_data = {k: v.to(device) for k, v in (val_data or {}).items()}
         self.reduced_energy = reduced_energy
         self.config = config or TrainConfig()
         self.checkpoint = Path(checkpoint) if checkpoint else None

@@ -1,0 +1,96 @@
+"""Train a Boltzmann generator of a molecule on MD positions (and forces, when given)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..conventions import kT
+from ..potentials import BoltzmannGenerator
+from .reporters import JSONLinesReporter, ProgressReporter, Reporter
+from .trainer import TrainConfig, Trainer
+
+#: Flow architecture used when the caller does not say otherwise.
+FLOW_DEFAULTS: dict[str, Any] = {"transform": "smooth", "n_layers": 8, "hidden": [128, 128], "n_components": 8}
+
+
+def flow_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Defaults overlaid with ``options``; unknown keys are rejected, naming the valid ones."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(FLOW_DEFAULTS) - {"identity_init"})
+    if unknown:
+        raise ValueError(f"unknown flow option(s) {', '.join(unknown)}; valid: "
+                         f"{', '.join(sorted([*FLOW_DEFAULTS, 'identity_init']))}")
+    return {**FLOW_DEFAULTS, **options}
+
+
+def split_frames(n_frames: int, val_fraction: float) -> tuple[slice, slice]:
+    """Train on the first frames and validate on the last ``val_fraction``: a contiguous
+    block, because consecutive MD frames are correlated and a random split would leak."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = int(round(n_frames * val_fraction))
+    if n_frames - n_val < 2:
+        raise ValueError(f"{n_frames} frames are too few to train on; record a longer trajectory")
+    return slice(0, n_frames - n_val), slice(n_frames - n_val, n_frames)
+
+
+def steps_for_epochs(epochs: float, n_train: int, batch_size: int) -> int:
+    """Optimiser steps that show every training frame ``epochs`` times on average."""
+    return max(1, math.ceil(epochs * n_train / batch_size))
+
+
+def train_boltzmann_generator(topology, positions_nm: np.ndarray, checkpoint: str | Path,
+                              forces_kj_mol_nm: np.ndarray | None = None, temperature: float = 300.0,
+                              weights: Mapping[str, float] | None = None,
+                              flow: Mapping[str, Any] | None = None, config: TrainConfig | None = None,
+                              val_fraction: float = 0.1, log_path: str | Path | None = None,
+                              progress: bool = True, dtype: torch.dtype = torch.float32,
+                              extra_metadata: Mapping[str, Any] | None = None,
+                              reporters: Sequence[Reporter] = ()) -> tuple[BoltzmannGenerator, Trainer]:
+    """Build internal coordinates and a flow for the molecule and train them.
+
+    Args:
+        topology: OpenMM topology of the molecule.
+        positions_nm: (T, N, 3) MD frames in nm.
+        checkpoint: model file to write (a trainer checkpoint; resumes if it exists).
+        forces_kj_mol_nm: (T, N, 3) forces for the ``force`` term, kJ/mol/nm.
+        temperature: K; forces are reduced by kT.
+        weights: loss weights, default ``{"nll": 1}``.
+        flow: CouplingFlow options over :data:`FLOW_DEFAULTS`.
+        config: :class:`TrainConfig`.
+        val_fraction: the last frames held out for validation NLL and early stopping.
+        log_path: JSON-lines metrics log.
+        extra_metadata: stored in the model file (e.g. how the reference System was built).
+
+    Returns:
+        The trained model (best validation state) and its trainer.
+    """
+    weights = dict(weights or {"nll": 1.0})
+    if "force" in weights and forces_kj_mol_nm is None:
+        raise ValueError("the 'force' loss needs forces; the data file has none (re-run `flowforce md`)")
+    config = config or TrainConfig()
+    checkpoint = Path(checkpoint)
+    resuming = checkpoint.exists()
+    torch.manual_seed(config.seed)
+    train, val = split_frames(len(positions_nm), val_fraction)
+    x = torch.as_tensor(np.asarray(positions_nm), dtype=dtype)
+    model = BoltzmannGenerator.from_topology(topology, x[train].double().numpy(), **flow_options(flow)).to(dtype)
+    data = {"x": x[train]}
+    if "force" in weights:
+        data["forces"] = torch.as_tensor(np.asarray(forces_kj_mol_nm), dtype=dtype)[train] / kT(temperature)
+    val_data = {"x": x[val]} if val.stop > val.start else {}
+    metadata = {**model.metadata(), "temperature": float(temperature), **dict(extra_metadata or {})}
+    trainer = Trainer(model, weights, data=data, val_data=val_data, config=config, checkpoint=checkpoint,
+                      metadata=metadata, reporters=reporters)
+    # Reporters that depend on where training starts (a resumed run continues its bar and log).
+    if progress:
+        trainer.reporters.append(ProgressReporter(config.steps, initial=trainer.step, desc="train"))
+    if log_path is not None:
+        trainer.reporters.append(JSONLinesReporter(log_path, interval=10,
+                                                   resume_step=trainer.step if resuming else None))
+    trainer.run()
+    return model, trainer
