@@ -1,4 +1,7 @@
-"""Files that matter are written atomically; checkpoints load with ``weights_only=True``."""
+"""Files that matter are written atomically; checkpoints load with ``weights_only=True``.
+
+torch is imported inside the checkpoint functions so that reading data files does not
+pay for it."""
 from __future__ import annotations
 
 import io
@@ -6,8 +9,6 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
-
-import torch
 
 #: Format tag of every checkpoint the trainer writes (model files are trainer checkpoints).
 CHECKPOINT_FORMAT = "openmm-flowforce/checkpoint/1"
@@ -34,8 +35,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def atomic_write_npz(path: str | os.PathLike, arrays: dict[str, Any]) -> None:
+    """``numpy.savez`` to bytes, then :func:`atomic_write_bytes` (no partial files)."""
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
     """``torch.save`` to bytes, then :func:`atomic_write_bytes`."""
+    import torch
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())
@@ -49,6 +61,8 @@ def load_checkpoint(path: str | os.PathLike, expected_format: str | None = None)
         ValueError: the file is corrupt, truncated, or not a checkpoint of the expected
             format; the message names the file and what to do.
     """
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")

@@ -14,6 +14,7 @@ from typing import Callable, NamedTuple, Sequence
 
 from openmm_flowforce._version import __version__
 from openmm_flowforce.cli import doctor
+from openmm_flowforce.cli import md, sample, train
 
 
 class Subcommand(NamedTuple):
@@ -27,6 +28,9 @@ class Subcommand(NamedTuple):
 #: name → subcommand, in the order ``flowforce --help`` lists them.
 SUBCOMMANDS: dict[str, Subcommand] = {
     "doctor": Subcommand(doctor.HELP, doctor.add_arguments, doctor.run),
+    "md": Subcommand(md.HELP, md.add_arguments, md.run),
+    "train": Subcommand(train.HELP, train.add_arguments, train.run),
+    "sample": Subcommand(sample.HELP, sample.add_arguments, sample.run),
 }
 
 DESCRIPTION = """\

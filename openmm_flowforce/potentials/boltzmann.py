@@ -11,7 +11,6 @@ U(x) = −kT·log q(x) in kJ/mol (up to a constant).
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
@@ -22,25 +21,11 @@ from torch import nn
 from ..conventions import energy_from_log_prob
 from ..coordinates import InternalCoordinates
 from ..flows import CouplingFlow
+from ..data.dataset import topology_from_pdb_text, topology_to_pdb_text
 from ..io import CHECKPOINT_FORMAT, load_checkpoint
 
 Tensor = torch.Tensor
 MODEL_KIND = "boltzmann_generator"
-
-
-def topology_to_pdb(topology, positions_nm: np.ndarray) -> str:
-    """PDB text of an OpenMM topology with positions in nm (stored in model files)."""
-    from openmm import app, unit
-    buffer = io.StringIO()
-    app.PDBFile.writeFile(topology, np.asarray(positions_nm) * 10.0 * unit.angstrom, buffer, keepIds=True)
-    return buffer.getvalue()
-
-
-def topology_from_pdb(text: str):
-    """OpenMM topology and positions (nm, numpy) from PDB text."""
-    from openmm import app, unit
-    pdb = app.PDBFile(io.StringIO(text))
-    return pdb.topology, np.asarray(pdb.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
 
 
 class BoltzmannGenerator(nn.Module):
@@ -68,7 +53,7 @@ class BoltzmannGenerator(nn.Module):
         ic = InternalCoordinates.from_topology(topology, positions)
         flow = CouplingFlow(ic.periodic, **flow_kwargs)
         frame = positions[0] if positions.ndim == 3 else positions
-        return cls(ic, flow, topology_to_pdb(topology, frame))
+        return cls(ic, flow, topology_to_pdb_text(topology, frame))
 
     @property
     def n_atoms(self) -> int:
@@ -101,7 +86,7 @@ def build_from_metadata(metadata: dict[str, Any]) -> BoltzmannGenerator:
     """An untrained model with the architecture recorded in ``metadata``."""
     if metadata.get("kind") != MODEL_KIND:
         raise ValueError(f"not a Boltzmann generator model (kind {metadata.get('kind')!r})")
-    topology, positions = topology_from_pdb(metadata["topology_pdb"])
+    topology = topology_from_pdb_text(metadata["topology_pdb"])
     ic = InternalCoordinates.from_topology(topology)
     return BoltzmannGenerator(ic, CouplingFlow(**metadata["flow"]), metadata["topology_pdb"])
 

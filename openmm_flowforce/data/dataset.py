@@ -1,0 +1,275 @@
+"""The reference data file: one ``.npz`` holding an MD trajectory and its molecule.
+
+Schema (every array loads with ``allow_pickle=False``):
+
+===============  ============  ==========  ==================================================
+key              shape         dtype       meaning
+===============  ============  ==========  ==================================================
+format           ()            str         ``"openmm-flowforce/dataset/1"``
+positions        (T, N, 3)     float32     positions, nm
+forces           (T, N, 3)     float32     forces, kJ/mol/nm (optional)
+energies         (T,)          float64     potential energies, kJ/mol
+temperature      ()            float64     temperature of the ensemble, K
+topology_pdb     ()            str         the molecule as PDB text (topology and bonds)
+timestep_fs      ()            float64     integration time step, fs (optional)
+save_every_ps    ()            float64     time between frames, ps (optional)
+source           ()            str         free text: how the data was made (optional)
+system_xml       ()            str         the reference ``openmm.System`` (XmlSerializer), so
+                                           samples can be reweighted to it later (optional)
+===============  ============  ==========  ==================================================
+
+:func:`save_dataset` writes it atomically; :func:`load_dataset` validates it and returns a
+:class:`Dataset`. Both apply the same checks, so a file that saves also loads.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..io import atomic_write_npz
+
+__all__ = ["DATASET_FORMAT", "Dataset", "load_dataset", "save_dataset", "topology_from_pdb_text",
+           "topology_to_pdb_text"]
+
+#: Format tag written into every dataset file.
+DATASET_FORMAT = "openmm-flowforce/dataset/1"
+
+REQUIRED_KEYS = ("positions", "energies", "temperature", "topology_pdb")
+OPTIONAL_KEYS = ("format", "forces", "timestep_fs", "save_every_ps", "source", "system_xml")
+
+#: Median bond length (nm) above which positions are taken to be in Å: real bonds are
+#: 0.1–0.2 nm, i.e. 1–2 in Å.
+ANGSTROM_BOND_THRESHOLD_NM = 0.5
+
+
+@dataclass
+class Dataset:
+    """A validated reference dataset.
+
+    Attributes:
+        topology: the molecule (``openmm.app.Topology``).
+        positions: ``(T, N, 3)`` float32, nm.
+        forces: ``(T, N, 3)`` float32, kJ/mol/nm, or ``None`` when the file has none.
+        energies: ``(T,)`` float64, kJ/mol.
+        temperature: K.
+        timestep_fs: MD time step in fs, or ``None``.
+        save_every_ps: time between frames in ps, or ``None``.
+        source: how the data was made.
+    """
+
+    topology: Any
+    positions: np.ndarray
+    forces: np.ndarray | None
+    energies: np.ndarray
+    temperature: float
+    timestep_fs: float | None = None
+    save_every_ps: float | None = None
+    source: str = ""
+    system_xml: str = ""
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.positions.shape[0])
+
+    @property
+    def n_atoms(self) -> int:
+        return int(self.positions.shape[1])
+
+
+def topology_to_pdb_text(topology, positions_nm: np.ndarray) -> str:
+    """PDB text (atoms, residues, chains, CONECT bonds) of a topology at positions ``(N, 3)`` nm."""
+    from openmm import app, unit
+
+    buffer = io.StringIO()
+    app.PDBFile.writeFile(topology, np.asarray(positions_nm, dtype=np.float64) * 10.0 * unit.angstrom, buffer,
+                          keepIds=True)
+    return buffer.getvalue()
+
+
+def topology_from_pdb_text(text: str):
+    """``openmm.app.Topology`` from PDB text."""
+    from openmm import app
+
+    return app.PDBFile(io.StringIO(text)).topology
+
+
+def _frames(mask: np.ndarray) -> str:
+    bad = np.flatnonzero(mask)
+    shown = ", ".join(str(i) for i in bad[:5]) + (f", ... ({len(bad)} in all)" if len(bad) > 5 else "")
+    return f"frame{'s' if len(bad) > 1 else ''} {shown}"
+
+
+def _median_bond_length(topology, positions: np.ndarray) -> float | None:
+    """Median bonded distance in the first frame, in the positions' own unit (None: no bonds)."""
+    pairs = np.array([(b[0].index, b[1].index) for b in topology.bonds()], dtype=np.int64).reshape(-1, 2)
+    if len(pairs) == 0:
+        return None
+    frame = positions[0].astype(np.float64)
+    return float(np.median(np.linalg.norm(frame[pairs[:, 0]] - frame[pairs[:, 1]], axis=-1)))
+
+
+def _validate(where: str, topology, positions: np.ndarray, forces: np.ndarray | None, energies: np.ndarray,
+              temperature: float) -> None:
+    """Shapes, finiteness, units and atom count; raises ValueError naming ``where`` and the fix."""
+    if positions.ndim != 3 or positions.shape[-1] != 3:
+        raise ValueError(f"{where}: positions must have shape (frames, atoms, 3), got {positions.shape}")
+    n_frames, n_atoms = positions.shape[:2]
+    if n_frames == 0:
+        raise ValueError(f"{where}: the dataset has no frames")
+    if forces is not None and forces.shape != positions.shape:
+        raise ValueError(f"{where}: forces have shape {forces.shape} but positions {positions.shape}; "
+                         "they must be the same (frames, atoms, 3)")
+    if energies.shape != (n_frames,):
+        raise ValueError(f"{where}: energies must have shape ({n_frames},), one per frame, got {energies.shape}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{where}: temperature must be a positive number of kelvin, got {temperature}")
+    n_topology = topology.getNumAtoms()
+    if n_topology != n_atoms:
+        raise ValueError(f"{where}: the topology has {n_topology} atoms but positions have {n_atoms}; "
+                         "the positions belong to another molecule")
+    arrays = {"positions": positions.reshape(n_frames, -1), "energies": energies.reshape(n_frames, 1)}
+    if forces is not None:
+        arrays["forces"] = forces.reshape(n_frames, -1)
+    for name, array in arrays.items():
+        bad = ~np.isfinite(array).all(axis=1)
+        if bad.any():
+            raise ValueError(f"{where}: {_frames(bad)} of {name} contain NaN or inf; drop those frames "
+                             f"(e.g. keep = np.isfinite({name}).all(axis=...)) or regenerate the data")
+    bond = _median_bond_length(topology, positions)
+    if bond is not None and bond > ANGSTROM_BOND_THRESHOLD_NM:
+        raise ValueError(f"{where}: positions look like Ångström (median bond length {bond:.3g}, real bonds "
+                         f"are 0.1–0.2 nm); positions must be in nm: divide them by 10")
+
+
+def save_dataset(
+    path: str | os.PathLike,
+    *,
+    topology,
+    positions: np.ndarray,
+    energies: np.ndarray,
+    temperature: float,
+    forces: np.ndarray | None = None,
+    timestep_fs: float | None = None,
+    save_every_ps: float | None = None,
+    source: str = "",
+    system=None,
+) -> None:
+    """Validate and write a dataset file atomically (schema in the module docstring).
+
+    Args:
+        path: output file (``.npz`` by convention; written exactly at this path).
+        topology: ``openmm.app.Topology`` of the molecule.
+        positions: ``(T, N, 3)`` nm (stored as float32).
+        energies: ``(T,)`` kJ/mol (stored as float64).
+        temperature: K.
+        forces: ``(T, N, 3)`` kJ/mol/nm (stored as float32), optional.
+        timestep_fs, save_every_ps, source: metadata.
+        system: the reference ``openmm.System``; stored as XML so samples can be
+            reweighted to it (a System holding a TorchForce cannot be stored).
+
+    Raises:
+        ValueError: the data would not load back (shapes, NaN frames, Å positions, atom count).
+    """
+    positions = np.asarray(positions, dtype=np.float32)
+    energies = np.asarray(energies, dtype=np.float64)
+    forces = None if forces is None else np.asarray(forces, dtype=np.float32)
+    _validate(f"dataset for {path}", topology, positions, forces, energies, float(temperature))
+    arrays: dict[str, np.ndarray] = {
+        "format": np.array(DATASET_FORMAT),
+        "positions": positions,
+        "energies": energies,
+        "temperature": np.array(float(temperature)),
+        "topology_pdb": np.array(topology_to_pdb_text(topology, positions[0])),
+        "source": np.array(str(source)),
+    }
+    if forces is not None:
+        arrays["forces"] = forces
+    if timestep_fs is not None:
+        arrays["timestep_fs"] = np.array(float(timestep_fs))
+    if save_every_ps is not None:
+        arrays["save_every_ps"] = np.array(float(save_every_ps))
+    if system is not None:
+        from openmm import XmlSerializer
+        arrays["system_xml"] = np.array(XmlSerializer.serialize(system))
+    atomic_write_npz(path, arrays)
+
+
+def _scalar(where: str, name: str, value: np.ndarray, kind: type) -> Any:
+    if value.shape != ():
+        raise ValueError(f"{where}: {name} must be a scalar, got shape {value.shape}")
+    try:
+        return kind(value.item())
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {name} must be a {kind.__name__}, got {value.item()!r}") from None
+
+
+def _numeric(where: str, name: str, value: np.ndarray, dtype: type) -> np.ndarray:
+    if not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)):
+        raise ValueError(f"{where}: {name} must be a numeric array, got dtype {value.dtype}")
+    return np.asarray(value, dtype=dtype)
+
+
+def load_dataset(path: str | os.PathLike) -> Dataset:
+    """Read and validate a dataset file (schema in the module docstring).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is not a readable ``.npz``, or a key is missing or unknown,
+            shapes disagree, frames contain NaN (named by index), positions look like Å,
+            or the atom count differs from the topology's. The message names the file.
+    """
+    path = Path(path)
+    where = str(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset {path} does not exist")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError("a single .npy array, not an .npz archive")
+        with loaded as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as error:
+        raise ValueError(f"{where} is corrupt or not a flowforce .npz dataset ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0][:200] if str(error) else ''}); re-create it with "
+                         "`flowforce md` or save_dataset") from None
+    except Exception as error:  # zlib and struct errors from truncated archives
+        raise ValueError(f"{where} is corrupt ({type(error).__name__}: {error}); re-create it with "
+                         "`flowforce md` or save_dataset") from None
+
+    missing = [key for key in REQUIRED_KEYS if key not in arrays]
+    if missing:
+        raise ValueError(f"{where}: missing {', '.join(missing)} (the file has {', '.join(sorted(arrays)) or 'no arrays'}"
+                         f"); a dataset needs {', '.join(REQUIRED_KEYS)}, optionally {', '.join(OPTIONAL_KEYS)}")
+    unknown = sorted(set(arrays) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {', '.join(unknown)}; a dataset has {', '.join(REQUIRED_KEYS)} "
+                         f"and optionally {', '.join(OPTIONAL_KEYS)}")
+    if "format" in arrays:
+        found = _scalar(where, "format", arrays["format"], str)
+        if found != DATASET_FORMAT:
+            raise ValueError(f"{where}: format {found!r} is not {DATASET_FORMAT!r}; this version of flowforce "
+                             "cannot read it")
+
+    text = _scalar(where, "topology_pdb", arrays["topology_pdb"], str)
+    try:
+        topology = topology_from_pdb_text(text)
+    except Exception as error:  # PDBFile raises several types on malformed text
+        raise ValueError(f"{where}: topology_pdb is not valid PDB text ({type(error).__name__}: {error})") from None
+    positions = _numeric(where, "positions", arrays["positions"], np.float32)
+    forces = _numeric(where, "forces", arrays["forces"], np.float32) if "forces" in arrays else None
+    energies = _numeric(where, "energies", arrays["energies"], np.float64)
+    temperature = _scalar(where, "temperature", arrays["temperature"], float)
+    _validate(where, topology, positions, forces, energies, temperature)
+    optional = {name: _scalar(where, name, arrays[name], float) if name in arrays else None
+                for name in ("timestep_fs", "save_every_ps")}
+    text_fields = {name: _scalar(where, name, arrays[name], str) if name in arrays else ""
+                   for name in ("source", "system_xml")}
+    return Dataset(topology=topology, positions=positions, forces=forces, energies=energies,
+                   temperature=temperature, **text_fields, **optional)
