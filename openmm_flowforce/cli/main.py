@@ -15,6 +15,7 @@ from typing import Callable, NamedTuple, Sequence
 from openmm_flowforce._version import __version__
 from openmm_flowforce.cli import doctor
 from openmm_flowforce.cli import md, sample, train
+from openmm_flowforce.cli import export, simulate
 
 
 class Subcommand(NamedTuple):
@@ -31,6 +32,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "md": Subcommand(md.HELP, md.add_arguments, md.run),
     "train": Subcommand(train.HELP, train.add_arguments, train.run),
     "sample": Subcommand(sample.HELP, sample.add_arguments, sample.run),
+    "export": Subcommand(export.HELP, export.add_arguments, export.run),
+    "simulate": Subcommand(simulate.HELP, simulate.add_arguments, simulate.run),
 }
 
 DESCRIPTION = """\

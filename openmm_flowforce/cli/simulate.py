@@ -1,0 +1,74 @@
+"""``flowforce simulate``: Langevin MD of a molecule under its flow potential; the run lives in
+:mod:`openmm_flowforce.md.simulate`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+#: As :data:`openmm_flowforce.md.simulate.PLATFORMS` (not imported: it would pull in torch
+#: for every ``flowforce --help``); a test keeps the two equal.
+PLATFORMS = ("auto", "CUDA", "OpenCL", "CPU", "Reference")
+
+HELP = "run Langevin MD with a learned flow potential and write a DCD trajectory"
+
+EPILOG = """\
+Units: timestep fs, temperature K; energies in the log kJ/mol. Every report interval the
+run checks that the energy is finite and has not exploded; if it has, it stops, writes the
+last good positions to TRAJ.last_good.pdb and exits with status 1.
+
+Example:
+  flowforce simulate model.pt --topology molecule.pdb --steps 10000 --out traj.dcd --report log.csv
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("model", metavar="MODEL.pt", help="exported model (flowforce export) or a model checkpoint")
+    parser.add_argument("--topology", required=True, metavar="TOP.pdb",
+                        help="PDB of the molecule, atoms in the model's order; its positions start the run")
+    parser.add_argument("--steps", required=True, type=int, metavar="N", help="number of MD steps")
+    parser.add_argument("--out", required=True, metavar="TRAJ.dcd", help="DCD trajectory to write")
+    parser.add_argument("--report", metavar="LOG.csv", help="also write energies, temperature and speed as CSV")
+    parser.add_argument("--report-interval", type=int, default=100, metavar="N",
+                        help="steps between frames, log lines and stability checks (default: 100)")
+    parser.add_argument("--platform", default="auto", choices=PLATFORMS,
+                        help="OpenMM platform (default: auto, the fastest available)")
+    parser.add_argument("--backend", default="auto", choices=["auto", "torchforce", "pythonforce"],
+                        help="how OpenMM runs the model (default: auto = torchforce where openmm-torch works)")
+    parser.add_argument("--timestep-fs", type=float, default=1.0, metavar="FS", help="time step in fs (default: 1)")
+    parser.add_argument("--temperature", type=float, default=None, metavar="K",
+                        help="temperature in K (default: the one the model was exported at; 300 for checkpoints)")
+    parser.add_argument("--friction", type=float, default=1.0, metavar="PER_PS",
+                        help="Langevin friction in 1/ps (default: 1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of velocities and Langevin noise (default: 0)")
+    parser.add_argument("--torch-threads", type=int, default=1, metavar="N",
+                        help="torch intra-op threads (default: 1, fastest for one small molecule; more threads "
+                             "compete with OpenMM's own for the cores)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Exit code 0 on success, 1 when the simulation blew up, 2 on bad input."""
+    import torch
+
+    from openmm_flowforce.md.simulate import SimulationBlewUp, simulate
+
+    if args.torch_threads < 1:
+        print(f"flowforce simulate: error: --torch-threads must be ≥ 1, got {args.torch_threads}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.torch_threads)
+    try:
+        result = simulate(args.model, args.topology, args.steps, args.out, platform=args.platform,
+                          timestep_fs=args.timestep_fs, temperature=args.temperature, backend=args.backend,
+                          seed=args.seed, report=args.report, report_interval=args.report_interval,
+                          friction_per_ps=args.friction)
+    except (FileNotFoundError, ValueError, TypeError) as error:
+        print(f"flowforce simulate: error: {error}", file=sys.stderr)
+        return 2
+    except SimulationBlewUp as error:
+        print(f"flowforce simulate: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {result.trajectory}: {result.steps} steps at {result.temperature:g} K on {result.platform} "
+          f"({result.backend}), {result.us_per_step:.0f} µs/step; final potential energy "
+          f"{result.final_potential_energy:.6g} kJ/mol")
+    return 0

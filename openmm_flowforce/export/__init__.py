@@ -1,0 +1,4 @@
+"""Exported flow potentials (TorchScript) and the OpenMM force backends that run them.
+
+Submodules import torch and openmm themselves; importing this package costs nothing.
+"""

@@ -1,0 +1,307 @@
+r"""OpenMM forces that run a flow potential: a registry of backends and :func:`make_force`.
+
+The force is the potential of mean force of a Boltzmann generator,
+
+    U(x) = −kT·log q(x)  (kJ/mol),   F = −∂U/∂x  (kJ/mol/nm),   positions x in nm,
+
+evaluated by one of the backends in :data:`BACKENDS`:
+
+* ``torchforce``: openmm-torch's ``TorchForce`` running the exported TorchScript file
+  (:mod:`.torchscript`); OpenMM gets the forces by autograd inside libtorch, with no
+  Python on the MD path. Fast; on CUDA it can use CUDA graphs.
+* ``pythonforce``: ``openmm.PythonForce`` calling back into Python every step, running the
+  eager model (or a loaded TorchScript module) and autograd. Needs no compiled plugin.
+* ``auto``: ``torchforce`` when openmm-torch imports and evaluates a toy force correctly
+  with this torch (checked once per process), else ``pythonforce``.
+
+A model can be given as a :class:`~openmm_flowforce.potentials.BoltzmannGenerator`, the
+path of its trainer checkpoint, or the path of an exported TorchScript file. The energy
+scale T is baked into an exported file; for models and checkpoints it is chosen here.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import io
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from ..conventions import kT
+from ..potentials.boltzmann import BoltzmannGenerator
+from .torchscript import _quiet_jit, export_potential, is_exported_file, load_exported, load_model_float64, read_export_metadata
+
+__all__ = ["BACKENDS", "DEFAULT_TEMPERATURE", "LEARNED_FORCE_NAME", "Backend", "PotentialSource",
+           "backend_names", "make_force", "resolve_backend", "resolve_potential"]
+
+#: Name given to every learned force (``Force.getName()``); how save_system finds it.
+LEARNED_FORCE_NAME = "FlowForce"
+#: Temperature (K) of U = −kT·log q when a model or checkpoint is given without one.
+DEFAULT_TEMPERATURE = 300.0
+
+
+@dataclass
+class PotentialSource:
+    """A flow potential, resolved: either an eager model or an exported file, and its T.
+
+    Attributes:
+        temperature: K.
+        n_atoms: N.
+        topology_pdb: PDB text of the molecule (may be empty for hand-built models).
+        model: the eager model (None for exported files).
+        exported_path: the TorchScript file (None for models and checkpoints).
+    """
+
+    temperature: float
+    n_atoms: int
+    topology_pdb: str
+    model: BoltzmannGenerator | None = None
+    exported_path: Path | None = None
+
+
+def resolve_potential(model_or_path: Any, temperature: float | None = None) -> PotentialSource:
+    """A :class:`PotentialSource` from a model, a checkpoint path or an exported file path.
+
+    Args:
+        model_or_path: ``BoltzmannGenerator``, checkpoint path (``.ckpt``), exported
+            TorchScript path (``.pt`` from ``flowforce export``), or a ``PotentialSource``.
+        temperature: K. Default: 300 K for models and checkpoints, the stored one for
+            exported files (which cannot be re-scaled: a different value is an error).
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: not a model file, or a temperature that contradicts the exported file.
+        TypeError: anything else.
+    """
+    if isinstance(model_or_path, PotentialSource):
+        if temperature is not None and not math.isclose(float(temperature), model_or_path.temperature):
+            raise ValueError(f"temperature {temperature} K differs from the potential's {model_or_path.temperature} K")
+        return model_or_path
+    if isinstance(model_or_path, BoltzmannGenerator):
+        t = DEFAULT_TEMPERATURE if temperature is None else float(temperature)
+        kT(t)  # validates
+        return PotentialSource(t, model_or_path.n_atoms, model_or_path.topology_pdb, model=model_or_path)
+    if isinstance(model_or_path, (str, os.PathLike)):
+        path = Path(model_or_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"model file {path} does not exist")
+        if is_exported_file(path):
+            meta = read_export_metadata(path)
+            stored = float(meta["temperature"])
+            if temperature is not None and not math.isclose(float(temperature), stored):
+                raise ValueError(f"{path} was exported at {stored:g} K and its energy scale kT is fixed; got "
+                                 f"temperature {float(temperature):g} K: re-export the checkpoint with "
+                                 f"`flowforce export MODEL.ckpt --temperature {float(temperature):g}`, or simulate "
+                                 f"at {stored:g} K")
+            return PotentialSource(stored, int(meta["n_atoms"]), meta["topology_pdb"], exported_path=path)
+        return resolve_potential(load_model_float64(path), temperature)
+    raise TypeError(f"expected a BoltzmannGenerator or the path of a checkpoint or exported .pt file, "
+                    f"got {type(model_or_path).__name__}")
+
+
+# --------------------------------------------------------------------------- backends
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One way of running a flow potential in OpenMM.
+
+    Attributes:
+        name: registry name.
+        description: one line for help texts.
+        make: ``(source, cuda_graphs) -> openmm.Force``.
+        unavailable: ``() -> reason or None``; None means the backend works here.
+    """
+
+    name: str
+    description: str
+    make: Callable[[PotentialSource, bool], Any]
+    unavailable: Callable[[], str | None]
+
+
+@contextlib.contextmanager
+def _quiet_deprecation_logging() -> Iterator[None]:
+    # openmmtorch imports simtk.openmm, which logs a deprecation warning nobody can act on.
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+@functools.lru_cache(maxsize=1)
+def _torchforce_unavailable() -> str | None:
+    """Why TorchForce cannot run here (import or toy-force failure), or None. Cached."""
+    from ..md.doctor import FORCE_BACKENDS, check_force
+
+    try:
+        with _quiet_deprecation_logging():
+            import openmmtorch  # noqa: F401
+    except Exception as error:  # noqa: BLE001 - any import failure means "not available"
+        return f"openmmtorch does not import ({type(error).__name__}: {error})"
+    positions = np.random.default_rng(0).uniform(-1.0, 1.0, size=(3, 3))
+    with tempfile.TemporaryDirectory(prefix="flowforce-probe-") as workdir:
+        result = check_force("torchforce", FORCE_BACKENDS["torchforce"], "Reference", positions, workdir)
+    return None if result.passed else result.detail
+
+
+def _pythonforce_unavailable() -> str | None:
+    import openmm
+
+    if not hasattr(openmm, "PythonForce"):
+        return f"openmm {openmm.Platform.getOpenMMVersion()} has no PythonForce (needs openmm >= 8.5)"
+    return None
+
+
+def _make_torchforce(source: PotentialSource, cuda_graphs: bool) -> Any:
+    with _quiet_deprecation_logging():
+        import openmmtorch
+
+    if source.exported_path is not None:
+        force = openmmtorch.TorchForce(str(source.exported_path))
+    else:
+        # TorchForce reads the module when constructed, so the file can go right after.
+        with tempfile.TemporaryDirectory(prefix="flowforce-export-") as workdir:
+            path = export_potential(source.model, Path(workdir) / "potential.pt", source.temperature)
+            force = openmmtorch.TorchForce(str(path))
+    force.setUsesPeriodicBoundaryConditions(False)
+    if cuda_graphs:
+        # Only the CUDA platform reads it; elsewhere it is ignored.
+        force.setProperty("useCUDAGraphs", "true")
+    return force
+
+
+class PotentialComputation:
+    """``openmm.PythonForce`` callback: State → (U in kJ/mol, F = −∂U/∂x in kJ/mol/nm, (N, 3)).
+
+    Holds either an eager model (a float64 copy, gradients of parameters off) or a
+    TorchScript module. Picklable, so a System holding the force can be serialised
+    (a TorchScript module is pickled as the bytes of its file).
+
+    Args:
+        model: eager Boltzmann generator, or None.
+        temperature: K, for the eager model.
+        module: TorchScript ``(N, 3) -> energy``, or None.
+    """
+
+    def __init__(self, model: BoltzmannGenerator | None = None, temperature: float = DEFAULT_TEMPERATURE,
+                 module: torch.jit.ScriptModule | None = None):
+        if (model is None) == (module is None):
+            raise ValueError("give exactly one of model and module")
+        if model is not None:
+            model = copy.deepcopy(model).to(torch.float64).eval()
+            model.requires_grad_(False)
+        self.model, self.module, self.temperature = model, module, float(temperature)
+
+    def energy(self, x: torch.Tensor) -> torch.Tensor:
+        """U (0-dim, kJ/mol) of positions ``(N, 3)`` nm, float64."""
+        if self.module is not None:
+            return self.module(x)
+        return self.model.energy(x[None], self.temperature)[0]
+
+    def __call__(self, state: Any) -> tuple[float, np.ndarray]:
+        positions = np.asarray(state.getPositions(asNumpy=True)._value, dtype=np.float64)  # nm
+        x = torch.from_numpy(positions).requires_grad_(True)
+        with torch.enable_grad():
+            energy = self.energy(x)
+            (grad,) = torch.autograd.grad(energy, x)
+        return float(energy.detach()), -grad.numpy()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if self.module is not None:
+            buffer = io.BytesIO()
+            with _quiet_jit():
+                torch.jit.save(self.module, buffer)
+            state["module"] = buffer.getvalue()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state.get("module"), bytes):
+            with _quiet_jit():
+                state["module"] = torch.jit.load(io.BytesIO(state["module"]), map_location="cpu")
+        self.__dict__.update(state)
+
+
+def _make_pythonforce(source: PotentialSource, cuda_graphs: bool) -> Any:
+    import openmm
+
+    if cuda_graphs:
+        raise ValueError("cuda_graphs=True needs the torchforce backend (PythonForce runs in Python every step)")
+    if source.exported_path is not None:
+        computation = PotentialComputation(module=load_exported(source.exported_path).module)
+    else:
+        computation = PotentialComputation(model=source.model, temperature=source.temperature)
+    force = openmm.PythonForce(computation)
+    force.setUsesPeriodicBoundaryConditions(False)
+    return force
+
+
+#: name → backend; ``auto`` is resolved by :func:`resolve_backend`, not stored here.
+BACKENDS: dict[str, Backend] = {
+    "torchforce": Backend("torchforce", "openmm-torch TorchForce running the exported TorchScript file",
+                          _make_torchforce, _torchforce_unavailable),
+    "pythonforce": Backend("pythonforce", "openmm.PythonForce calling the model in Python every step",
+                           _make_pythonforce, _pythonforce_unavailable),
+}
+
+
+def backend_names() -> list[str]:
+    """Valid backend names, ``auto`` first."""
+    return ["auto", *BACKENDS]
+
+
+def resolve_backend(name: str) -> Backend:
+    """The backend called ``name``; ``auto`` picks ``torchforce`` where it works, else ``pythonforce``.
+
+    Raises:
+        ValueError: unknown name (the message lists the valid ones), or a named backend
+            that cannot run here (with the reason).
+    """
+    if name == "auto":
+        return BACKENDS["torchforce"] if _torchforce_unavailable() is None else BACKENDS["pythonforce"]
+    if name not in BACKENDS:
+        raise ValueError(f"unknown force backend {name!r}; valid: {', '.join(backend_names())}")
+    backend = BACKENDS[name]
+    reason = backend.unavailable()
+    if reason is not None:
+        raise ValueError(f"force backend {name!r} cannot run here: {reason}; use backend='auto' "
+                         "(see also `flowforce doctor`)")
+    return backend
+
+
+def make_force(model_or_path: Any, backend: str = "auto", temperature: float | None = None,
+               cuda_graphs: bool = False) -> Any:
+    """An OpenMM force for the flow potential U(x) = −kT·log q(x) (kJ/mol, x in nm).
+
+    Args:
+        model_or_path: ``BoltzmannGenerator``, trainer checkpoint path, or exported
+            TorchScript path (``flowforce export``).
+        backend: ``"auto"``, ``"torchforce"`` or ``"pythonforce"`` (module docstring).
+        temperature: K; default 300 K for models/checkpoints, the stored T for exported
+            files (a different value for an exported file is an error: re-export).
+        cuda_graphs: ask TorchForce to capture CUDA graphs (only meaningful on the CUDA
+            platform; an error with ``pythonforce``).
+
+    Returns:
+        An ``openmm.Force`` named :data:`LEARNED_FORCE_NAME`, non-periodic, acting on every
+        particle of the System (the System's first N particles must be the molecule's
+        atoms in the model's order).
+
+    Example:
+        >>> from openmm_flowforce.openmm import make_force            # doctest: +SKIP
+        >>> system.addForce(make_force("model.pt", backend="auto"))   # doctest: +SKIP
+    """
+    chosen = resolve_backend(backend)
+    source = resolve_potential(model_or_path, temperature)
+    force = chosen.make(source, bool(cuda_graphs))
+    force.setName(LEARNED_FORCE_NAME)
+    return force

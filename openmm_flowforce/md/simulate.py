@@ -1,0 +1,224 @@
+"""Langevin MD with a flow potential, with a check that the run has not blown up.
+
+:func:`simulate` builds the System (:func:`openmm_flowforce.openmm.create_system`), runs a
+``LangevinMiddleIntegrator`` from the topology file's positions, writes the trajectory with
+OpenMM's own ``DCDReporter`` and, optionally, a CSV log with its ``StateDataReporter``.
+
+Every report interval a :class:`StabilityReporter` checks that the energies and positions
+are finite and that neither the potential energy has moved, nor the kinetic energy grown,
+by more than ``explosion_factor·N·kT`` (default 100 kT per atom) from the start. If
+they have, the run stops with :class:`SimulationBlewUp`, after writing the last state that
+passed the check as a PDB next to the trajectory. Units: nm, ps, kJ/mol, K.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..conventions import kT
+
+__all__ = ["PLATFORMS", "SimulationBlewUp", "SimulationResult", "StabilityReporter", "simulate"]
+
+#: Accepted ``platform`` values; ``auto`` lets OpenMM pick the fastest one available.
+PLATFORMS = ("auto", "CUDA", "OpenCL", "CPU", "Reference")
+#: Default limit on |U − U₀| and on the kinetic energy, in kT per atom.
+EXPLOSION_FACTOR = 100.0
+
+
+class SimulationBlewUp(RuntimeError):
+    """The energy became non-finite or exploded.
+
+    Attributes:
+        step: the step at which the check failed.
+        potential_energy: kJ/mol at that step.
+        last_good_pdb: the PDB file holding the last state that passed the check.
+    """
+
+    def __init__(self, message: str, step: int, potential_energy: float, last_good_pdb: Path):
+        super().__init__(message)
+        self.step, self.potential_energy, self.last_good_pdb = step, potential_energy, last_good_pdb
+
+
+@dataclass
+class SimulationResult:
+    """What :func:`simulate` did. Energies kJ/mol, times s."""
+
+    steps: int
+    trajectory: Path
+    report: Path | None
+    platform: str
+    backend: str
+    temperature: float
+    final_potential_energy: float
+    seconds: float
+
+    @property
+    def us_per_step(self) -> float:
+        return 1e6 * self.seconds / max(self.steps, 1)
+
+
+class StabilityReporter:
+    """OpenMM reporter that raises :class:`SimulationBlewUp` when the run explodes.
+
+    Args:
+        interval: steps between checks.
+        reference_energy: U₀ (kJ/mol) at the start.
+        limit: kJ/mol; a check fails when |U − U₀| or the kinetic energy exceeds it, or
+            anything is non-finite.
+        last_good_pdb: where the last good positions go on failure.
+        positions: nm ``(N, 3)``, the initial (good) positions.
+    """
+
+    def __init__(self, interval: int, reference_energy: float, limit: float, last_good_pdb: Path,
+                 positions: np.ndarray):
+        self.interval, self.reference_energy, self.limit = int(interval), float(reference_energy), float(limit)
+        self.last_good_pdb = last_good_pdb
+        self.last_good_positions, self.last_good_step = np.asarray(positions), 0
+
+    def describeNextReport(self, simulation: Any) -> dict[str, Any]:  # noqa: N802 - OpenMM protocol
+        steps = self.interval - simulation.currentStep % self.interval
+        return {"steps": steps, "periodic": False, "include": ["positions", "energy"]}
+
+    def report(self, simulation: Any, state: Any) -> None:
+        from openmm import app, unit
+
+        potential = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+        kinetic = state.getKineticEnergy().value_in_unit(unit.kilojoule_per_mole)
+        positions = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+        finite = math.isfinite(potential) and math.isfinite(kinetic) and bool(np.isfinite(positions).all())
+        change = abs(potential - self.reference_energy) if finite else math.inf
+        if finite and change <= self.limit and kinetic <= self.limit:
+            self.last_good_positions, self.last_good_step = np.array(positions), simulation.currentStep
+            return
+        with open(self.last_good_pdb, "w") as handle:
+            app.PDBFile.writeFile(simulation.topology, self.last_good_positions * unit.nanometer, handle)
+        why = ("is not finite" if not finite else
+               f"moved {change:.4g} kJ/mol from the start" if change > self.limit else
+               f"kinetic energy {kinetic:.4g} kJ/mol")
+        raise SimulationBlewUp(
+            f"simulation blew up at step {simulation.currentStep}: potential energy {potential:.6g} kJ/mol, "
+            f"kinetic {kinetic:.6g} kJ/mol (the energy {why}; limit {self.limit:.4g} kJ/mol). "
+            f"Last good state (step {self.last_good_step}) written to {self.last_good_pdb}. "
+            "Try a smaller --timestep-fs, or check the model (is it trained? at this temperature?)",
+            simulation.currentStep, potential, self.last_good_pdb)
+
+
+def _platform(name: str) -> Any:
+    import openmm
+
+    if name not in PLATFORMS:
+        raise ValueError(f"unknown platform {name!r}; valid: {', '.join(PLATFORMS)}")
+    if name == "auto":
+        return None
+    available = [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
+    if name not in available:
+        raise ValueError(f"OpenMM platform {name!r} is not available here; available: {', '.join(available)} "
+                         "(or use auto; `flowforce doctor` explains missing ones)")
+    return openmm.Platform.getPlatformByName(name)
+
+
+def simulate(model: Any, topology_pdb: str | os.PathLike, steps: int, out: str | os.PathLike,
+             platform: str = "auto", timestep_fs: float = 1.0, temperature: float | None = None,
+             backend: str = "auto", seed: int = 0, report: str | os.PathLike | None = None,
+             report_interval: int = 100, friction_per_ps: float = 1.0,
+             explosion_factor: float = EXPLOSION_FACTOR, progress: bool = True) -> SimulationResult:
+    """Langevin MD of one molecule under its flow potential.
+
+    Args:
+        model: exported ``.pt``, checkpoint path, or ``BoltzmannGenerator``.
+        topology_pdb: PDB of the molecule (atoms in the model's order); its positions start the run.
+        steps: MD steps.
+        out: DCD trajectory, one frame every ``report_interval`` steps.
+        platform: ``auto`` (OpenMM's fastest), ``CUDA``, ``OpenCL``, ``CPU`` or ``Reference``.
+        timestep_fs: femtoseconds.
+        temperature: K; default: the exported file's, or 300 K for a checkpoint.
+        backend: force backend (``auto``, ``torchforce``, ``pythonforce``).
+        seed: seeds the initial velocities and the Langevin noise (OpenMM treats 0 as
+            "random", so ``seed + 1`` is what OpenMM receives: runs with equal seeds are
+            identical on the Reference platform).
+        report: optional CSV log of step, time, energies, temperature and speed.
+        report_interval: steps between frames, log lines and stability checks.
+        friction_per_ps: Langevin friction (1/ps).
+        explosion_factor: stability limit in kT per atom (module docstring).
+        progress: show a tqdm progress bar (on a terminal).
+
+    Raises:
+        ValueError: bad arguments, unknown platform, topology that does not match the model.
+        SimulationBlewUp: the stability check failed (last good state saved as PDB).
+    """
+    import openmm
+    from openmm import app, unit
+    from tqdm.auto import tqdm
+
+    from ..export.backends import resolve_backend, resolve_potential
+    from ..export.system import create_system
+
+    if int(steps) < 1 or int(report_interval) < 1:
+        raise ValueError(f"steps and report_interval must be ≥ 1, got steps={steps}, report_interval={report_interval}")
+    if not (timestep_fs > 0 and math.isfinite(timestep_fs)):
+        raise ValueError(f"timestep_fs must be a positive number of femtoseconds, got {timestep_fs}")
+    if not 0 <= int(seed) < 2**31 - 1:
+        raise ValueError(f"seed must be in [0, 2^31 − 2], got {seed}")
+    platform_obj = _platform(platform)
+    topology_path = Path(topology_pdb)
+    if not topology_path.is_file():
+        raise FileNotFoundError(f"topology file {topology_path} does not exist")
+    pdb = app.PDBFile(str(topology_path))
+    source = resolve_potential(model, temperature)
+    chosen = resolve_backend(backend)
+    system = create_system(pdb.topology, source, backend=chosen.name)
+
+    temp_k = source.temperature
+    integrator = openmm.LangevinMiddleIntegrator(temp_k * unit.kelvin, friction_per_ps / unit.picosecond,
+                                                 timestep_fs * unit.femtosecond)
+    integrator.setRandomNumberSeed(int(seed) + 1)
+    args = (pdb.topology, system, integrator) + ((platform_obj,) if platform_obj is not None else ())
+    simulation = app.Simulation(*args)
+    simulation.context.setPositions(pdb.positions)
+    simulation.context.setVelocitiesToTemperature(temp_k * unit.kelvin, int(seed) + 1)
+    start = simulation.context.getState(getEnergy=True, getPositions=True)
+    energy0 = start.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+    if not math.isfinite(energy0):
+        raise ValueError(f"the starting positions in {topology_path} have a non-finite energy ({energy0}); "
+                         "are they the molecule's atoms, in nm-sensible geometry?")
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    n_atoms = system.getNumParticles()
+    stability = StabilityReporter(report_interval, energy0, explosion_factor * n_atoms * kT(temp_k),
+                                  out.with_name(out.stem + ".last_good.pdb"),
+                                  start.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
+    dcd = app.DCDReporter(str(out), report_interval)
+    # The stability check runs first, so a blown-up frame never reaches the trajectory.
+    simulation.reporters.extend([stability, dcd])
+    log = None
+    if report is not None:
+        Path(report).parent.mkdir(parents=True, exist_ok=True)
+        log = open(report, "w")
+        simulation.reporters.append(app.StateDataReporter(
+            log, report_interval, step=True, time=True, potentialEnergy=True, kineticEnergy=True,
+            totalEnergy=True, temperature=True, speed=True, separator=","))
+    began = time.perf_counter()
+    try:
+        with tqdm(total=int(steps), unit="step", desc="flowforce simulate", disable=not progress or None) as bar:
+            done = 0
+            while done < steps:
+                chunk = min(int(report_interval), int(steps) - done)
+                simulation.step(chunk)
+                done += chunk
+                bar.update(chunk)
+    finally:
+        dcd._out.close()  # DCDReporter has no public close(); flush the trajectory now
+        if log is not None:
+            log.close()
+    seconds = time.perf_counter() - began
+    final = simulation.context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+    return SimulationResult(steps=int(steps), trajectory=out, report=Path(report) if report else None,
+                            platform=simulation.context.getPlatform().getName(), backend=chosen.name,
+                            temperature=temp_k, final_potential_energy=final, seconds=seconds)

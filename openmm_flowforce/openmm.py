@@ -1,0 +1,16 @@
+"""The public OpenMM entry points: ``from openmm_flowforce.openmm import make_force``.
+
+* :func:`make_force` — an OpenMM Force for U(x) = −kT·log q(x) (kJ/mol, x in nm), backend
+  ``auto`` / ``torchforce`` / ``pythonforce``;
+* :func:`create_system` — a System of the molecule (masses from elements) with that force;
+* :func:`save_system` / :func:`load_system` — XML files without the learned force (a
+  System holding a TorchForce crashes on deserialisation with openmm-torch 1.10), the force
+  re-added from the model file on load;
+* :func:`export_potential` / :func:`load_exported` — the TorchScript file TorchForce runs.
+"""
+from openmm_flowforce.export.backends import LEARNED_FORCE_NAME, backend_names, make_force
+from openmm_flowforce.export.system import create_system, load_system, save_system
+from openmm_flowforce.export.torchscript import export_potential, load_exported
+
+__all__ = ["LEARNED_FORCE_NAME", "backend_names", "create_system", "export_potential", "load_exported",
+           "load_system", "make_force", "save_system"]
