@@ -5,5 +5,7 @@ Every target maps positions ``(B, N, 3)`` to reduced energies ``u = E/kT`` of sh
 """
 from .openmm_energy import OpenMMEnergy
 from .registry import get_target, register_target, target_names
+from .toys import GaussianMixture40, LennardJonesCluster, MultiDoubleWell
 
-__all__ = ["OpenMMEnergy", "get_target", "register_target", "target_names"]
+__all__ = ["GaussianMixture40", "LennardJonesCluster", "MultiDoubleWell", "OpenMMEnergy", "get_target",
+           "register_target", "target_names"]

@@ -56,3 +56,36 @@ def _openmm_energy(**kwargs: Any) -> Any:
 
 
 register_target("openmm", _openmm_energy)
+
+
+def _gmm40(**kwargs: Any) -> Any:
+    """``GaussianMixture40(seed=0, ...)``: 40 2-D Gaussians, normalised (log Z = 0)."""
+    from .toys import GaussianMixture40
+
+    return GaussianMixture40(**kwargs)
+
+
+def _dw4(**kwargs: Any) -> Any:
+    """``MultiDoubleWell(n_particles=4, spatial_dim=2)``: DW-4, flat x (B, 8)."""
+    from .toys import MultiDoubleWell
+
+    return MultiDoubleWell(**{"n_particles": 4, "spatial_dim": 2, **kwargs})
+
+
+def _lj(n_particles: int):
+    def factory(**kwargs: Any) -> Any:
+        from .toys import LennardJonesCluster
+
+        if "n_particles" in kwargs:
+            raise ValueError(f"target 'lj{n_particles}' fixes n_particles={n_particles}; "
+                             "build LennardJonesCluster(n_particles=...) directly for other sizes")
+        return LennardJonesCluster(n_particles=n_particles, **{"spatial_dim": 3, **kwargs})
+
+    factory.__doc__ = f"``LennardJonesCluster(n_particles={n_particles}, spatial_dim=3)``: LJ-{n_particles}."
+    return factory
+
+
+register_target("gmm40", _gmm40)
+register_target("dw4", _dw4)
+register_target("lj13", _lj(13))
+register_target("lj55", _lj(55))
