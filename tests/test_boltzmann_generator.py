@@ -79,7 +79,7 @@ def test_forces_match_finite_differences(trained, alanine_md):
     energy = lambda y: float(bg.energy(y, 300.0).detach())
     forces = kT(300.0) * f  # kJ/mol/nm
     direction = forces / forces.norm()
-    h = 1e-5
+    h = 1e-6
     d_energy = (energy(x + h * direction) - energy(x - h * direction)) / (2 * h)
     assert abs(d_energy + float(forces.norm())) < 1e-5 * float(forces.norm())
 

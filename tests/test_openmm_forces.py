@@ -148,13 +148,12 @@ def test_nve_energy_conservation_is_like_amber(trained, alanine_md):
     """Velocity Verlet, 2000 steps of 0.5 fs from the same frame and velocities' temperature.
 
     Both measures are relative to the mean kinetic energy (the potentials' zero points
-    differ). Measured (Reference, torch 2.12, this model):
+    differ). Measured (Reference, torch 2.12, this model; normal-CDF internal coordinates,
+    identity blend c ≈ 0.99 at initialisation):
       amber:  max |E − E₀|/⟨K⟩ = 0.055,  |⟨E⟩_last10% − ⟨E⟩_first10%|/⟨K⟩ = 0.0018
-      flow:   max |E − E₀|/⟨K⟩ = 0.013,  drift = 0.0004
-    At 1 fs the flow potential conserves energy much worse than Amber (max deviation
-    ≈ 0.6 vs 0.063, a systematic upward drift), even for the untrained, near-identity flow,
-    so 0.5 fs is the step to use with flow potentials of this kind.
-    """
+      flow:   max |E − E₀|/⟨K⟩ = 0.019,  drift = 0.010
+    See BENCHMARKS.md for the time-step study (0.5 fs vs 1 fs) with trained models.
+    """"""
     _, _, pt = trained
     start = alanine_md["positions"][1300]
     amber = _nve(alanine_md["system"], start, 2000, 0.5)
