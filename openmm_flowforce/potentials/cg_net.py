@@ -1,0 +1,259 @@
+r"""CG energy networks: physical priors plus an MLP on invariant features.
+
+    E(X) = Σ_priors E_prior(X) + kT · MLP(standardise(features(X)))      (kJ/mol),
+    F(X) = −∇_X E(X)                                                      (kJ/mol/nm),
+
+for bead positions ``X`` ``(B, n, 3)`` nm. The features are all bead-pair distances, the cosines
+of the bonded angles and ``(cos φ, sin φ)`` of the bonded dihedrals (for a chain: consecutive
+triples and quadruples), standardised by mean/std buffers fitted to data; they are invariant
+under translations and rotations, so E is too and F is equivariant. (``(cos φ, sin φ)`` is not
+invariant under reflections: φ → −φ, as it must be for chiral molecules.)
+
+The last layer of the MLP starts at zero, so an untrained network *is* its priors. Trained by
+force matching (:mod:`openmm_flowforce.training.cg`): Köhler, Chen, Krämer, Clementi, Noé,
+"Flow-matching: efficient coarse-graining of molecular dynamics without forces", JCTC 2023,
+arXiv:2203.11167; CGSchNet-style priors + network after Husic et al., arXiv:2007.11412, and
+torchmd-net's model/prior split (forces by ``autograd.grad(create_graph=self.training)``; fixed
+return types so ``torch.jit.script`` compiles the module).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..conventions import kT as thermal_energy
+from ..io import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from ..nn.mlp import MLP
+from .priors import PRIORS, BeadGraph, build_prior, cos_angles, dihedral_cos_sin, distances
+
+__all__ = ["CGEnergyNet", "CGFeatures", "DEFAULT_PRIORS", "MODEL_KIND", "cg_metadata", "load_cg_net",
+           "net_from_metadata", "save_cg_net"]
+
+MODEL_KIND = "cg_energy_net"
+#: Priors used when the caller does not say (``dihedrals`` is optional: the network learns them).
+DEFAULT_PRIORS: dict[str, dict[str, Any]] = {"bonds": {}, "angles": {}, "repulsion": {}}
+#: Floor on feature standard deviations, so a constant feature does not blow up.
+MIN_FEATURE_STD = 1e-4
+CONFIG_KEYS = ("n_beads", "bonds", "hidden", "activation", "priors", "temperature")
+
+
+class CGFeatures(nn.Module):
+    """Invariant features ``(B, F)``: distances of all pairs, cos of bonded angles, cos and sin of
+    bonded dihedrals; standardised as ``(feature − mean) / std`` with fitted buffers."""
+
+    def __init__(self, graph: BeadGraph):
+        super().__init__()
+        n = graph.n_beads
+        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+        self.register_buffer("pairs", torch.tensor(pairs, dtype=torch.long).reshape(-1, 2))
+        self.register_buffer("triples", torch.tensor(list(graph.angles), dtype=torch.long).reshape(-1, 3))
+        self.register_buffer("quads", torch.tensor(list(graph.dihedrals), dtype=torch.long).reshape(-1, 4))
+        width = len(pairs) + len(graph.angles) + 2 * len(graph.dihedrals)
+        self.register_buffer("mean", torch.zeros(width))
+        self.register_buffer("std", torch.ones(width))
+
+    @property
+    def n_features(self) -> int:
+        return int(self.mean.shape[0])
+
+    def raw(self, x: Tensor) -> Tensor:
+        cos, sin = dihedral_cos_sin(x, self.quads)
+        return torch.cat([distances(x, self.pairs), cos_angles(x, self.triples), cos, sin], dim=-1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (self.raw(x) - self.mean) / self.std
+
+    @torch.no_grad()
+    def fit(self, positions: Tensor) -> None:
+        """Mean and std (floored at 1e-4) of every feature over positions ``(T, n, 3)`` nm."""
+        raw = self.raw(positions.to(torch.float64))
+        self.mean.copy_(raw.mean(0))
+        self.std.copy_(raw.std(0).clamp_min(MIN_FEATURE_STD))
+
+
+def _normalise_priors(priors: Sequence[str] | Mapping[str, Mapping[str, Any] | None]) -> dict[str, dict[str, Any]]:
+    if isinstance(priors, str):
+        raise ValueError(f"priors must be a list of names or a mapping name → options, got the string {priors!r}")
+    items = dict(priors) if isinstance(priors, Mapping) else {name: {} for name in priors}
+    unknown = sorted(set(items) - set(PRIORS))
+    if unknown:
+        raise ValueError(f"unknown prior(s) {', '.join(unknown)}; valid priors: {', '.join(PRIORS)}")
+    return {name: dict(options or {}) for name, options in items.items()}
+
+
+class CGEnergyNet(nn.Module):
+    """Priors plus an MLP energy of CG bead positions (module docstring has the maths).
+
+    Args:
+        n_beads: beads of the CG molecule (at least 2).
+        bonds: bead pairs ``(i, j)``; angles, dihedrals and non-bonded pairs follow from them.
+        hidden: hidden widths of the MLP.
+        activation: MLP activation (a smooth one: forces are its derivative).
+        priors: names from :data:`~openmm_flowforce.potentials.priors.PRIORS`, or a mapping
+            name → constructor options, e.g. ``{"bonds": {}, "dihedrals": {"n_terms": 3}}``.
+        temperature: K; the network's energy unit is kT at this temperature.
+
+    Build from data with :meth:`from_data`; rebuild from :meth:`config` with :meth:`from_config`.
+    """
+
+    def __init__(self, n_beads: int, bonds: Sequence[Sequence[int]], hidden: Sequence[int] = (64, 64),
+                 activation: str = "silu", priors: Sequence[str] | Mapping[str, Any] = tuple(DEFAULT_PRIORS),
+                 temperature: float = 300.0):
+        super().__init__()
+        if int(n_beads) < 2:
+            raise ValueError(f"a CG energy network needs at least 2 beads, got {n_beads}")
+        graph = BeadGraph.from_bonds(int(n_beads), bonds)
+        prior_options = _normalise_priors(priors)
+        self._n_beads = int(n_beads)
+        self._config = {"n_beads": int(n_beads), "bonds": [list(b) for b in graph.bonds],
+                        "hidden": [int(h) for h in hidden], "activation": str(activation),
+                        "priors": copy.deepcopy(prior_options), "temperature": float(temperature)}
+        self.features = CGFeatures(graph)
+        self.priors = nn.ModuleList([build_prior(name, graph, options) for name, options in prior_options.items()])
+        self.network = MLP(self.features.n_features, 1, hidden, activation, zero_last=True)
+        self.register_buffer("energy_scale", torch.tensor(thermal_energy(temperature)))
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_data(cls, system: Any, positions: Any, temperature: float, bonds: Sequence[Sequence[int]] | None = None,
+                  hidden: Sequence[int] = (64, 64), activation: str = "silu",
+                  priors: Sequence[str] | Mapping[str, Any] = tuple(DEFAULT_PRIORS)) -> "CGEnergyNet":
+        """A network for a CG molecule with priors and feature standardisation fitted to data.
+
+        Args:
+            system: a :class:`~openmm_flowforce.coordinates.cg_mapping.CGMapping` (its beads
+                and bonds), or the number of beads (then ``bonds`` is required).
+            positions: CG positions ``(T, n, 3)`` nm (map all-atom data with
+                ``mapping.map_positions`` first).
+            temperature: K of the data.
+            bonds, hidden, activation, priors: as in the constructor.
+
+        Raises:
+            ValueError: positions of the wrong shape, bonds missing or given twice.
+        """
+        if isinstance(system, (int, np.integer)):
+            if bonds is None:
+                raise ValueError("give bonds=[(i, j), ...] with a bead count, or pass a CGMapping")
+            n_beads = int(system)
+        else:
+            if bonds is not None:
+                raise ValueError("bonds come from the mapping; do not pass bonds= with a CGMapping")
+            n_beads, bonds = system.n_beads, system.bonds
+        x = torch.as_tensor(np.asarray(positions) if not isinstance(positions, Tensor) else positions)
+        if x.ndim != 3 or tuple(x.shape[1:]) != (n_beads, 3):
+            hint = ""
+            if not isinstance(system, (int, np.integer)) and x.ndim == 3 and x.shape[1] == system.n_atoms:
+                hint = "; these look like all-atom positions: pass mapping.map_positions(positions)"
+            raise ValueError(f"positions must be CG positions (T, {n_beads}, 3) nm, got {tuple(x.shape)}{hint}")
+        net = cls(n_beads, bonds, hidden=hidden, activation=activation, priors=priors, temperature=temperature)
+        net.fit_priors(x, temperature)
+        return net
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "CGEnergyNet":
+        """An unfitted network with the architecture of :meth:`config` (load the state dict next).
+
+        Raises:
+            ValueError: missing or unknown keys (named)."""
+        missing, unknown = sorted(set(CONFIG_KEYS) - set(config)), sorted(set(config) - set(CONFIG_KEYS))
+        if missing or unknown:
+            raise ValueError(f"CG energy net config: missing keys {missing}, unknown keys {unknown}; "
+                             f"a config has {', '.join(CONFIG_KEYS)}")
+        return cls(**dict(config))
+
+    def config(self) -> dict[str, Any]:
+        """Plain data (lists, str, float, int) from which :meth:`from_config` rebuilds the net."""
+        return copy.deepcopy(self._config)
+
+    @torch.no_grad()
+    def fit_priors(self, positions: Any, temperature: float) -> None:
+        """Fit every prior (Boltzmann inversion at ``temperature`` K) and the feature
+        standardisation to CG positions ``(T, n, 3)`` nm; sets the energy unit to this kT."""
+        x = torch.as_tensor(np.asarray(positions) if not isinstance(positions, Tensor) else positions)
+        x = x.detach().to(device=self.energy_scale.device, dtype=torch.float64)
+        for prior in self.priors:
+            prior.fit(x, temperature)
+        self.features.fit(x)
+        self.energy_scale.fill_(thermal_energy(temperature))
+        self._config["temperature"] = float(temperature)
+
+    @property
+    def n_beads(self) -> int:
+        return self._n_beads
+
+    # -- energies and forces -----------------------------------------------------------------
+    def prior_energy(self, positions: Tensor) -> Tensor:
+        """Σ_priors E_prior, ``(B,)`` kJ/mol."""
+        energy = torch.zeros(positions.shape[0], dtype=positions.dtype, device=positions.device)
+        for prior in self.priors:
+            energy = energy + prior(positions)
+        return energy
+
+    def forward(self, positions: Tensor) -> Tensor:
+        """Energy ``(B,)`` kJ/mol of bead positions ``(B, n, 3)`` nm."""
+        return self.prior_energy(positions) + self.energy_scale * self.network(self.features(positions)).squeeze(-1)
+
+    @torch.jit.export
+    def energy_and_forces(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Energy ``(B,)`` kJ/mol and forces ``−∇E`` ``(B, n, 3)`` kJ/mol/nm.
+
+        In training mode the forces keep their graph (``create_graph``), so a force-matching
+        loss can be differentiated with respect to the parameters; in eval mode they do not.
+        Eager calls work under ``torch.no_grad()``; a scripted module needs grad mode on
+        (TorchScript has no ``enable_grad``), as it is inside OpenMM-Torch.
+        """
+        if not torch.jit.is_scripting() and not torch.is_grad_enabled():
+            return self._energy_and_forces_with_grad(positions)
+        if not positions.requires_grad:
+            positions = positions.detach().requires_grad_(True)
+        energy = self.forward(positions)
+        grads = torch.autograd.grad([energy.sum()], [positions], create_graph=self.training)
+        gradient = grads[0]
+        assert gradient is not None
+        return energy, -gradient
+
+    @torch.jit.unused
+    def _energy_and_forces_with_grad(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.enable_grad():
+            return self.energy_and_forces(positions)
+
+
+# -- model files ------------------------------------------------------------------------------------
+def cg_metadata(net: CGEnergyNet, mapping: Any = None) -> dict[str, Any]:
+    """Plain data stored with a checkpoint: the net's config and, if given, the mapping's dict."""
+    return {"kind": MODEL_KIND, "net": net.config(), "mapping": None if mapping is None else mapping.to_dict()}
+
+
+def net_from_metadata(metadata: Mapping[str, Any]) -> CGEnergyNet:
+    """An unfitted network with the architecture recorded by :func:`cg_metadata`."""
+    if metadata.get("kind") != MODEL_KIND:
+        raise ValueError(f"not a CG energy network model (kind {metadata.get('kind')!r})")
+    return CGEnergyNet.from_config(metadata["net"])
+
+
+def save_cg_net(path: str | Path, net: CGEnergyNet, mapping: Any = None) -> None:
+    """Write a model file (a checkpoint with ``model`` and ``metadata``) atomically."""
+    save_checkpoint({"format": CHECKPOINT_FORMAT, "model": net.state_dict(), "metadata": cg_metadata(net, mapping)},
+                    path)
+
+
+def load_cg_net(path: str | Path) -> tuple[CGEnergyNet, Any]:
+    """``(net, mapping or None)`` from a file of :func:`save_cg_net` or of ``train_cg_net``
+    (``weights_only`` loading: no code runs from the file). The net is in eval mode, in the
+    floating-point dtype it was saved in."""
+    from ..coordinates.cg_mapping import CGMapping
+
+    state = load_checkpoint(path, CHECKPOINT_FORMAT)
+    metadata = state.get("metadata", {})
+    net = net_from_metadata(metadata)
+    dtypes = {t.dtype for t in state["model"].values() if t.is_floating_point()}
+    if len(dtypes) == 1:  # keep the precision it was saved in
+        net = net.to(dtypes.pop())
+    net.load_state_dict(state["model"])
+    mapping = metadata.get("mapping")
+    return net.eval(), (None if mapping is None else CGMapping.from_dict(mapping))

@@ -1,0 +1,220 @@
+r"""Force matching of CG energy networks on mapped all-atom data.
+
+    L(θ) = E_data ‖F_θ(X) − F_mapped‖² / (3n · s²),
+
+the mean squared error per force component between the network's forces ``−∇E_θ`` and the
+mapped all-atom forces (kJ/mol/nm), divided by a force scale ``s²``. Its minimiser is the
+mean force, so ``E_θ`` approaches the CG potential of mean force (multiscale coarse-graining:
+Noid et al., J. Chem. Phys. 128, 244114 (2008); Köhler, Chen, Krämer, Clementi, Noé, JCTC
+2023, arXiv:2203.11167). The mapped forces are very noisy estimates of the mean force, so
+even a perfect model leaves a large loss; compare losses, not their absolute value.
+
+:func:`train_cg_net` uses :class:`~openmm_flowforce.training.trainer.TrainConfig` for its
+settings but not the :class:`~openmm_flowforce.training.trainer.Trainer`, whose validation
+and losses are those of density models (``log_prob``); an energy network has no normalised
+density. Checkpoints have the trainer's layout (``model``, ``optimizer``, ``metadata``...), so
+:func:`~openmm_flowforce.potentials.cg_net.load_cg_net` reads them.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..io import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from ..potentials.cg_net import CGEnergyNet, cg_metadata
+from .boltzmann import split_frames
+from .reporters import ProgressReporter, Reporter, TrainState
+from .trainer import TrainConfig
+
+Tensor = torch.Tensor
+
+__all__ = ["CGTrainResult", "force_matching_loss", "force_scale_of", "train_cg_net"]
+
+
+def force_scale_of(forces: Tensor) -> float:
+    """Root mean square of the force components (kJ/mol/nm): dividing by it makes the loss of
+    the zero force field 1."""
+    return float(forces.detach().double().pow(2).mean().sqrt())
+
+
+def force_matching_loss(net: CGEnergyNet, positions: Tensor, forces: Tensor, force_scale: float = 1.0) -> Tensor:
+    """Mean over frames, beads and components of ``((F_net − F) / force_scale)²``.
+
+    Args:
+        net: the energy network; in training mode for a loss that can be back-propagated.
+        positions: CG positions ``(B, n, 3)`` nm.
+        forces: mapped forces ``(B, n, 3)`` kJ/mol/nm.
+        force_scale: kJ/mol/nm, e.g. :func:`force_scale_of` of the training forces.
+    """
+    if positions.shape != forces.shape:
+        raise ValueError(f"positions {tuple(positions.shape)} and forces {tuple(forces.shape)} must have one shape")
+    _, predicted = net.energy_and_forces(positions)
+    return ((predicted - forces) / force_scale).pow(2).mean()
+
+
+@dataclass
+class CGTrainResult:
+    """What :func:`train_cg_net` measured (losses are :func:`force_matching_loss` values).
+
+    Attributes:
+        force_scale: kJ/mol/nm, RMS of the training forces.
+        initial_val_loss: validation loss before training (priors only, for a fresh net).
+        best_val_loss: best validation loss; the net ends with those parameters.
+        last_train_loss: loss of the last training batch.
+        steps: optimiser steps done in total.
+        stopped_early: patience ran out.
+    """
+
+    force_scale: float
+    initial_val_loss: float | None
+    best_val_loss: float | None
+    last_train_loss: float
+    steps: int
+    stopped_early: bool
+
+
+@torch.no_grad()
+def _validation_loss(net: CGEnergyNet, positions: Tensor, forces: Tensor, force_scale: float,
+                     chunk: int = 2048) -> float:
+    was_training = net.training
+    net.eval()
+    total = 0.0
+    for i in range(0, len(positions), chunk):
+        x, f = positions[i:i + chunk], forces[i:i + chunk]
+        total += float(force_matching_loss(net, x, f, force_scale)) * len(x)
+    net.train(was_training)
+    return total / len(positions)
+
+
+def train_cg_net(net: CGEnergyNet, positions: Any, forces: Any, config: TrainConfig | None = None,
+                 val_fraction: float = 0.1, checkpoint: str | Path | None = None, resume: bool = True,
+                 progress: bool = True, reporters: Sequence[Reporter] = (), mapping: Any = None) -> CGTrainResult:
+    """Train ``net`` by force matching with Adam and a cosine learning-rate schedule.
+
+    Args:
+        net: a network with fitted priors (:meth:`CGEnergyNet.from_data`); trained in place in
+            the dtype and on the device of its parameters.
+        positions: CG positions ``(T, n, 3)`` nm.
+        forces: mapped forces ``(T, n, 3)`` kJ/mol/nm (``mapping.map_forces``).
+        config: ``steps``, ``batch_size``, ``lr``, ``lr_final_factor``, ``weight_decay``,
+            ``grad_clip``, ``validate_every``, ``patience``, ``checkpoint_every``, ``seed``
+            (``n_samples`` must stay 0: force matching draws no samples).
+        val_fraction: the last frames held out for validation (a contiguous block, as MD
+            frames are correlated); 0 disables validation.
+        checkpoint: file written atomically every ``checkpoint_every`` steps, at the end and on
+            Ctrl-C; if it exists and ``resume`` is set, training continues from it.
+        progress: show a tqdm bar.
+        reporters: extra reporters; they see ``losses = {"force": ..., "val_force": ...}``.
+        mapping: stored in the checkpoint's metadata so the model file is self-contained.
+
+    Returns:
+        :class:`CGTrainResult`. With validation, the net ends with the parameters of the best
+        validation loss, the starting parameters included.
+
+    Raises:
+        ValueError: shapes that disagree, ``n_samples`` set, too few frames.
+        FloatingPointError: a non-finite loss (names the step).
+    """
+    cfg = config or TrainConfig()
+    if cfg.n_samples:
+        raise ValueError(f"n_samples={cfg.n_samples} is for the reverse-KL loss; force matching draws no samples")
+    parameter = next(net.parameters())
+    x = torch.as_tensor(np.asarray(positions) if not isinstance(positions, Tensor) else positions)
+    f = torch.as_tensor(np.asarray(forces) if not isinstance(forces, Tensor) else forces)
+    x, f = x.to(parameter), f.to(parameter)
+    if x.ndim != 3 or tuple(x.shape[1:]) != (net.n_beads, 3) or f.shape != x.shape:
+        raise ValueError(f"positions {tuple(x.shape)} and forces {tuple(f.shape)} must both be (T, {net.n_beads}, 3)")
+    train, val = split_frames(len(x), val_fraction)
+    x_train, f_train, x_val, f_val = x[train], f[train], x[val], f[val]
+    validate = len(x_val) > 0 and cfg.validate_every > 0
+    scale = force_scale_of(f_train)
+
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    final, steps = cfg.lr_final_factor, cfg.steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    batch_rng = torch.Generator().manual_seed(cfg.seed)
+    step, best_val, best_state, bad, stopped, initial_val = 0, math.inf, None, 0, False, None
+    path = Path(checkpoint) if checkpoint else None
+
+    def state_dict() -> dict[str, Any]:
+        return {"format": CHECKPOINT_FORMAT, "step": step, "model": net.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng_batch": batch_rng.get_state(), "best_val": best_val, "best_model": best_state,
+                "bad_validations": bad, "stopped_early": stopped, "initial_val": initial_val,
+                "force_scale": scale, "config": asdict(cfg), "metadata": metadata}
+
+    metadata = cg_metadata(net, mapping)
+    if resume and path is not None and path.exists():
+        saved = load_checkpoint(path, CHECKPOINT_FORMAT)
+        if mapping is None:  # a resumed run keeps the mapping the first run stored
+            metadata["mapping"] = saved.get("metadata", {}).get("mapping")
+        net.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        batch_rng.set_state(saved["rng_batch"])
+        step, best_val, best_state = int(saved["step"]), float(saved["best_val"]), saved["best_model"]
+        bad, stopped, initial_val = int(saved["bad_validations"]), bool(saved["stopped_early"]), saved["initial_val"]
+    if validate and initial_val is None:
+        # The starting parameters (for a fresh net: priors only) compete for "best" too, so
+        # training never hands back a net that validates worse than the one it was given.
+        initial_val = best_val = _validation_loss(net, x_val, f_val, scale)
+        best_state = copy.deepcopy(net.state_dict())
+
+    all_reporters = list(reporters)
+    if progress:
+        all_reporters.append(ProgressReporter(cfg.steps, initial=step, desc="CG force matching"))
+    start, loss_value = time.perf_counter(), math.nan
+    try:
+        while step < cfg.steps and not stopped:
+            net.train()
+            idx = torch.randint(len(x_train), (cfg.batch_size,), generator=batch_rng)
+            loss = force_matching_loss(net, x_train[idx], f_train[idx], scale)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"force-matching loss is {float(loss)} at step {step + 1}; lower the "
+                                         "learning rate or check the data for outliers")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            loss_value = float(loss.detach())
+            last = step == cfg.steps
+            losses = {"force": loss_value}
+            if validate and (step % cfg.validate_every == 0 or last):
+                val = _validation_loss(net, x_val, f_val, scale)
+                losses["val_force"] = val
+                if val < best_val:
+                    best_val, bad, best_state = val, 0, copy.deepcopy(net.state_dict())
+                else:
+                    bad += 1
+                    stopped = bool(cfg.patience) and bad >= cfg.patience
+            state = TrainState(step, cfg.steps, losses, optimizer.param_groups[0]["lr"], time.perf_counter() - start,
+                               model=net)
+            for reporter in all_reporters:
+                if reporter.steps_until_next(step) == reporter.interval or last or stopped:
+                    reporter.report(state)
+            if path is not None and step % cfg.checkpoint_every == 0 and not last:
+                save_checkpoint(state_dict(), path)
+    except KeyboardInterrupt:
+        if path is not None:
+            save_checkpoint(state_dict(), path)
+        raise
+    finally:
+        for reporter in all_reporters:
+            reporter.close()
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    net.eval()
+    if path is not None:
+        save_checkpoint(state_dict(), path)
+    return CGTrainResult(scale, initial_val, best_val if math.isfinite(best_val) else None, loss_value, step, stopped)
