@@ -153,7 +153,7 @@ def test_nve_energy_conservation_is_like_amber(trained, alanine_md):
       amber:  max |E − E₀|/⟨K⟩ = 0.055,  |⟨E⟩_last10% − ⟨E⟩_first10%|/⟨K⟩ = 0.0018
       flow:   max |E − E₀|/⟨K⟩ = 0.019,  drift = 0.010
     See BENCHMARKS.md for the time-step study (0.5 fs vs 1 fs) with trained models.
-    """"""
+    """
     _, _, pt = trained
     start = alanine_md["positions"][1300]
     amber = _nve(alanine_md["system"], start, 2000, 0.5)

@@ -8,7 +8,14 @@ The map x → u, per Z-matrix row ``(i, j, k, l)`` (see :mod:`.zmatrix`):
 
 * bond ``b = |x_i − x_j|`` (nm) → ``u = Φ((b − m_b)/s_b)``;
 * angle ``θ = ∠(i, j, k) ∈ [0, π]`` → ``w = cos θ`` → ``u = Φ((w − m_w)/s_w)``;
-* torsion ``φ = dihedral(i, j, k, l) ∈ [−π, π)`` → ``u = (φ + π)/(2π)``;
+* torsion ``φ = dihedral(i, j, k, l) ∈ [−π, π)`` → ``u = (φ + π)/(2π)``, a circle; except
+  torsions whose data all stay within ±π/2 of their circular mean μ with a spread below
+  0.35 rad (found by
+  :meth:`InternalCoordinates.fit`; e.g. a second methyl hydrogen placed relative to the
+  first, or a chiral centre's substituent), which become interval coordinates
+  ``u = Φ(wrap(φ − μ)/s_φ)``: a circle coordinate would make the flow model a peak a few
+  degrees wide, which is a stiff potential in Cartesian space. Their map is smooth except
+  at the antipode φ = μ + π, where the density is negligible (−log Φ' = (π/s_φ)²/2);
 
 with Φ the standard normal CDF and ``m, s`` buffers (mean and standard deviation) set by
 :meth:`InternalCoordinates.fit`. Why Φ: with an identity flow the density is then a
@@ -30,7 +37,7 @@ about atom 0, atom 2 about atom 1 with its azimuth γ around the 0–1 axis, ato
 Jacobian ``J = b₁² · Π_{i≥2} b_i² sin θ_i``, so x → (b, θ, φ) has
 ``ladj = −[2 log b₁ + Σ_{i≥2} (2 log b_i + log sin θ_i)]``. Adding the elementwise
 ``log|du/d(b, θ, φ)|``: bonds ``log Φ'(z) − log s_b``, angles
-``log Φ'(z) − log s_w + log sin θ`` (from dw/dθ = −sin θ), torsions ``−log 2π``, the
+``log Φ'(z) − log s_w + log sin θ`` (from dw/dθ = −sin θ), periodic torsions ``−log 2π`` (narrow ones ``log Φ'(z_φ) − log s_φ``), the
 ``log sin θ`` terms cancel and
 
     ladj(x → u) = Σ_bonds [log Φ'(z_b) − log s_b − 2 log b] + Σ_angles [log Φ'(z_w) − log s_w]
@@ -65,6 +72,14 @@ COVALENT_RADIUS_NM = {
     "S": 0.105, "Cl": 0.102, "Br": 0.120, "I": 0.139, "Se": 0.120, "B": 0.084, "Si": 0.111,
 }
 FALLBACK_RADIUS_NM = 0.075
+#: A torsion whose data all stay within this of their circular mean, with a standard
+#: deviation below NARROW_TORSION_MAX_SCALE, is modelled as an interval coordinate (normal
+#: CDF of the wrapped deviation) rather than a circle. Broad torsions (backbone φ/ψ, free
+#: rotors) stay circles even when the data visit one basin only.
+NARROW_TORSION_RAD = math.pi / 2
+NARROW_TORSION_MAX_SCALE = 0.35
+#: Floor on the scale of a narrow torsion (rad).
+MIN_TORSION_SCALE = 1e-2
 DEFAULT_BOND_SCALE_NM = 0.005
 #: Default angle normalisation: centred on cos(112°), between tetrahedral and trigonal.
 DEFAULT_COS_LOC = math.cos(math.radians(112.0))
@@ -147,6 +162,9 @@ class InternalCoordinates(nn.Module):
     """
 
     rows: Tensor
+    torsion_periodic: Tensor
+    torsion_loc: Tensor
+    torsion_scale: Tensor
     bond_loc: Tensor
     bond_scale: Tensor
     cos_loc: Tensor
@@ -165,6 +183,10 @@ class InternalCoordinates(nn.Module):
         self.register_buffer("bond_scale", torch.full((n - 1,), DEFAULT_BOND_SCALE_NM, dtype=torch.float64))
         self.register_buffer("cos_loc", torch.full((n - 2,), DEFAULT_COS_LOC, dtype=torch.float64))
         self.register_buffer("cos_scale", torch.full((n - 2,), DEFAULT_COS_SCALE, dtype=torch.float64))
+        # Torsions are circles until fit() finds one that stays near its mean (module docstring).
+        self.register_buffer("torsion_periodic", torch.ones(n - 3, dtype=torch.bool))
+        self.register_buffer("torsion_loc", torch.zeros(n - 3, dtype=torch.float64))
+        self.register_buffer("torsion_scale", torch.ones(n - 3, dtype=torch.float64))
 
     @classmethod
     def from_topology(cls, topology: Any, positions: Any = None) -> "InternalCoordinates":
@@ -200,8 +222,12 @@ class InternalCoordinates(nn.Module):
 
     @property
     def periodic(self) -> list[bool]:
-        """Per entry of ``u``: True for the torsions (the last N−3 entries)."""
-        return [False] * (2 * self.n_atoms - 3) + [True] * (self.n_atoms - 3)
+        """Per entry of ``u``: True for the torsions that are circles (of the last N−3)."""
+        return [False] * (2 * self.n_atoms - 3) + [bool(p) for p in self.torsion_periodic.tolist()]
+
+    def set_periodic_torsions(self, periodic: Sequence[bool]) -> None:
+        """Declare which torsions are circles (used when rebuilding a saved model)."""
+        self.torsion_periodic.copy_(torch.as_tensor([bool(p) for p in periodic], dtype=torch.bool))
 
     @property
     def zmatrix(self) -> ZMatrix:
@@ -230,6 +256,13 @@ class InternalCoordinates(nn.Module):
         self.bond_scale.copy_(bonds.std(0, unbiased=False).clamp_min(min_bond_scale))
         self.cos_loc.copy_(cos.mean(0))
         self.cos_scale.copy_(cos.std(0, unbiased=False).clamp_min(min_cos_scale))
+        torsions = _torsion(x, *self.rows[3:].T)
+        centre = torch.atan2(torch.sin(torsions).mean(0), torch.cos(torsions).mean(0))
+        delta = wrap_torsion(torsions - centre)
+        spread = delta.std(0, unbiased=False)
+        self.torsion_periodic.copy_((delta.abs().amax(0) >= NARROW_TORSION_RAD) | (spread > NARROW_TORSION_MAX_SCALE))
+        self.torsion_loc.copy_(wrap_torsion(centre + delta.mean(0)))
+        self.torsion_scale.copy_(spread.clamp_min(MIN_TORSION_SCALE))
         return self
 
     # -- validation --------------------------------------------------------------------
@@ -291,14 +324,22 @@ class InternalCoordinates(nn.Module):
         torsions = _torsion(x, *r[3:].T)
         return bonds, angles, torsions
 
-    def _ladj(self, bonds: Tensor, cos: Tensor) -> Tensor:
-        """ladj(x → u) from bonds and cos θ (module docstring); ``(B,)``."""
+    def _torsion_z(self, torsions: Tensor) -> Tensor:
+        """Standardised deviation of each torsion from its centre (used for narrow torsions)."""
+        dtype = torsions.dtype
+        return wrap_torsion(torsions - self.torsion_loc.to(dtype)) / self.torsion_scale.to(dtype)
+
+    def _ladj(self, bonds: Tensor, cos: Tensor, torsions: Tensor) -> Tensor:
+        """ladj(x → u) from bonds, cos θ and torsions (module docstring); ``(B,)``."""
         dtype = bonds.dtype
         zb = (bonds - self.bond_loc.to(dtype)) / self.bond_scale.to(dtype)
         zw = (cos - self.cos_loc.to(dtype)) / self.cos_scale.to(dtype)
+        narrow = ~self.torsion_periodic
         ladj = (_log_dnormal_cdf(zb) - 2.0 * torch.log(bonds)).sum(-1) + _log_dnormal_cdf(zw).sum(-1)
-        const = -(self.bond_scale.log().sum() + self.cos_scale.log().sum()
-                  + (self.n_atoms - 3) * math.log(2.0 * math.pi))
+        if bool(narrow.any()):  # only then may ladj depend on torsions (undefined at linear angles)
+            ladj = ladj + _log_dnormal_cdf(self._torsion_z(torsions)[:, narrow]).sum(-1)
+        const = -(self.bond_scale.log().sum() + self.cos_scale.log().sum() + self.torsion_scale[narrow].log().sum()
+                  + self.torsion_periodic.sum() * math.log(2.0 * math.pi))
         return ladj + const.to(dtype)
 
     def to_unit(self, x: Tensor, check: bool = True) -> tuple[Tensor, Tensor]:
@@ -326,8 +367,9 @@ class InternalCoordinates(nn.Module):
         torsions = _torsion(x, *r[3:].T)
         ub = torch.special.ndtr((bonds - self.bond_loc.to(dtype)) / self.bond_scale.to(dtype))
         uw = torch.special.ndtr((cos - self.cos_loc.to(dtype)) / self.cos_scale.to(dtype))
-        ut = (torsions + math.pi) / (2.0 * math.pi)
-        return torch.cat([ub, uw, ut], dim=-1), self._ladj(bonds, cos)
+        ut = torch.where(self.torsion_periodic, (torsions + math.pi) / (2.0 * math.pi),
+                         torch.special.ndtr(self._torsion_z(torsions)))
+        return torch.cat([ub, uw, ut], dim=-1), self._ladj(bonds, cos, torsions)
 
     def from_unit(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """Unit cube → Cartesian positions in the canonical frame, with log-determinant.
@@ -358,8 +400,11 @@ class InternalCoordinates(nn.Module):
         cos = (self.cos_loc.to(dtype) + self.cos_scale.to(dtype) * z[:, n - 1:]).clamp(-1.0, 1.0)
         # clamp_min keeps d sqrt finite (and zero through the clamp) at cos = ±1.
         sin = (1.0 - cos * cos).clamp_min(finfo.tiny).sqrt()
-        phi = 2.0 * math.pi * u[:, 2 * n - 3:] - math.pi
-        return self._place(bonds, cos, sin, phi), -self._ladj(bonds, cos)
+        ut = u[:, 2 * n - 3:]
+        narrow = self.torsion_loc.to(dtype) + self.torsion_scale.to(dtype) * torch.special.ndtri(
+            ut.clamp(finfo.tiny, 1.0 - finfo.eps))
+        phi = torch.where(self.torsion_periodic, 2.0 * math.pi * ut - math.pi, wrap_torsion(narrow))
+        return self._place(bonds, cos, sin, phi), -self._ladj(bonds, cos, phi)
 
     def _place(self, bonds: Tensor, cos: Tensor, sin: Tensor, phi: Tensor) -> Tensor:
         """Positions ``(B, N, 3)``; internal arrays are indexed by Z-matrix row."""

@@ -20,9 +20,11 @@ How the ordering is chosen:
   hydrogens before element-less particles, so hydrogens hang off a heavy-atom skeleton;
 * ``j`` is always bonded to ``i`` and ``k`` always bonded to ``j`` (every placed atom other
   than the root has a placed neighbour, and the root's first neighbour is row 1), so every
-  angle is a true bond angle; ``l`` is bonded to ``k`` where one is placed (a proper
-  torsion), else another placed neighbour of ``j`` (an improper torsion, never collinear by
-  construction), else the earliest other placed atom. Among candidates, heavy atoms and then
+  angle is a true bond angle; ``l`` is another placed neighbour of ``j`` where there is one
+  (the torsion of ``i`` relative to a sibling: for a methyl's second and third hydrogens
+  ≈ ±120°, narrow, so the rotation of the group is carried by its first atom alone and the
+  flow need not learn three tightly correlated circles), else an atom bonded to ``k`` (a
+  proper torsion), else the earliest other placed atom. Among candidates, heavy atoms and then
   the earliest placed are preferred.
 """
 from __future__ import annotations
@@ -205,9 +207,11 @@ def build_zmatrix(
         l = -1
         if p >= 3:
             used = {i, j, k}
-            l = _pick((a for a in adj[k] if position[a] < p and a not in used), position, priority)
+            # A placed sibling on j first: then only the first atom placed on (j, k) carries
+            # the rotation about j–k, and its siblings' torsions are relative to it (narrow).
+            l = _pick((a for a in adj[j] if position[a] < p and a not in used), position, priority)
             if l < 0:
-                l = _pick((a for a in adj[j] if position[a] < p and a not in used), position, priority)
+                l = _pick((a for a in adj[k] if position[a] < p and a not in used), position, priority)
             if l < 0:
                 l = _pick((a for a in range(n_atoms) if position[a] < p and a not in used), position, priority)
         rows[p] = (i, j, k, l)

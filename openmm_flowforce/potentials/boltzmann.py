@@ -88,6 +88,8 @@ def build_from_metadata(metadata: dict[str, Any]) -> BoltzmannGenerator:
         raise ValueError(f"not a Boltzmann generator model (kind {metadata.get('kind')!r})")
     topology = topology_from_pdb_text(metadata["topology_pdb"])
     ic = InternalCoordinates.from_topology(topology)
+    # Which torsions are circles was decided by fitting to data; the flow config records it.
+    ic.set_periodic_torsions(metadata["flow"]["periodic"][2 * ic.n_atoms - 3:])
     return BoltzmannGenerator(ic, CouplingFlow(**metadata["flow"]), metadata["topology_pdb"])
 
 
