@@ -7,6 +7,10 @@ import sys
 
 HELP = "train a Boltzmann generator on MD data (flowforce md output)"
 
+#: Loss when the data file has forces: NLL plus force matching, which keeps the flow
+#: potential as smooth as the reference (BENCHMARKS.md, "flow potentials in MD").
+DEFAULT_LOSS = "nll=1,force=0.1"
+
 EPILOG = """\
 examples:
   flowforce train ala2.npz --out ala2.ckpt --epochs 20
@@ -28,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.add_argument("data", metavar="DATA.npz", help="data file written by `flowforce md`")
     parser.add_argument("--out", required=True, metavar="MODEL.ckpt", help="model file to write (resumes if present)")
-    parser.add_argument("--loss", metavar="TERMS", help="weighted loss terms, e.g. nll=1,force=0.1 (default nll=1)")
+    parser.add_argument("--loss", metavar="TERMS",
+                        help="weighted loss terms (default: nll=1,force=0.1 when the data have forces, else nll=1; "
+                             "the force term keeps the learned potential smooth enough for MD)")
     parser.add_argument("--epochs", type=float, help="passes over the training frames (default 20)")
     parser.add_argument("--steps", type=int, help="optimiser steps; overrides --epochs")
     parser.add_argument("--batch-size", type=int, help="frames per step (default 256)")
@@ -54,7 +60,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, TRAIN_SCHEMA)
         data = load_dataset(args.data)
-        weights = parse_loss_weights(args.loss or cfg.get("loss", "nll=1"))
+        weights = parse_loss_weights(args.loss or cfg.get("loss", DEFAULT_LOSS if data.forces is not None else "nll=1"))
+        if "force" not in weights:
+            print("flowforce train: note: training without the force term; a flow fitted by NLL alone "
+                  "learns features finer than the thermal width, and MD with it may need a very short "
+                  "time step (see BENCHMARKS.md)", file=sys.stderr)
         flow = dict(cfg.get("flow", {}))
         if args.transform:
             flow["transform"] = args.transform
