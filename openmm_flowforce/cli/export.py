@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Exit code 0 on success, 2 on bad input, 1 when the export itself fails."""
     from openmm_flowforce.export.torchscript import export_potential, read_export_metadata
+    from openmm_flowforce.potentials.cg_net import MODEL_KIND as CG_MODEL_KIND
 
     try:
         path = export_potential(args.model, args.out, temperature=args.temperature)
@@ -38,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"flowforce export: export failed: {error}", file=sys.stderr)
         return 1
     meta = read_export_metadata(path)
-    print(f"wrote {path}: {meta['n_atoms']} atoms, U = -kT log q at {meta['temperature']:g} K "
+    what = ("CG energy network (priors + net)" if meta.get("kind") == CG_MODEL_KIND
+            else f"U = -kT log q at {meta['temperature']:g} K")
+    print(f"wrote {path}: {meta['n_atoms']} particles, {what} "
           f"(load with openmmtorch.TorchForce('{path}') or `flowforce simulate {path} ...`)")
     return 0

@@ -16,6 +16,7 @@ from openmm_flowforce._version import __version__
 from openmm_flowforce.cli import doctor
 from openmm_flowforce.cli import md, sample, train
 from openmm_flowforce.cli import export, simulate
+from openmm_flowforce.cli import cg, demo, evaluate
 from openmm_flowforce.cli import sampler
 
 
@@ -35,6 +36,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "sample": Subcommand(sample.HELP, sample.add_arguments, sample.run),
     "export": Subcommand(export.HELP, export.add_arguments, export.run),
     "simulate": Subcommand(simulate.HELP, simulate.add_arguments, simulate.run),
+    "cg": Subcommand(cg.HELP, cg.add_arguments, cg.run),
+    "evaluate": Subcommand(evaluate.HELP, evaluate.add_arguments, evaluate.run),
+    "demo": Subcommand(demo.HELP, demo.add_arguments, demo.run),
     "sampler": Subcommand(sampler.HELP, sampler.add_arguments, sampler.run),
 }
 

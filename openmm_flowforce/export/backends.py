@@ -37,7 +37,8 @@ import torch
 
 from ..conventions import kT
 from ..potentials.boltzmann import BoltzmannGenerator
-from .torchscript import _quiet_jit, export_potential, is_exported_file, load_exported, load_model_float64, read_export_metadata
+from .torchscript import (_quiet_jit, export_potential, is_exported_file, load_exported, load_model_float64,
+                          model_kind, read_export_metadata)
 
 __all__ = ["BACKENDS", "DEFAULT_TEMPERATURE", "LEARNED_FORCE_NAME", "Backend", "PotentialSource",
            "backend_names", "make_force", "resolve_backend", "resolve_potential"]
@@ -58,6 +59,8 @@ class PotentialSource:
         topology_pdb: PDB text of the molecule (may be empty for hand-built models).
         model: the eager model (None for exported files).
         exported_path: the TorchScript file (None for models and checkpoints).
+        masses: particle masses (dalton) stored in the exported file (CG models: bead masses,
+            since CG beads may have no element); None: masses come from the topology's elements.
     """
 
     temperature: float
@@ -65,6 +68,11 @@ class PotentialSource:
     topology_pdb: str
     model: BoltzmannGenerator | None = None
     exported_path: Path | None = None
+    masses: list[float] | None = None
+
+
+#: Model kinds whose checkpoints run in OpenMM only once exported → how to export them.
+CHECKPOINTS_TO_EXPORT: dict[str, str] = {"cg_energy_net": "`flowforce export CG.ckpt --out CG.pt`"}
 
 
 def resolve_potential(model_or_path: Any, temperature: float | None = None) -> PotentialSource:
@@ -101,7 +109,13 @@ def resolve_potential(model_or_path: Any, temperature: float | None = None) -> P
                                  f"temperature {float(temperature):g} K: re-export the checkpoint with "
                                  f"`flowforce export MODEL.ckpt --temperature {float(temperature):g}`, or simulate "
                                  f"at {stored:g} K")
-            return PotentialSource(stored, int(meta["n_atoms"]), meta["topology_pdb"], exported_path=path)
+            masses = meta.get("masses")
+            return PotentialSource(stored, int(meta["n_atoms"]), meta["topology_pdb"], exported_path=path,
+                                   masses=None if masses is None else [float(m) for m in masses])
+        kind = model_kind(path)
+        if kind in CHECKPOINTS_TO_EXPORT:
+            raise ValueError(f"{path} is a {kind} checkpoint; export it first ({CHECKPOINTS_TO_EXPORT[kind]}) and "
+                             "pass the .pt file")
         return resolve_potential(load_model_float64(path), temperature)
     raise TypeError(f"expected a BoltzmannGenerator or the path of a checkpoint or exported .pt file, "
                     f"got {type(model_or_path).__name__}")

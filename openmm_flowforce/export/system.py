@@ -65,8 +65,8 @@ def create_system(topology: Any, model: Any, backend: str = "auto", temperature:
         cuda_graphs: TorchForce CUDA graphs (CUDA platform only).
 
     Returns:
-        ``openmm.System``: masses from the elements (amu), no constraints, no box, and the
-        force U = −kT·log q (kJ/mol).
+        ``openmm.System``: masses from the elements (amu) or, when the exported file stores
+        them (CG models), the stored masses; no constraints, no box, and the learned force.
 
     Raises:
         ValueError: atom count or element order differs from the model's, an atom has no
@@ -75,7 +75,14 @@ def create_system(topology: Any, model: Any, backend: str = "auto", temperature:
     import openmm
 
     source = resolve_potential(model, temperature)
-    masses = _check_topology(topology, source.n_atoms, source.topology_pdb)
+    if source.masses is not None:  # stored in the file (CG beads may have no element)
+        n_topology = topology.getNumAtoms()
+        if n_topology != source.n_atoms or len(source.masses) != source.n_atoms:
+            raise ValueError(f"the topology has {n_topology} particles but the model has {source.n_atoms} "
+                             "(beads); pass the topology the model was trained on (e.g. the CG.pdb of flowforce cg)")
+        masses = list(source.masses)
+    else:
+        masses = _check_topology(topology, source.n_atoms, source.topology_pdb)
     system = openmm.System()
     for mass in masses:
         system.addParticle(mass)

@@ -35,7 +35,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -45,8 +45,8 @@ from ..conventions import kT
 from ..io import atomic_write_bytes
 from ..potentials.boltzmann import BoltzmannGenerator, load_boltzmann_generator
 
-__all__ = ["EXPORT_FORMAT", "ExportedPotential", "export_potential", "is_exported_file", "load_exported",
-           "load_model_float64", "read_export_metadata"]
+__all__ = ["EXPORTERS", "EXPORT_FORMAT", "ExportedPotential", "export_potential", "is_exported_file", "load_exported",
+           "load_model_float64", "model_kind", "read_export_metadata"]
 
 #: Format tag stored in every exported file.
 EXPORT_FORMAT = "openmm-flowforce/torchscript/1"
@@ -241,6 +241,9 @@ def export_potential(model: BoltzmannGenerator | str | os.PathLike, out_path: st
         >>> export_potential("model.ckpt", "model.pt", temperature=300.0)   # doctest: +SKIP
         >>> import openmmtorch; force = openmmtorch.TorchForce("model.pt")  # doctest: +SKIP
     """
+    exporter = EXPORTERS.get(model_kind(model))
+    if exporter is not None:
+        return exporter(model, out_path, temperature)
     bg = _as_model(model)
     module = build_exported_module(bg, temperature, example_positions)
     metadata = {"format": EXPORT_FORMAT, "temperature": float(temperature), "n_atoms": bg.n_atoms,
@@ -252,6 +255,34 @@ def export_potential(model: BoltzmannGenerator | str | os.PathLike, out_path: st
     out = Path(out_path)
     atomic_write_bytes(out, buffer.getvalue())
     return out
+
+
+def _export_cg(model: Any, out_path: str | os.PathLike, temperature: float) -> Path:
+    from .cg import export_cg_potential  # imports this module: import it when needed
+
+    return export_cg_potential(model, out_path, temperature)
+
+
+#: Model kind (the ``kind`` in a checkpoint's metadata) → exporter ``(model, out, temperature)``
+#: for the kinds :func:`export_potential` does not trace itself (it handles Boltzmann generators).
+EXPORTERS: dict[str, Callable[[Any, str | os.PathLike, float], Path]] = {"cg_energy_net": _export_cg}
+
+
+def model_kind(model: Any) -> str | None:
+    """The kind of a model object or checkpoint path (``boltzmann_generator``, ``cg_energy_net``,
+    ...); None when it cannot be told (the caller's own checks then report the problem)."""
+    if isinstance(model, BoltzmannGenerator):
+        return "boltzmann_generator"
+    if isinstance(model, tuple) and model and type(model[0]).__name__ == "CGEnergyNet":
+        return "cg_energy_net"
+    if isinstance(model, (str, os.PathLike)) and Path(model).is_file() and not is_exported_file(model):
+        from ..io import load_checkpoint
+
+        try:
+            return load_checkpoint(model).get("metadata", {}).get("kind")
+        except Exception:  # noqa: BLE001 - not a checkpoint: _as_model says what is wrong
+            return None
+    return None
 
 
 def is_exported_file(path: str | os.PathLike) -> bool:

@@ -1,0 +1,111 @@
+"""``flowforce cg``: learn a coarse-grained force field from all-atom MD frames; the work lives in
+:mod:`openmm_flowforce.training.flow_matching`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "learn a coarse-grained (CG) force field from MD data, by flow-matching (no forces needed) or force matching"
+
+#: As :data:`openmm_flowforce.training.flow_matching.CG_METHODS` (not imported: keeps --help fast).
+METHODS = ("flow-matching", "force-matching")
+
+EPILOG = """\
+Methods:
+  flow-matching   train a flow (Boltzmann generator) on the mapped CG positions, draw
+                  --flow-samples samples, take its forces kT grad log q there, drop samples
+                  whose largest bead force exceeds outlier_factor x the outlier_percentile-th
+                  percentile of the flow's forces on the data (default 3 x 99.9th), then
+                  train the CG net by force matching on them. Needs positions only.
+                  (Koehler, Chen, Kraemer, Clementi, Noe, JCTC 2023, arXiv:2203.11167)
+  force-matching  train the CG net on mapped positions and mapped (summed) all-atom forces;
+                  needs forces in DATA.npz.
+
+Writes CG.ckpt (self-contained model: net, mapping, temperature, CG topology) and CG.pdb
+(the CG topology, first mapped frame). Intermediate files CG.flow.ckpt, CG.samples.npz
+and CG.state.ckpt make a re-run of the same command continue where it stopped; delete
+them to start over with other options.
+
+Config file (YAML; command-line flags win; sections are merged over the defaults):
+  flow:        {n_layers: 6, hidden: [64, 64], n_components: 8, transform: smooth}
+  flow_train:  {steps: 2000, batch_size: 256, lr: 0.001}
+  flow_samples: 20000
+  outlier_percentile: 99.9
+  outlier_factor: 3.0
+  net:         {hidden: [64, 64], activation: silu, priors: [bonds, angles, repulsion]}
+  cg_train:    {steps: 2000, batch_size: 256, lr: 0.003}
+  val_fraction: 0.1
+  seed: 0
+
+Example:
+  flowforce md --time-ns 5 --out ala.npz
+  flowforce cg ala.npz --mapping backbone --out cg.ckpt
+  flowforce export cg.ckpt --out cg.pt
+  flowforce simulate cg.pt --topology cg.pdb --steps 100000 --timestep-fs 5 --out cg.dcd
+"""
+
+#: ``--config`` top-level keys and their types.
+CG_SCHEMA: dict[str, type | tuple[type, ...]] = {
+    "flow": dict, "flow_train": dict, "flow_samples": int, "outlier_percentile": float, "outlier_factor": float,
+    "net": dict, "cg_train": dict, "val_fraction": float, "seed": int,
+}
+
+#: --quick: sizes for a smoke test (seconds, not a useful model).
+QUICK = {"flow": {"n_layers": 2, "hidden": [32, 32], "n_components": 4}, "flow_train": {"steps": 100},
+         "flow_samples": 1000, "net": {"hidden": [32, 32]}, "cg_train": {"steps": 100}}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from openmm_flowforce.coordinates.cg_mapping import MAPPING_PRESETS
+
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("data", metavar="DATA.npz", help="all-atom data file written by `flowforce md`")
+    parser.add_argument("--mapping", default="backbone", choices=list(MAPPING_PRESETS),
+                        help="which atoms become beads (default: backbone; for alanine dipeptide 5 beads whose "
+                             "dihedrals are phi and psi)")
+    parser.add_argument("--out", required=True, metavar="CG.ckpt", help="CG model file to write (CG.pdb goes next to it)")
+    parser.add_argument("--method", default="flow-matching", choices=METHODS, help="default: flow-matching")
+    parser.add_argument("--flow-samples", type=int, metavar="N", help="flow samples to train the CG net on (default 20000)")
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML options (see below)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test (seconds; not a useful model)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Exit code 0 on success, 2 on bad input."""
+    import json
+
+    import torch
+
+    from openmm_flowforce.cli.config import load_config
+    from openmm_flowforce.data.dataset import load_dataset
+    from openmm_flowforce.training.flow_matching import coarse_grain
+
+    torch.set_num_threads(1)
+    try:
+        options = {**(QUICK if args.quick else {}), **load_config(args.config, CG_SCHEMA)}
+        if args.flow_samples is not None:
+            options["flow_samples"] = args.flow_samples
+        data = load_dataset(args.data)
+        result = coarse_grain(data.positions, data.topology, data.temperature, args.out, mapping=args.mapping,
+                              method=args.method, forces=data.forces, options=options, progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"flowforce cg: error: {error}", file=sys.stderr)
+        return 2
+    info = result.info
+    print(f"method      {result.method}, mapping {args.mapping}: {data.n_atoms} atoms -> {result.mapping.n_beads} beads, "
+          f"{data.n_frames} frames at {data.temperature:g} K")
+    if "dropped_samples" in info:
+        print(f"flow        {info['flow_steps']} steps, validation NLL {info['flow_best_val_nll']}, "
+              f"{info['flow_seconds']:.1f} s")
+        print(f"samples     {info['flow_samples']} drawn, {info['dropped_samples']} dropped by the force threshold "
+              f"{info['force_threshold_kj_mol_nm']:.4g} kJ/mol/nm ({info['outlier_rule']}), "
+              f"{info['non_finite_samples']} non-finite")
+    loss = info["cg_best_val_loss"]
+    initial = info["cg_initial_val_loss"]
+    print(f"CG net      {info['cg_steps']} steps on {info['training_frames']} frames, validation force loss "
+          f"{json.dumps(initial)} (priors only) -> {json.dumps(loss)}, {info['cg_seconds']:.1f} s")
+    print(f"wrote       {result.model_path} and {result.pdb_path}; next: flowforce export {result.model_path} "
+          f"--out {result.model_path.with_suffix('.pt')}")
+    return 0

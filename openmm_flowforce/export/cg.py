@@ -1,0 +1,111 @@
+r"""TorchScript export of a CG energy network for ``openmmtorch.TorchForce``.
+
+The exported module computes the CG energy of :class:`~openmm_flowforce.potentials.cg_net.CGEnergyNet`,
+
+    E(X) = Σ_priors E_prior(X) + kT·MLP(features(X))   (kJ/mol, bead positions X in nm),
+
+through ``forward(positions)`` with positions ``(n, 3)`` nm, float32 or float64, returning a
+0-dim energy in the positions' dtype, exactly like the flow export
+(:mod:`openmm_flowforce.export.torchscript`); forces come from autograd inside OpenMM. Unlike
+the flow, the CG net is *scripted* (``torch.jit.script``), not traced: it has no
+input-dependent control flow, and scripting records it as written.
+
+The file's metadata (:data:`~openmm_flowforce.export.torchscript.METADATA_FILE`) has the fields
+of a flow export plus ``kind`` (``cg_energy_net``) and ``masses`` (bead masses in dalton, from
+the mapping): CG PDB beads may have no element (centre-of-mass beads), so
+:func:`~openmm_flowforce.export.system.create_system` takes the masses from the file. The
+temperature stored is the one the net was fitted at (its energy unit and priors), so a CG
+file cannot be exported at another one.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..io import CHECKPOINT_FORMAT, atomic_write_bytes, load_checkpoint
+from ..potentials.cg_net import MODEL_KIND, CGEnergyNet, load_cg_net
+from .torchscript import EXPORT_FORMAT, METADATA_FILE, _quiet_jit
+
+__all__ = ["CGPotential", "build_cg_module", "export_cg_potential"]
+
+
+class CGPotential(nn.Module):
+    """The scripted module OpenMM-torch calls: ``(n, 3)`` nm → energy (kJ/mol), 0-dim.
+
+    Args:
+        net: the CG net, float64, eval mode.
+        n_beads: n, checked on every call.
+    """
+
+    def __init__(self, net: nn.Module, n_beads: int):
+        super().__init__()
+        self.net = net
+        self.n_beads = n_beads
+
+    def forward(self, positions: Tensor) -> Tensor:
+        if positions.dim() != 2 or positions.size(0) != self.n_beads or positions.size(1) != 3:
+            raise ValueError("CG potential: expected positions of shape (" + str(self.n_beads)
+                             + ", 3) in nm, got " + str(positions.shape))
+        energy = self.net(positions.to(torch.float64).unsqueeze(0))
+        return energy.reshape(()).to(positions.dtype)
+
+
+def build_cg_module(net: CGEnergyNet) -> torch.jit.ScriptModule:
+    """The scripted :class:`CGPotential` of a float64 eval-mode copy of ``net``."""
+    import copy
+
+    frozen = copy.deepcopy(net).to(torch.float64).eval()
+    frozen.requires_grad_(False)  # only ∂E/∂X is ever needed
+    with _quiet_jit():
+        return torch.jit.script(CGPotential(frozen, frozen.n_beads))
+
+
+def export_cg_potential(model: Any, out_path: str | os.PathLike, temperature: float | None = None) -> Path:
+    """Write a CG model as a TorchScript file for ``openmmtorch.TorchForce``.
+
+    Args:
+        model: the path of a CG model file (``flowforce cg``; ``train_cg_net`` checkpoints work
+            when they store a mapping), or a ``(CGEnergyNet, CGMapping, topology_pdb)`` tuple.
+        out_path: file to write, atomically.
+        temperature: K; None or the net's own temperature (a CG energy is fixed at the
+            temperature it was fitted at).
+
+    Raises:
+        ValueError: a temperature other than the net's, or a file without a mapping (masses).
+    """
+    if isinstance(model, (str, os.PathLike)):
+        metadata = load_checkpoint(model, CHECKPOINT_FORMAT).get("metadata", {})
+        net, mapping = load_cg_net(model)
+        topology_pdb = metadata.get("topology_pdb", "")
+        if mapping is None:
+            raise ValueError(f"{model} stores no CG mapping, so the bead masses are unknown; train it with "
+                             "`flowforce cg` or pass mapping= to train_cg_net")
+        if not topology_pdb:
+            import numpy as np
+
+            topology_pdb = mapping.pdb_text(np.zeros((mapping.n_beads, 3)) + np.arange(mapping.n_beads)[:, None] * 0.15)
+    else:
+        net, mapping, topology_pdb = model
+    own = float(net.config()["temperature"])
+    if temperature is not None and not math.isclose(float(temperature), own):
+        raise ValueError(f"this CG model was fitted at {own:g} K: its priors and energy unit are those of that "
+                         f"temperature, so it cannot be exported at {float(temperature):g} K (export at {own:g} K)")
+    module = build_cg_module(net)
+    metadata = {"format": EXPORT_FORMAT, "kind": MODEL_KIND, "temperature": own, "n_atoms": net.n_beads,
+                "masses": [float(m) for m in mapping.masses], "torch_version": torch.__version__,
+                "energy": "CG energy net E(X), kJ/mol; positions (n, 3) nm",
+                "mapping": mapping.to_dict()}
+    extra = {METADATA_FILE: json.dumps(metadata, indent=1), "topology.pdb": topology_pdb}
+    buffer = io.BytesIO()
+    with _quiet_jit():
+        torch.jit.save(module, buffer, _extra_files=extra)
+    out = Path(out_path)
+    atomic_write_bytes(out, buffer.getvalue())
+    return out

@@ -1,0 +1,375 @@
+r"""Coarse-grained force fields without all-atom forces: flow-matching, and the force-matching baseline.
+
+Flow-matching (Köhler, Chen, Krämer, Clementi, Noé, "Flow-matching: efficient coarse-graining of
+molecular dynamics without forces", JCTC 2023, arXiv:2203.11167) in three stages:
+
+1. **Density.** A Boltzmann generator ``q(X)`` over the CG beads (internal coordinates from the
+   CG topology's bonds + a smooth flow) is trained by maximum likelihood on the mapped all-atom
+   positions, ``X = M x``, only (``nll_on_data``).
+2. **Forces from the density.** At ``N`` flow samples ``X_s ~ q``, the flow's forces are
+   ``F_s = kT ∇_X log q(X_s)`` (kJ/mol/nm), computed analytically in the ``to_latent`` direction
+   (:func:`~openmm_flowforce.training.losses.flow_forces`) in float64. If ``q`` were exact, these
+   would be the exact CG mean forces (the potential of mean force of the mapped ensemble is
+   ``−kT log p_CG``), with none of the noise of mapped all-atom forces.
+   Samples far out in the flow's tails can carry huge forces; they are dropped by a stated rule
+   (:func:`force_outlier_threshold`): a sample is kept when the largest per-bead force norm
+   ``max_I |F_I|`` is at most ``factor × (percentile-th percentile of max_I |F_I| over the data
+   frames)`` (the flow's own forces on the training data; defaults 99.9 % and 3).
+3. **CG net.** A :class:`~openmm_flowforce.potentials.cg_net.CGEnergyNet` (priors fitted on the
+   mapped data by Boltzmann inversion + an MLP) is trained by force matching on
+   ``(X_s, F_s)`` (:func:`~openmm_flowforce.training.cg.train_cg_net`).
+
+Force-matching (Noid et al., J. Chem. Phys. 128, 244114 (2008)) trains the same net on the
+mapped all-atom positions and the mapped (summed) all-atom forces instead; it needs forces.
+
+Which training forces a method uses is looked up in :data:`CG_METHODS`. :func:`coarse_grain`
+runs a whole method and writes a self-contained model file (:func:`save_cg_model`).
+Intermediate files next to the output (``OUT.flow.ckpt``, ``OUT.samples.npz``,
+``OUT.state.ckpt``) make a re-run continue where it stopped.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from ..conventions import kT
+from ..coordinates.cg_mapping import CGMapping
+from ..io import CHECKPOINT_FORMAT, atomic_write_npz, load_checkpoint, save_checkpoint
+from ..potentials.boltzmann import BoltzmannGenerator
+from ..potentials.cg_net import CGEnergyNet, cg_metadata
+from .boltzmann import split_frames, train_boltzmann_generator
+from .cg import train_cg_net
+from .losses import flow_forces
+from .trainer import TrainConfig
+
+Tensor = torch.Tensor
+
+__all__ = ["CG_METHODS", "CGMethodResult", "CoarseGrainResult", "FORCE_OUTLIER_FACTOR", "FORCE_OUTLIER_PERCENTILE",
+           "coarse_grain", "drop_force_outliers", "force_outlier_threshold", "max_bead_force_norm",
+           "sample_flow_forces", "save_cg_model"]
+
+#: Default outlier rule: keep a flow sample when max_I |F_I| ≤ FACTOR × (PERCENTILE-th percentile on data).
+FORCE_OUTLIER_PERCENTILE = 99.9
+FORCE_OUTLIER_FACTOR = 3.0
+#: CG net options accepted by :func:`coarse_grain` (``net=...``).
+NET_OPTIONS = ("hidden", "activation", "priors")
+
+
+# -- flow forces at flow samples ----------------------------------------------------------------
+def sample_flow_forces(model: BoltzmannGenerator, n: int, temperature: float, batch_size: int = 1024,
+                       seed: int = 0, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` samples of a Boltzmann generator and its forces there.
+
+    Sampling (``to_data``, root finding) runs in the model's dtype; the forces
+    ``F = kT ∇_X log q(X)`` are computed by autograd through the analytic ``to_latent``
+    direction on a float64 copy of the model.
+
+    Args:
+        model: the trained density over CG positions.
+        n: number of samples.
+        temperature: K; forces are ``kT ×`` the reduced forces ``∇ log q``.
+        batch_size: samples per call.
+        seed: seeds torch's global RNG before sampling (the flow samples from it).
+        progress: show a tqdm bar.
+
+    Returns:
+        Positions ``(n', n_beads, 3)`` nm and forces ``(n', n_beads, 3)`` kJ/mol/nm, float64
+        numpy; ``n' < n`` only if some samples were not finite (dropped).
+    """
+    from tqdm.auto import tqdm
+
+    if int(n) < 1:
+        raise ValueError(f"the number of flow samples must be at least 1, got {n}")
+    model64 = copy.deepcopy(model).to(torch.float64).eval()
+    model64.requires_grad_(False)
+    torch.manual_seed(seed)
+    positions, forces = [], []
+    with tqdm(total=int(n), desc="flow samples + forces", unit="sample", disable=not progress or None) as bar:
+        done = 0
+        while done < n:
+            size = min(int(batch_size), int(n) - done)
+            with torch.no_grad():
+                x = model.sample(size).to(torch.float64)
+            _, reduced = flow_forces(model64, x)
+            positions.append(x.detach().numpy())
+            forces.append(kT(temperature) * reduced.detach().numpy())
+            done += size
+            bar.update(size)
+    x, f = np.concatenate(positions), np.concatenate(forces)
+    finite = np.isfinite(x).all(axis=(1, 2)) & np.isfinite(f).all(axis=(1, 2))
+    return x[finite], f[finite]
+
+
+def max_bead_force_norm(forces: Any) -> np.ndarray:
+    """``max_I |F_I|`` per frame of forces ``(T, n, 3)``: ``(T,)`` in the forces' unit."""
+    return np.linalg.norm(np.asarray(forces, dtype=np.float64), axis=-1).max(axis=-1)
+
+
+def force_outlier_threshold(reference_forces: Any, percentile: float = FORCE_OUTLIER_PERCENTILE,
+                            factor: float = FORCE_OUTLIER_FACTOR) -> float:
+    """``factor ×`` the ``percentile``-th percentile of :func:`max_bead_force_norm` over
+    ``reference_forces`` ``(T, n, 3)`` (the flow's forces on the data frames), kJ/mol/nm.
+
+    Raises:
+        ValueError: a percentile outside [0, 100] or a factor ≤ 0.
+    """
+    if not 0.0 <= percentile <= 100.0:
+        raise ValueError(f"outlier percentile must be in [0, 100], got {percentile}")
+    if not factor > 0:
+        raise ValueError(f"outlier factor must be positive, got {factor}")
+    return float(factor * np.percentile(max_bead_force_norm(reference_forces), percentile))
+
+
+def drop_force_outliers(positions: np.ndarray, forces: np.ndarray,
+                        threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keep the frames whose :func:`max_bead_force_norm` is at most ``threshold``.
+
+    Returns:
+        ``(positions[kept], forces[kept], kept)`` with ``kept`` a boolean ``(T,)``.
+    """
+    kept = max_bead_force_norm(forces) <= threshold
+    return positions[kept], forces[kept], kept
+
+
+# -- methods: where the training forces come from -------------------------------------------------
+@dataclass
+class CGMethodInputs:
+    """What a method gets. Positions and forces are mapped (CG) training frames, float64.
+
+    Attributes:
+        positions: ``(T, n, 3)`` nm.
+        forces: ``(T, n, 3)`` kJ/mol/nm, or None (data without forces).
+        mapping: the CG mapping.
+        temperature: K.
+        work: prefix of intermediate files (``OUT`` without suffix), or None for none.
+        options: method options (``flow``, ``flow_train``, ``flow_samples``, ``outlier_percentile``,
+            ``outlier_factor``, ``val_fraction``, ``seed``).
+        progress: show progress bars.
+    """
+
+    positions: np.ndarray
+    forces: np.ndarray | None
+    mapping: CGMapping
+    temperature: float
+    work: Path | None
+    options: dict[str, Any]
+    progress: bool = True
+
+
+@dataclass
+class CGMethodResult:
+    """Training set for the CG net, and what the method measured (plain data, for the report)."""
+
+    positions: np.ndarray
+    forces: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _force_matching(inputs: CGMethodInputs) -> CGMethodResult:
+    if inputs.forces is None:
+        raise ValueError("--method force-matching needs all-atom forces, but the data file has none; record them "
+                         "with `flowforce md` (it saves forces), or use --method flow-matching, which needs "
+                         "positions only")
+    return CGMethodResult(inputs.positions, inputs.forces, {"training_frames": int(len(inputs.positions))})
+
+
+def _work_file(inputs: CGMethodInputs, suffix: str) -> Path | None:
+    return None if inputs.work is None else inputs.work.with_name(inputs.work.name + suffix)
+
+
+def _flow_matching(inputs: CGMethodInputs) -> CGMethodResult:
+    import tempfile
+
+    opts = inputs.options
+    t0 = time.perf_counter()
+    flow_ckpt = _work_file(inputs, ".flow.ckpt")
+    with tempfile.TemporaryDirectory(prefix="flowforce-cg-") as tmp:
+        checkpoint = flow_ckpt or Path(tmp) / "flow.ckpt"
+        model, trainer = train_boltzmann_generator(
+            inputs.mapping.cg_topology(), inputs.positions, checkpoint, temperature=inputs.temperature,
+            flow=opts.get("flow"), config=opts["flow_train"], val_fraction=opts["val_fraction"],
+            progress=inputs.progress, extra_metadata={"mapping": inputs.mapping.to_dict()})
+    flow_seconds = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    n = int(opts["flow_samples"])
+    samples_file = _work_file(inputs, ".samples.npz")
+    cached = None
+    if samples_file is not None and samples_file.exists():
+        with np.load(samples_file, allow_pickle=False) as data:
+            if int(data["requested"]) == n and int(data["seed"]) == int(opts["seed"]):
+                cached = data["positions"], data["forces"]
+    if cached is None:
+        x, f = sample_flow_forces(model, n, inputs.temperature, seed=int(opts["seed"]), progress=inputs.progress)
+        if samples_file is not None:
+            atomic_write_npz(samples_file, {"positions": x, "forces": f, "requested": n, "seed": int(opts["seed"])})
+    else:
+        x, f = cached
+    non_finite = n - len(x)
+    # The threshold comes from the flow's forces on (at most n) data frames.
+    data = torch.as_tensor(inputs.positions[:n], dtype=torch.float64)
+    model64 = copy.deepcopy(model).to(torch.float64).eval().requires_grad_(False)
+    _, reduced_on_data = flow_forces(model64, data)
+    on_data = kT(inputs.temperature) * reduced_on_data.detach().numpy()
+    threshold = force_outlier_threshold(on_data, opts["outlier_percentile"], opts["outlier_factor"])
+    x_kept, f_kept, kept = drop_force_outliers(x, f, threshold)
+    if len(x_kept) < 2:
+        raise ValueError(f"only {len(x_kept)} of {n} flow samples pass the force threshold {threshold:.4g} "
+                         "kJ/mol/nm; train the flow longer or raise outlier_factor")
+    info = {"flow_checkpoint": None if flow_ckpt is None else str(flow_ckpt),
+            "flow_steps": int(trainer.step),
+            "flow_best_val_nll": None if trainer.best_state is None else float(trainer.best_val),
+            "flow_seconds": flow_seconds, "flow_samples": n, "non_finite_samples": int(non_finite),
+            "outlier_rule": (f"keep a sample when max_I |F_I| <= {opts['outlier_factor']:g} x the "
+                             f"{opts['outlier_percentile']:g}th percentile of max_I |F_I| of the flow's forces "
+                             "on the data frames"),
+            "outlier_percentile": float(opts["outlier_percentile"]), "outlier_factor": float(opts["outlier_factor"]),
+            "force_threshold_kj_mol_nm": threshold, "dropped_samples": int((~kept).sum()),
+            "training_frames": int(len(x_kept)), "sampling_seconds": time.perf_counter() - t0,
+            "median_max_force_on_data": float(np.median(max_bead_force_norm(on_data))),
+            "median_max_force_on_samples": float(np.median(max_bead_force_norm(f)))}
+    return CGMethodResult(x_kept, f_kept, info)
+
+
+#: Method name → ``(inputs) -> training set``. The CG net is then trained the same way for all.
+CG_METHODS: dict[str, Callable[[CGMethodInputs], CGMethodResult]] = {
+    "flow-matching": _flow_matching,
+    "force-matching": _force_matching,
+}
+
+
+# -- the whole run ----------------------------------------------------------------------------------
+@dataclass
+class CoarseGrainResult:
+    """What :func:`coarse_grain` produced.
+
+    Attributes:
+        net: the trained CG net (eval mode).
+        mapping: the mapping.
+        model_path: the model file; pdb_path: the CG topology PDB next to it.
+        method: the method's name; info: its measurements, plus the CG net's losses and timings.
+    """
+
+    net: CGEnergyNet
+    mapping: CGMapping
+    model_path: Path
+    pdb_path: Path
+    method: str
+    info: dict[str, Any]
+
+
+def save_cg_model(path: str | Path, net: CGEnergyNet, mapping: CGMapping, temperature: float, topology_pdb: str,
+                  extra: Mapping[str, Any] | None = None) -> Path:
+    """Write a self-contained CG model file atomically (readable by
+    :func:`~openmm_flowforce.potentials.cg_net.load_cg_net`).
+
+    Metadata: ``kind`` (``cg_energy_net``), ``net`` (config), ``mapping`` (dict), ``temperature``
+    (K), ``topology_pdb`` (the CG molecule), plus ``extra`` (how it was trained)."""
+    metadata = {**cg_metadata(net, mapping), "temperature": float(temperature), "topology_pdb": topology_pdb,
+                **dict(extra or {})}
+    save_checkpoint({"format": CHECKPOINT_FORMAT, "model": net.state_dict(), "metadata": metadata}, path)
+    return Path(path)
+
+
+def _options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    defaults: dict[str, Any] = {
+        "flow": {"n_layers": 6, "hidden": [64, 64], "n_components": 8},
+        "flow_train": {"steps": 2000, "batch_size": 256, "validate_every": 100},
+        "flow_samples": 20000, "outlier_percentile": FORCE_OUTLIER_PERCENTILE, "outlier_factor": FORCE_OUTLIER_FACTOR,
+        "net": {"hidden": [64, 64]},
+        "cg_train": {"steps": 2000, "batch_size": 256, "lr": 3e-3, "validate_every": 100},
+        "val_fraction": 0.1, "seed": 0,
+    }
+    given = dict(options or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown coarse-graining option(s) {', '.join(unknown)}; valid: {', '.join(defaults)}")
+    out = {**defaults, **given}
+    for section in ("flow", "flow_train", "net", "cg_train"):
+        if not isinstance(out[section], Mapping):
+            raise ValueError(f"option {section!r} must be a mapping, got {out[section]!r}")
+        out[section] = {**defaults[section], **dict(out[section])}
+    bad_net = sorted(set(out["net"]) - set(NET_OPTIONS))
+    if bad_net:
+        raise ValueError(f"unknown CG net option(s) {', '.join(bad_net)}; valid: {', '.join(NET_OPTIONS)}")
+    for section in ("flow_train", "cg_train"):
+        cfg = dict(out[section])
+        cfg.setdefault("seed", int(out["seed"]))
+        out[section] = TrainConfig.from_dict(cfg)
+    if int(out["flow_samples"]) < 2:
+        raise ValueError(f"flow_samples must be at least 2, got {out['flow_samples']}")
+    return out
+
+
+def coarse_grain(positions: Any, topology: Any, temperature: float, out: str | Path, mapping: str | CGMapping = "backbone",
+                 method: str = "flow-matching", forces: Any = None, options: Mapping[str, Any] | None = None,
+                 progress: bool = True) -> CoarseGrainResult:
+    """Learn a CG force field from all-atom MD frames and write it to ``out``.
+
+    Args:
+        positions: all-atom positions ``(T, N, 3)`` nm.
+        topology: ``openmm.app.Topology`` of the all-atom molecule.
+        temperature: K of the data.
+        out: model file to write (``CG.ckpt``); the CG topology goes to ``out`` with ``.pdb``,
+            intermediate files to ``out`` + ``.flow.ckpt`` / ``.samples.npz`` / ``.state.ckpt``
+            (reused by a re-run).
+        mapping: a preset name (``backbone``, ``ca``, ``residue-com``) or a :class:`CGMapping`.
+        method: a key of :data:`CG_METHODS`.
+        forces: all-atom forces ``(T, N, 3)`` kJ/mol/nm (force-matching only).
+        options: overrides of the defaults: ``flow`` (CouplingFlow options), ``flow_train`` and
+            ``cg_train`` (:class:`TrainConfig` fields), ``flow_samples``, ``outlier_percentile``,
+            ``outlier_factor``, ``net`` (``hidden``, ``activation``, ``priors``), ``val_fraction``,
+            ``seed``. Sections are merged key by key over the defaults; unknown keys are rejected.
+        progress: progress bars.
+
+    Returns:
+        :class:`CoarseGrainResult`.
+
+    Raises:
+        ValueError: unknown method, mapping or option; force-matching without forces.
+    """
+    if method not in CG_METHODS:
+        raise ValueError(f"unknown coarse-graining method {method!r}; valid: {', '.join(CG_METHODS)}")
+    if not isinstance(mapping, CGMapping):
+        mapping = CGMapping.from_topology(topology, mapping)
+    out = Path(out)
+    x_cg = np.asarray(mapping.map_positions(np.asarray(positions, dtype=np.float64)))
+    f_cg = None if forces is None else np.asarray(mapping.map_forces(np.asarray(forces, dtype=np.float64)))
+    opts = _options(options)
+    train, _ = split_frames(len(x_cg), float(opts["val_fraction"]))
+    work = out.with_suffix("") if out.suffix else out
+    inputs = CGMethodInputs(x_cg, f_cg, mapping, float(temperature), work, opts, progress)
+    t0 = time.perf_counter()
+    result = CG_METHODS[method](inputs)
+    method_seconds = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    net = CGEnergyNet.from_data(mapping, x_cg[train], float(temperature), **opts["net"]).to(torch.float64)
+    state = work.with_name(work.name + ".state.ckpt")
+    fit = train_cg_net(net, result.positions, result.forces, opts["cg_train"], val_fraction=float(opts["val_fraction"]),
+                       checkpoint=state, progress=progress, mapping=mapping)
+    info = {**result.info, "method_seconds": method_seconds, "cg_seconds": time.perf_counter() - t0,
+            "cg_steps": fit.steps, "cg_force_scale": fit.force_scale, "cg_initial_val_loss": fit.initial_val_loss,
+            "cg_best_val_loss": fit.best_val_loss, "data_frames": int(len(x_cg)), "n_beads": mapping.n_beads}
+    pdb_text = mapping.pdb_text(x_cg[0])
+    pdb_path = out.with_suffix(".pdb")
+    mapping.write_pdb(pdb_path, x_cg[0])
+    save_cg_model(out, net, mapping, temperature, pdb_text, {"method": method, "training": _plain(info)})
+    return CoarseGrainResult(net, mapping, out, pdb_path, method, info)
+
+
+def _plain(values: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON-able copy: floats that are not finite become None."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
+
+
+def load_cg_model_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata of a CG model file (kind, net, mapping, temperature, topology_pdb, ...)."""
+    return load_checkpoint(path, CHECKPOINT_FORMAT).get("metadata", {})
