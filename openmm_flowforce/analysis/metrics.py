@@ -45,7 +45,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 from scipy.special import logsumexp
 
-from .reweighting import effective_sample_size
+from ..reweighting import effective_sample_size
 
 __all__ = ["aligned_cost_matrix", "ess", "interatomic_distances", "log_partition", "tv_distance_histograms",
            "w2_energy", "w2_samples", "wasserstein_samples"]

@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from openmm_flowforce.potentials.sampling import sample_boltzmann_generator
+    from openmm_flowforce.md.sampling import sample_boltzmann_generator
 
     torch.set_num_threads(1)
     try:

@@ -32,7 +32,7 @@ import torch
 
 from ..io import load_checkpoint
 from ..targets.registry import get_target
-from ..training.reporters import JSONLinesReporter, TrainState
+from ..reporters import JSONLinesReporter, TrainState
 from .registry import SamplerMethod, get_method
 
 #: Format tag of sampler checkpoints (see the module docstring for the keys).

@@ -56,7 +56,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..analysis.reweighting import effective_sample_size
+from ..reweighting import effective_sample_size
 from .ais import annealed_importance_sampling, beta_schedule
 from .buffer import PrioritisedBuffer
 from .flow_training import COMMON_DEFAULTS, FlowSamplerMethod, TrainContext

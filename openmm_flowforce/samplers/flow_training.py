@@ -26,7 +26,7 @@ import torch
 
 from ..flows import RealFlow
 from ..io import load_checkpoint, save_checkpoint
-from ..training.reporters import ProgressReporter, TrainState
+from ..reporters import ProgressReporter, TrainState
 from .common import SAMPLER_CHECKPOINT_FORMAT, SamplerLogReporter, particle_shape, target_spec
 from .registry import SamplerMethod
 

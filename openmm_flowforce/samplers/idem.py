@@ -464,7 +464,7 @@ class _Trainer:
         return float(loss.detach())
 
     def run(self) -> dict[str, Any]:
-        from ..training.reporters import ProgressReporter, TrainState
+        from ..reporters import ProgressReporter, TrainState
 
         opts, total = self.opts, self.opts["steps"]
         if self.checkpoint.exists():

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from ..analysis.reweighting import effective_sample_size
+from ..reweighting import effective_sample_size
 from ..training.losses import reverse_kl_on_samples
 from .flow_training import COMMON_DEFAULTS, FlowSamplerMethod, TrainContext, _Recorder
 from .registry import register_method

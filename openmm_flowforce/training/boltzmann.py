@@ -10,7 +10,7 @@ import torch
 
 from ..conventions import kT
 from ..potentials import BoltzmannGenerator
-from .reporters import JSONLinesReporter, ProgressReporter, Reporter
+from ..reporters import JSONLinesReporter, ProgressReporter, Reporter
 from .trainer import TrainConfig, Trainer
 
 #: Flow architecture used when the caller does not say otherwise.

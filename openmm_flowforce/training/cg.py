@@ -30,7 +30,7 @@ import torch
 from ..io import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from ..potentials.cg_net import CGEnergyNet, cg_metadata
 from .boltzmann import split_frames
-from .reporters import ProgressReporter, Reporter, TrainState
+from ..reporters import ProgressReporter, Reporter, TrainState
 from .trainer import TrainConfig
 
 Tensor = torch.Tensor

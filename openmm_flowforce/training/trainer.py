@@ -13,7 +13,7 @@ import torch
 
 from ..io import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from .losses import nll_on_data, weighted_loss
-from .reporters import Reporter, TrainState
+from ..reporters import Reporter, TrainState
 
 Tensor = torch.Tensor
 

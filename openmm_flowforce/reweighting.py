@@ -1,4 +1,7 @@
-"""Self-normalised importance weights of samples from a density q towards exp(−u)."""
+"""Self-normalised importance weights of samples from a density q towards exp(−u).
+
+Pure maths over log weights, at the bottom of the package: samplers, sampling from
+Boltzmann generators and the analysis all use it."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
-"""Training reporters: declare when they report, then receive one shared state.
+"""Reporters for training loops (the trainer, CG training, samplers): declare when they
+report, then receive one shared state.
 
 Like OpenMM's reporters, a reporter says how many steps remain until its next report
 (:meth:`Reporter.steps_until_next`) and whether it needs validation at that step; the

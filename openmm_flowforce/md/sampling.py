@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..analysis import effective_sample_size, log_importance_weights
+from ..reweighting import effective_sample_size, log_importance_weights
 from ..io import CHECKPOINT_FORMAT, atomic_write_npz, load_checkpoint
-from .boltzmann import BoltzmannGenerator, build_from_metadata
+from ..potentials.boltzmann import BoltzmannGenerator, build_from_metadata
 
 
 def _target(metadata: dict[str, Any], n_workers: int):
