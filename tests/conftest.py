@@ -87,3 +87,15 @@ def alanine_md():
         forces.append(state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer))
     return {"topology": pdb.topology, "system": system, "positions": np.array(positions),
             "forces": np.array(forces)}
+
+
+@pytest.fixture
+def float64():
+    """Run a test with float64 as torch's default dtype (restored afterwards), seeded."""
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    yield
+    torch.set_default_dtype(old)

@@ -12,12 +12,7 @@ from openmm_flowforce.bijections import (Compose, Inverse, family_names, get_fam
 B, D, K = 6, 3, 5
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _raw(name: str, periodic: bool, seed: int) -> torch.Tensor:

@@ -11,12 +11,7 @@ from openmm_flowforce.potentials import BoltzmannGenerator, load_boltzmann_gener
 from openmm_flowforce.training import TrainConfig, Trainer, flow_forces
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _random_rotation(seed: int) -> torch.Tensor:

@@ -172,7 +172,7 @@ def test_cli_export(model, tmp_path, capsys):
     ckpt = tmp_path / "model.ckpt"
     save_checkpoint({"format": CHECKPOINT_FORMAT, "metadata": model.metadata(), "model": model.state_dict()}, ckpt)
     assert main(["export", str(ckpt), "--out", str(tmp_path / "m.pt"), "--temperature", "310"]) == 0
-    assert "22 atoms" in capsys.readouterr().out
+    assert "22 particles" in capsys.readouterr().out
     assert load_exported(tmp_path / "m.pt").temperature == 310.0
     assert main(["export", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "n.pt")]) == 2
     err = capsys.readouterr().err

@@ -18,13 +18,6 @@ from openmm_flowforce.targets import get_target
 SMALL_FLOW = dict(n_layers=4, hidden=32, n_components=8)
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
 
 
 def _scrambled(flow: RealFlow, scale: float = 1.0) -> RealFlow:

@@ -12,13 +12,7 @@ from openmm_flowforce.flows import CouplingFlow
 PERIODIC = [True, False, True, False, False]
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _flow(transform: str, periodic=PERIODIC, scale: float = 3.0, **kw) -> CouplingFlow:

@@ -10,13 +10,7 @@ from openmm_flowforce.bijections.spline import RationalQuadraticSpline, SplineFa
 B, D, K = 64, 3, 8
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def random_raw(periodic: bool, batch: int = B, scale: float = 2.0) -> torch.Tensor:

@@ -13,12 +13,7 @@ from openmm_flowforce.training import (JSONLinesReporter, TrainConfig, Trainer, 
                                        parse_loss_weights)
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _kl(flow, x_test):

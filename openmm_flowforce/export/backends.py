@@ -20,22 +20,21 @@ scale T is baked into an exported file; for models and checkpoints it is chosen 
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import io
-import logging
 import math
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from ..conventions import kT
+from ..md.doctor import quiet_openmmtorch_logging
 from ..potentials.boltzmann import BoltzmannGenerator
 from .torchscript import (_quiet_jit, export_potential, is_exported_file, load_exported, load_model_float64,
                           model_kind, read_export_metadata)
@@ -141,23 +140,13 @@ class Backend:
     unavailable: Callable[[], str | None]
 
 
-@contextlib.contextmanager
-def _quiet_deprecation_logging() -> Iterator[None]:
-    # openmmtorch imports simtk.openmm, which logs a deprecation warning nobody can act on.
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(logging.NOTSET)
-
-
 @functools.lru_cache(maxsize=1)
 def _torchforce_unavailable() -> str | None:
     """Why TorchForce cannot run here (import or toy-force failure), or None. Cached."""
     from ..md.doctor import FORCE_BACKENDS, check_force
 
     try:
-        with _quiet_deprecation_logging():
+        with quiet_openmmtorch_logging():
             import openmmtorch  # noqa: F401
     except Exception as error:  # noqa: BLE001 - any import failure means "not available"
         return f"openmmtorch does not import ({type(error).__name__}: {error})"
@@ -176,7 +165,7 @@ def _pythonforce_unavailable() -> str | None:
 
 
 def _make_torchforce(source: PotentialSource, cuda_graphs: bool) -> Any:
-    with _quiet_deprecation_logging():
+    with quiet_openmmtorch_logging():
         import openmmtorch
 
     if source.exported_path is not None:

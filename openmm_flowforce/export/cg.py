@@ -27,44 +27,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+
 
 from ..io import CHECKPOINT_FORMAT, atomic_write_bytes, load_checkpoint
 from ..potentials.cg_net import MODEL_KIND, CGEnergyNet, load_cg_net
-from .torchscript import EXPORT_FORMAT, METADATA_FILE, _quiet_jit
+from .torchscript import EXPORT_FORMAT, METADATA_FILE, FlowPotential, _quiet_jit
 
-__all__ = ["CGPotential", "build_cg_module", "export_cg_potential"]
-
-
-class CGPotential(nn.Module):
-    """The scripted module OpenMM-torch calls: ``(n, 3)`` nm → energy (kJ/mol), 0-dim.
-
-    Args:
-        net: the CG net, float64, eval mode.
-        n_beads: n, checked on every call.
-    """
-
-    def __init__(self, net: nn.Module, n_beads: int):
-        super().__init__()
-        self.net = net
-        self.n_beads = n_beads
-
-    def forward(self, positions: Tensor) -> Tensor:
-        if positions.dim() != 2 or positions.size(0) != self.n_beads or positions.size(1) != 3:
-            raise ValueError("CG potential: expected positions of shape (" + str(self.n_beads)
-                             + ", 3) in nm, got " + str(positions.shape))
-        energy = self.net(positions.to(torch.float64).unsqueeze(0))
-        return energy.reshape(()).to(positions.dtype)
+__all__ = ["build_cg_module", "export_cg_potential"]
 
 
 def build_cg_module(net: CGEnergyNet) -> torch.jit.ScriptModule:
-    """The scripted :class:`CGPotential` of a float64 eval-mode copy of ``net``."""
+    """The scripted :class:`~.torchscript.FlowPotential` wrapper around a float64 eval-mode copy of ``net``."""
     import copy
 
     frozen = copy.deepcopy(net).to(torch.float64).eval()
     frozen.requires_grad_(False)  # only ∂E/∂X is ever needed
     with _quiet_jit():
-        return torch.jit.script(CGPotential(frozen, frozen.n_beads))
+        return torch.jit.script(FlowPotential(frozen, frozen.n_beads))
 
 
 def export_cg_potential(model: Any, out_path: str | os.PathLike, temperature: float | None = None) -> Path:

@@ -88,8 +88,11 @@ class _EnergyCore(nn.Module):
 class FlowPotential(nn.Module):
     """The scripted module OpenMM-torch calls: ``(N, 3)`` nm → energy (kJ/mol), 0-dim.
 
+    Shared by every exported potential (flow and CG): the core maps float64 positions
+    ``(1, N, 3)`` to energies ``(1,)``.
+
     Args:
-        core: the traced :class:`_EnergyCore`, float64 in, ``(1,)`` out.
+        core: e.g. the traced :class:`_EnergyCore` of a flow, or a CG energy net.
         n_atoms: N, checked on every call.
     """
 
@@ -100,7 +103,7 @@ class FlowPotential(nn.Module):
 
     def forward(self, positions: Tensor) -> Tensor:
         if positions.dim() != 2 or positions.size(0) != self.n_atoms or positions.size(1) != 3:
-            raise ValueError("flow potential: expected positions of shape (" + str(self.n_atoms)
+            raise ValueError("learned potential: expected positions of shape (" + str(self.n_atoms)
                              + ", 3) in nm, got " + str(positions.shape))
         energy = self.core(positions.to(torch.float64).unsqueeze(0))
         return energy.reshape(()).to(positions.dtype)

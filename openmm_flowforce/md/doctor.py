@@ -109,7 +109,7 @@ def _distribution_of(module_name: str) -> str | None:
 def _module_version(module_name: str) -> tuple[str | None, str | None]:
     """(version reported by the module itself, import error message) for ``module_name``."""
     try:
-        with _quiet_deprecation_logging():
+        with quiet_openmmtorch_logging():
             module = importlib.import_module(module_name)
     except Exception as error:  # noqa: BLE001 - any import failure is a finding to report
         return None, f"{type(error).__name__}: {error}"
@@ -150,7 +150,7 @@ def collect_versions() -> dict[str, dict[str, str | None]]:
 
 
 @contextlib.contextmanager
-def _quiet_deprecation_logging() -> Iterator[None]:
+def quiet_openmmtorch_logging() -> Iterator[None]:
     # openmmtorch imports simtk.openmm, which logs a deprecation warning on the root logger
     # that would land in the middle of the report; it is not something the user can act on.
     logging.disable(logging.WARNING)
@@ -259,7 +259,7 @@ def _write_toy_torchscript(path: str) -> None:
 
 
 def _torch_force_factory(workdir: str) -> Any:
-    with _quiet_deprecation_logging():
+    with quiet_openmmtorch_logging():
         import openmmtorch
 
     path = os.path.join(workdir, "squared_norm.pt")
