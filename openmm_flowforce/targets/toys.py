@@ -124,7 +124,10 @@ class GaussianMixture40(_EnergyTarget):
 
     def __init__(self, seed: int = 0, loc_scaling: float = 40.0, log_var_scaling: float = 1.0):
         generator = torch.Generator().manual_seed(int(seed))
-        unit = torch.rand((self.n_components, self.dim), generator=generator)
+        # float32 as in the reference code (torch's default dtype there): a float64 draw would
+        # give other numbers from the same seed, and the means must not depend on the caller's
+        # default dtype.
+        unit = torch.rand((self.n_components, self.dim), generator=generator, dtype=torch.float32)
         #: Component means, (40, 2) float64.
         self.means = ((unit - 0.5) * 2 * loc_scaling).double()
         #: Per-axis standard deviation softplus(log_var_scaling), the same for all components.
