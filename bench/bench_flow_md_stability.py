@@ -47,7 +47,7 @@ def _shortest_period_fs(energy_forces, x: np.ndarray, masses: np.ndarray, h: flo
         fp = energy_forces(x + step.reshape(x.shape))[1].ravel()
         fm = energy_forces(x - step.reshape(x.shape))[1].ravel()
         hess[i] = -(fp - fm) / (2 * h)
-    m = np.repeat(masses.ravel(), 1)
+    m = np.repeat(masses.ravel(), 3)  # one mass per Cartesian coordinate
     weighted = 0.5 * (hess + hess.T) / np.sqrt(np.outer(m, m))
     omega = np.sqrt(np.clip(np.linalg.eigvalsh(weighted).max(), 1e-12, None))  # 1/ps
     return float(2 * np.pi / omega * 1000)

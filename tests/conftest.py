@@ -99,3 +99,13 @@ def float64():
     torch.manual_seed(0)
     yield
     torch.set_default_dtype(old)
+
+
+@pytest.fixture(autouse=True)
+def _default_dtype_float32():
+    """Every test starts from torch's own default dtype, whatever an earlier test or
+    module fixture left behind."""
+    import torch
+
+    torch.set_default_dtype(torch.float32)
+    yield

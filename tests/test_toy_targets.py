@@ -112,7 +112,7 @@ def test_gmm40_means_match_the_reference_recipe_and_log_z_is_zero():
     # iDEM: torch.manual_seed(0), then fab-torch draws torch.rand((40, 2)) first.
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        expected = (torch.rand((40, 2)) - 0.5) * 2 * 40
+        expected = (torch.rand((40, 2), dtype=torch.float32) - 0.5) * 2 * 40
     assert torch.equal(target.means, expected.double())
     assert target.means.abs().max() <= 40
     assert target.std == pytest.approx(math.log1p(math.e), rel=1e-15)
