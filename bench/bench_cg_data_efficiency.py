@@ -84,7 +84,8 @@ def main() -> None:
                 simulate(pt, ckpt.with_suffix(".pdb"), args.cg_steps, partial, platform="Reference",
                          timestep_fs=5.0, report_interval=40, progress=False)
                 partial.replace(dcd)
-            model = load_trajectory_positions(dcd, ckpt.with_suffix(".pdb"), skip=25)
+            n_saved = args.cg_steps // 40
+            model = load_trajectory_positions(dcd, ckpt.with_suffix(".pdb"), skip=min(25, n_saved // 10))
             js = compare_fes(target, model, PHI_PSI).divergences
             results[key] = {"frames": n, "method": method, **js, "seconds": time.perf_counter() - start}
             results_path.write_text(json.dumps(results, indent=1))
