@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .base import Bijection, CircularShift, Compose, ElementwiseFamily, register_family
 from .rootfind import invert_monotone
@@ -40,6 +39,8 @@ ALPHA = 1.0
 MIN_BLEND = 1e-3
 #: Interval: smallest inverse width of a component.
 MIN_SLOPE_A = 0.5
+#: Largest log(a − a_min): steps no narrower than ~1/3000 of the interval.
+MAX_LOG_A = 8.0
 #: t is clamped this far inside (0, 1) before the ramp is evaluated; σ there is exactly 0 / 1.
 _T_EPS = 1e-6
 
@@ -122,12 +123,15 @@ class SmoothFamily(ElementwiseFamily):
         a_raw, b_raw, w_raw = raw[..., :k], raw[..., k:2 * k], raw[..., 2 * k:3 * k]
         w = torch.softmax(w_raw, dim=-1)
         c = MIN_BLEND + (1.0 - MIN_BLEND) * torch.sigmoid(raw[..., 3 * k])
+        # Inverse widths on a log scale: an optimiser step changes a by a factor, so narrow
+        # features (a peak a few degrees wide on a torsion) are reachable in a few hundred steps.
+        scale = torch.exp(a_raw.clamp(max=MAX_LOG_A))
         if not periodic:
-            a = MIN_SLOPE_A + F.softplus(a_raw)
+            a = MIN_SLOPE_A + scale
             b = torch.sigmoid(b_raw)
             return SmoothMixture(a, b, w, c)
         # Whole steps inside [0, 1]: exactly flat near both ends, so f − x is periodic.
-        a = 1.0 + F.softplus(a_raw)
+        a = 1.0 + scale
         b = 0.5 / a + (1.0 - 1.0 / a) * torch.sigmoid(b_raw)
         shift = torch.remainder(raw[..., 3 * k + 1], 1.0)
         return Compose(CircularShift(shift), SmoothMixture(a, b, w, c))
@@ -143,7 +147,7 @@ class SmoothFamily(ElementwiseFamily):
         k = n_components
         centres = (torch.arange(k, dtype=torch.get_default_dtype()) + 0.5) / k
         b_raw = torch.logit(centres)
-        a_raw = torch.full((k,), math.log(math.expm1(1.0)))
+        a_raw = torch.zeros(k)  # a = MIN_SLOPE_A + 1 (interval), 2 (circle)
         tail = [math.log(99.0)] + ([0.0] if periodic else [])
         return torch.cat([a_raw, b_raw, torch.zeros(k), torch.tensor(tail)])
 
