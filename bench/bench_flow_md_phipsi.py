@@ -3,7 +3,7 @@
     python bench/bench_flow_md_phipsi.py [--ref-ns 2] [--train-steps 1500] [--md-steps 20000] [--workdir DIR]
 
 Reference MD (amber14, vacuum, 300 K, a frame per ps) → Boltzmann generator trained by
-NLL + 0.1·force matching (4 layers, hidden 64, K = 8) → exported → Langevin MD in OpenMM
+NLL + 0.001·force matching (4 layers, hidden 64, K = 8) → exported → Langevin MD in OpenMM
 through TorchForce (0.5 fs, 300 K, from the built-in structure) → φ/ψ histograms (36×36
 bins, pseudocount 0.1) of the flow MD and of the flow's own samples against the reference:
 KL and Jensen–Shannon divergences (nats), plus the basin populations (β/C7eq: φ < 0,
@@ -60,7 +60,7 @@ def main() -> None:
     start = time.perf_counter()
     model, trainer = train_boltzmann_generator(
         topology, md["positions"], work / "bg.ckpt", forces_kj_mol_nm=md["forces"], temperature=300.0,
-        weights={"nll": 1.0, "force": 0.1}, flow={"n_layers": 4, "hidden": [64, 64], "n_components": 8},
+        weights={"nll": 1.0, "force": 0.001}, flow={"n_layers": 4, "hidden": [64, 64], "n_components": 8},
         config=TrainConfig(steps=args.train_steps, batch_size=128, lr=2e-3, validate_every=100), progress=False)
     timings["train_s"] = time.perf_counter() - start
     with torch.no_grad():

@@ -9,17 +9,17 @@ HELP = "train a Boltzmann generator on MD data (flowforce md output)"
 
 #: Loss when the data file has forces: NLL plus force matching, which keeps the flow
 #: potential as smooth as the reference (BENCHMARKS.md, "flow potentials in MD").
-DEFAULT_LOSS = "nll=1,force=0.1"
+DEFAULT_LOSS = "nll=1,force=0.001"
 
 EPILOG = """\
 examples:
   flowforce train ala2.npz --out ala2.ckpt --epochs 20
-  flowforce train ala2.npz --out ala2.ckpt --loss nll=1,force=0.1 --config train.yaml
+  flowforce train ala2.npz --out ala2.ckpt --loss nll=1,force=0.001 --config train.yaml
 
 config file (YAML; command-line flags win):
   flow:  {transform: smooth, n_layers: 8, hidden: [128, 128], n_components: 8}
   train: {batch_size: 256, lr: 0.001, validate_every: 200, patience: 10, seed: 0}
-  loss:  {nll: 1.0, force: 0.1}
+  loss:  {nll: 1.0, force: 0.001}
   epochs: 20
   val_fraction: 0.1
 
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", metavar="DATA.npz", help="data file written by `flowforce md`")
     parser.add_argument("--out", required=True, metavar="MODEL.ckpt", help="model file to write (resumes if present)")
     parser.add_argument("--loss", metavar="TERMS",
-                        help="weighted loss terms (default: nll=1,force=0.1 when the data have forces, else nll=1; "
+                        help="weighted loss terms (default: nll=1,force=0.001 when the data have forces, else nll=1; "
                              "the force term keeps the learned potential smooth enough for MD)")
     parser.add_argument("--epochs", type=float, help="passes over the training frames (default 20)")
     parser.add_argument("--steps", type=int, help="optimiser steps; overrides --epochs")
