@@ -19,8 +19,6 @@ file cannot be exported at another one.
 """
 from __future__ import annotations
 
-import io
-import json
 import math
 import os
 from pathlib import Path
@@ -29,9 +27,9 @@ from typing import Any
 import torch
 
 
-from ..io import CHECKPOINT_FORMAT, atomic_write_bytes, load_checkpoint
+from ..io import CHECKPOINT_FORMAT, load_checkpoint
 from ..potentials.cg_net import MODEL_KIND, CGEnergyNet, load_cg_net
-from .torchscript import EXPORT_FORMAT, METADATA_FILE, FlowPotential, _quiet_jit
+from .torchscript import EXPORT_FORMAT, FlowPotential, _quiet_jit, save_exported
 
 __all__ = ["build_cg_module", "export_cg_potential"]
 
@@ -81,10 +79,4 @@ def export_cg_potential(model: Any, out_path: str | os.PathLike, temperature: fl
                 "masses": [float(m) for m in mapping.masses], "torch_version": torch.__version__,
                 "energy": "CG energy net E(X), kJ/mol; positions (n, 3) nm",
                 "mapping": mapping.to_dict()}
-    extra = {METADATA_FILE: json.dumps(metadata, indent=1), "topology.pdb": topology_pdb}
-    buffer = io.BytesIO()
-    with _quiet_jit():
-        torch.jit.save(module, buffer, _extra_files=extra)
-    out = Path(out_path)
-    atomic_write_bytes(out, buffer.getvalue())
-    return out
+    return save_exported(module, metadata, topology_pdb, out_path)

@@ -251,7 +251,13 @@ def export_potential(model: BoltzmannGenerator | str | os.PathLike, out_path: st
     module = build_exported_module(bg, temperature, example_positions)
     metadata = {"format": EXPORT_FORMAT, "temperature": float(temperature), "n_atoms": bg.n_atoms,
                 "torch_version": torch.__version__, "energy": "U = -kT log q(x), kJ/mol; positions (N, 3) nm"}
-    extra = {METADATA_FILE: json.dumps(metadata, indent=1), "topology.pdb": bg.topology_pdb}
+    return save_exported(module, metadata, bg.topology_pdb, out_path)
+
+
+def save_exported(module: torch.jit.ScriptModule, metadata: dict[str, Any], topology_pdb: str,
+                  out_path: str | os.PathLike) -> Path:
+    """Write a scripted potential with its metadata and topology, atomically."""
+    extra = {METADATA_FILE: json.dumps(metadata, indent=1), "topology.pdb": topology_pdb}
     buffer = io.BytesIO()
     with _quiet_jit():
         torch.jit.save(module, buffer, _extra_files=extra)
