@@ -173,6 +173,34 @@ def test_methods_are_registered_and_reject_unknown_options():
         get_method("fab").options({"n_intermediat": 2})
 
 
+def test_energy_cut_is_c1_and_only_changes_high_energies(float64):
+    from openmm_flowforce.samplers.reverse_kl import regularised_energy
+
+    u = torch.tensor([-50.0, 99.0, 100.0, 101.0, 1e15], dtype=torch.float64, requires_grad=True)
+    out = regularised_energy(u, 100.0)
+    (grad,) = torch.autograd.grad(out.sum(), u)
+    assert torch.equal(out[:3].detach(), u[:3].detach())
+    assert out[3].item() == pytest.approx(100.0 + math.log(2.0), rel=1e-12)
+    assert out[4].item() == pytest.approx(100.0 + math.log1p(1e15 - 100.0), rel=1e-12)
+    assert grad.tolist()[:3] == [1.0, 1.0, 1.0] and grad[3].item() == pytest.approx(0.5)
+    # the derivative is continuous at the cut: 1/(1 + u − c) → 1 from above
+    above = torch.tensor([100.0 + 1e-9], dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(regularised_energy(above, 100.0).sum(), above)
+    assert g.item() == pytest.approx(1.0, abs=1e-8)
+    assert regularised_energy(u, None) is u
+
+
+def test_energy_cut_comes_from_the_lj_preset_and_is_validated():
+    from openmm_flowforce.samplers.flow_training import resolve_options
+
+    method = get_method("reverse-kl")
+    assert resolve_options(method.options({}), get_target("lj13"))["energy_cut"] == 100.0
+    assert resolve_options(method.options({}), get_target("dw4"))["energy_cut"] is None
+    assert "energy_cut" not in resolve_options(get_method("fab").options({}), get_target("lj13"))
+    with pytest.raises(ValueError, match="energy_cut"):
+        resolve_options(method.options({"energy_cut": "high"}), get_target("lj13"))
+
+
 def _reference_metrics(method, model, target, ref):
     torch.manual_seed(123)
     x = method.sample(model, 2000)
