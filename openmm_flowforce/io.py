@@ -4,8 +4,10 @@ torch is imported inside the checkpoint functions so that reading data files doe
 pay for it."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -75,3 +77,39 @@ def load_checkpoint(path: str | os.PathLike, expected_format: str | None = None)
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"{path} is not a {expected_format or 'flowforce'} checkpoint (found format {found!r})")
     return obj
+
+
+def _flush_c_stdio() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
+
+
+@contextlib.contextmanager
+def silenced_native_stdout():
+    """Send what C code writes to file descriptor 1 to /dev/null while the block runs.
+
+    mdtraj's DCD reader (the VMD molfile plugin) prints ``dcdplugin) detected standard
+    32-bit DCD file ...`` straight to the process's stdout, which would mix with a CLI
+    command's own output. Python-level ``sys.stdout`` is flushed first and is not touched.
+    Where fd 1 cannot be duplicated (an embedding without a real stdout), nothing is done.
+    """
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            try:
+                yield
+            finally:
+                _flush_c_stdio()  # C's stdout buffer would otherwise empty after the restore
+                os.dup2(saved, 1)
+    finally:
+        os.close(saved)

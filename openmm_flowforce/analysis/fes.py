@@ -283,11 +283,14 @@ def load_trajectory_positions(trajectory: str | Path, topology: str | Path, skip
         FileNotFoundError: a missing file. ValueError: unreadable files or no frames left."""
     import mdtraj
 
+    from ..io import silenced_native_stdout
+
     for path in (trajectory, topology):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path} does not exist")
     try:
-        traj = mdtraj.load(str(trajectory), top=str(topology))
+        with silenced_native_stdout():  # the DCD plugin prints to fd 1
+            traj = mdtraj.load(str(trajectory), top=str(topology))
     except Exception as error:  # mdtraj raises several types for bad or mismatched files
         raise ValueError(f"cannot read {trajectory} with topology {topology} ({type(error).__name__}: {error})") from None
     if skip < 0 or skip >= traj.n_frames:
