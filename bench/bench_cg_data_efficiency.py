@@ -64,12 +64,23 @@ def main() -> None:
     if args.quick:
         options = {"flow": {"n_layers": 2, "hidden": [16, 16], "n_components": 4}, "flow_train": {"steps": 20},
                    "flow_samples": 500, "cg_train": {"steps": 20}}
+    def flow_sample_js(stem: Path) -> float | None:
+        """JS of the flow's own samples (flow-matching only): separates the flow from the CG net."""
+        samples = stem.with_suffix(".samples.npz")
+        if not samples.exists():
+            return None
+        with np.load(samples) as arrays:
+            return compare_fes(target, arrays["positions"], PHI_PSI).divergences["js"]
+
     for n in args.frames:
         stride = max(1, data.n_frames // n)
         subset = slice(0, stride * n, stride)
         for method in args.methods:
             key = f"{method} n={n}"
             if key in results:
+                if method == "flow-matching" and "js_flow_samples" not in results[key]:
+                    results[key]["js_flow_samples"] = flow_sample_js(work / f"{method}_{n}")
+                    results_path.write_text(json.dumps(results, indent=1))
                 continue
             stem = work / f"{method}_{n}"
             start = time.perf_counter()
@@ -88,12 +99,47 @@ def main() -> None:
             model = load_trajectory_positions(dcd, ckpt.with_suffix(".pdb"), skip=min(25, n_saved // 10))
             js = compare_fes(target, model, PHI_PSI).divergences
             results[key] = {"frames": n, "method": method, **js, "seconds": time.perf_counter() - start}
+            if method == "flow-matching":
+                results[key]["js_flow_samples"] = flow_sample_js(stem)
             results_path.write_text(json.dumps(results, indent=1))
             print(key, json.dumps(results[key]), flush=True)
-    print(f"{'frames':>7} " + " ".join(f"{m:>16}" for m in args.methods) + "   (JS divergence, nats)")
+    print(f"{'frames':>7} " + " ".join(f"{m:>16}" for m in args.methods) + f" {'flow samples':>16}"
+          "   (JS divergence of the φ/ψ surface, nats)")
     for n in args.frames:
         cells = [results.get(f"{m} n={n}", {}).get("js", np.nan) for m in args.methods]
+        flow = results.get(f"flow-matching n={n}", {}).get("js_flow_samples")
+        cells.append(np.nan if flow is None else flow)
         print(f"{n:>7} " + " ".join(f"{c:>16.4f}" for c in cells))
+    subsets = {n: compare_fes(target, target[::max(1, len(target) // n)][:n], PHI_PSI).divergences["js"]
+               for n in args.frames}
+    print("JS of the training subsets themselves (the finite-sample floor): "
+          + ", ".join(f"{n}: {js:.4f}" for n, js in subsets.items()))
+    print(f"plot: {plot_results(results, args.methods, args.frames, subsets, work / 'data_efficiency.png')}")
+
+
+def plot_results(results: dict, methods: list[str], frames: list[int], subsets: dict[int, float], path: Path) -> Path:
+    """JS divergence against training frames, log-log, one line per method (+ the flow's own samples)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    floor = 1e-3  # a log axis cannot show 0
+    for method in methods:
+        ax.plot(frames, [max(results.get(f"{method} n={n}", {}).get("js", np.nan), floor) for n in frames],
+                "o-", label=f"{method} (CG MD)")
+    if "flow-matching" in methods:
+        flow = [results.get(f"flow-matching n={n}", {}).get("js_flow_samples") for n in frames]
+        ax.plot(frames, [np.nan if v is None else max(v, floor) for v in flow], "s--", label="flow samples")
+    ax.plot(frames, [max(subsets[n], floor) for n in frames], ":", color="grey", label="training subset itself")
+    ax.set(xscale="log", yscale="log", xlabel="training frames", ylabel="JS divergence of φ/ψ FES (nats)",
+           title="alanine dipeptide, backbone CG")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":
