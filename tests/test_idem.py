@@ -177,6 +177,12 @@ def test_cli_sampler_train_sample_evaluate(tmp_path, capsys):
         assert isinstance(report[key], (int, float)), key
     assert report["w2_aligned"] <= report["w2_unaligned"] + 1e-9
     assert report["nll"] is None and report["ess"] is None and report["method"] == "idem"
+    from openmm_flowforce.analysis.sampler_report import load_reference
+
+    compared = load_reference(str(tmp_path / "ref.npy"), make_target("dw4"), 40)  # the 40 the report used
+    u_ref = np.sort(make_target("dw4").energy(torch.as_tensor(compared)).numpy())
+    assert report["energy_median_reference"] == pytest.approx(float(u_ref[19]))  # torch's median: the lower one
+    assert report["energy_median_generated"] <= report["energy_mean_generated"] + 1e6  # present and finite
 
     capsys.readouterr()
     bad = [
