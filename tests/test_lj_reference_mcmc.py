@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ import torch
 from openmm_flowforce.targets import get_target
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
+#: The iDEM authors' reference sets: $FLOWFORCE_SHARED_DATA, else ../shared/data next to the repository.
+SHARED_DATA = Path(os.environ.get("FLOWFORCE_SHARED_DATA") or ROOT.parent / "shared" / "data")
 
 
 def _load_script():

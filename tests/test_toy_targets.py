@@ -3,6 +3,7 @@ finite differences, invariances, and the shared reference sample sets."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,9 @@ import torch
 from openmm_flowforce.targets import get_target, target_names
 from openmm_flowforce.targets.toys import GaussianMixture40, LennardJonesCluster, MultiDoubleWell
 
-SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+#: The iDEM authors' reference sets: $FLOWFORCE_SHARED_DATA, else ../shared/data next to the repository.
+SHARED_DATA = Path(os.environ.get("FLOWFORCE_SHARED_DATA")
+                   or Path(__file__).resolve().parent.parent.parent / "shared" / "data")
 TOYS = ("gmm40", "dw4", "lj13", "lj55")
 
 
