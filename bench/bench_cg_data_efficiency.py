@@ -64,6 +64,7 @@ def main() -> None:
     if args.quick:
         options = {"flow": {"n_layers": 2, "hidden": [16, 16], "n_components": 4}, "flow_train": {"steps": 20},
                    "flow_samples": 500, "cg_train": {"steps": 20}}
+
     def flow_sample_js(stem: Path) -> float | None:
         """JS of the flow's own samples (flow-matching only): separates the flow from the CG net."""
         samples = stem.with_suffix(".samples.npz")
@@ -72,15 +73,16 @@ def main() -> None:
         with np.load(samples) as arrays:
             return compare_fes(target, arrays["positions"], PHI_PSI).divergences["js"]
 
-    for n in args.frames:
+    def training_subset(n: int) -> slice:
+        """Every (total/n)-th frame: all training sets span the same simulated time."""
         stride = max(1, data.n_frames // n)
-        subset = slice(0, stride * n, stride)
+        return slice(0, stride * n, stride)
+
+    for n in args.frames:
+        subset = training_subset(n)
         for method in args.methods:
             key = f"{method} n={n}"
             if key in results:
-                if method == "flow-matching" and "js_flow_samples" not in results[key]:
-                    results[key]["js_flow_samples"] = flow_sample_js(work / f"{method}_{n}")
-                    results_path.write_text(json.dumps(results, indent=1))
                 continue
             stem = work / f"{method}_{n}"
             start = time.perf_counter()
@@ -110,8 +112,7 @@ def main() -> None:
         flow = results.get(f"flow-matching n={n}", {}).get("js_flow_samples")
         cells.append(np.nan if flow is None else flow)
         print(f"{n:>7} " + " ".join(f"{c:>16.4f}" for c in cells))
-    subsets = {n: compare_fes(target, target[::max(1, len(target) // n)][:n], PHI_PSI).divergences["js"]
-               for n in args.frames}
+    subsets = {n: compare_fes(target, target[training_subset(n)], PHI_PSI).divergences["js"] for n in args.frames}
     print("JS of the training subsets themselves (the finite-sample floor): "
           + ", ".join(f"{n}: {js:.4f}" for n, js in subsets.items()))
     print(f"plot: {plot_results(results, args.methods, args.frames, subsets, work / 'data_efficiency.png')}")

@@ -4,19 +4,21 @@
 
 Builds the flow that ``flowforce sampler train --method fab|reverse-kl`` would build for
 the target (same preset, same seed) and fits it by maximum likelihood to the reference
-training split (``/work/shared/data/<target>/train.npy``, or ``val.npy`` where there is no
+training split (``<shared data>/<target>/train.npy``, or ``val.npy`` where there is no
 train split), printing the test-split NLL every 100 steps. This bounds what FAB or reverse
 KL can reach in the same number of flow updates: they see worse samples than these.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
 import torch
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+#: $FLOWFORCE_SHARED_DATA (as in the tests), else ../shared/data next to the repository.
+DATA = Path(os.environ.get("FLOWFORCE_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 def main() -> None:

@@ -3,6 +3,7 @@ resume, and ``flowforce sampler`` train → sample → evaluate."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -182,7 +183,7 @@ def test_cli_sampler_train_sample_evaluate(tmp_path, capsys):
     compared = load_reference(str(tmp_path / "ref.npy"), make_target("dw4"), 40)  # the 40 the report used
     u_ref = np.sort(make_target("dw4").energy(torch.as_tensor(compared)).numpy())
     assert report["energy_median_reference"] == pytest.approx(float(u_ref[19]))  # torch's median: the lower one
-    assert report["energy_median_generated"] <= report["energy_mean_generated"] + 1e6  # present and finite
+    assert math.isfinite(report["energy_median_generated"])
 
     capsys.readouterr()
     bad = [

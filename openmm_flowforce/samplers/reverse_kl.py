@@ -11,7 +11,7 @@ modes; FAB (``"fab"``) is the mass-covering alternative. Each step evaluates the
 at ``batch_size`` configurations (and its gradient, by backpropagation), all counted.
 
 Energy regularisation (option ``energy_cut`` = c; the LJ presets set c = 100 kT, the
-cluster's typical energies being −40 (LJ-13) and −200 (LJ-55)): the loss uses
+clusters' mean energies being −43 (LJ-13) and −326 (LJ-55) at kT = 1): the loss uses
 
     u_c(x) = u(x)                       for u ≤ c,
     u_c(x) = c + log(1 + u(x) − c)      for u > c,
