@@ -16,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="check only this OpenMM platform (repeatable; default: every available platform)",
     )
+    parser.add_argument("--native", action="store_true",
+                        help="also compile a toy AOTInductor package (tens of seconds) and run it through the "
+                             "native plugin on every platform")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from openmm_flowforce.md.doctor import format_report, run_doctor
 
     try:
-        report = run_doctor(platforms=args.platform)
+        report = run_doctor(platforms=args.platform, native=args.native)
     except ValueError as error:
         print(f"flowforce doctor: error: {error}", file=sys.stderr)
         return 2

@@ -147,3 +147,44 @@ def compiled_force_info(force: Any) -> dict[str, Any] | None:
             "numModelParticles": int(root.get("numModelParticles")), "dtype": root.get("dtype"),
             "device": root.get("device"),
             "particles": [int(p.get("index")) for p in root.iter("Particle")]}
+
+
+class _ToyEnergyForces:
+    """E = Σ|r|² (kJ/mol), F = −2r (kJ/mol/nm): the analytic toy of ``flowforce doctor``."""
+
+    def __new__(cls):  # a module built lazily, so importing this file does not import torch
+        import torch
+
+        class Toy(torch.nn.Module):
+            def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                return (positions * positions).sum(), -2.0 * positions
+
+        return Toy()
+
+
+def write_toy_package(path: str | os.PathLike, n_atoms: int, dtype: str = "float64") -> Path:
+    """Compile the analytic toy E = Σ|r|², F = −2r for ``n_atoms`` particles into a ``.pt2`` package
+    that follows the compiled-potential contract (one input ``(n, 3)``, outputs ``(energy, forces)``).
+
+    Used by ``flowforce doctor --native`` and the tests to check the plugin against exact values.
+    Compiling takes tens of seconds (Inductor runs the C++ compiler)."""
+    import torch
+
+    torch_dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
+    program = torch.export.export(_ToyEnergyForces(), (torch.zeros(int(n_atoms), 3, dtype=torch_dtype),), strict=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    return path
+
+
+def check_proxy_round_trip(workdir: str | os.PathLike) -> str:
+    """Build a force description around a scratch file, serialise it back and compare: proves the
+    library loaded and its XML proxy is registered. Returns a one-line detail; raises on failure."""
+    scratch = Path(workdir) / "proxy-check.bin"
+    scratch.write_bytes(b"flowforce")
+    force = compiled_potential_force(scratch, 3, particles=[2, 0, 1])
+    info = compiled_force_info(force)
+    if info is None or info["particles"] != [2, 0, 1] or info["sha256"] != file_sha256(scratch):
+        raise RuntimeError(f"the force did not survive an XML round trip: {info}")
+    return f"library and XML proxy loaded ({NATIVE_DIR / LIBRARY_NAME})"

@@ -84,6 +84,7 @@ class DoctorReport:
     plugin_load_failures: list[str]
     plugin_failure_summary: list[str]
     checks: list[CheckResult] = field(default_factory=list)
+    native: str = ""
 
     @property
     def ok(self) -> bool:
@@ -354,14 +355,50 @@ def check_force(
 # --------------------------------------------------------------------------- the doctor
 
 
+def native_plugin_check(report: DoctorReport, selected: Sequence[str], positions: np.ndarray, workdir: str,
+                        run_package: bool, expected_energy: EnergyFn, expected_forces: ForcesFn) -> None:
+    """The native plugin's rows: whether it loads (when it was built), and with ``run_package``
+    the toy package through ``CompiledPotentialForce`` on every selected platform."""
+    from ..export.native import (check_proxy_round_trip, compiled_potential_force, native_build_info,
+                                 native_unavailable, write_toy_package)
+
+    info = native_build_info()
+    reason = native_unavailable()
+    if reason is not None and info.get("status") != "built":
+        # Not built here on purpose or for lack of a compiler: information, not a failure.
+        report.native = f"not available: {reason}"
+        return
+    try:
+        detail = check_proxy_round_trip(workdir) if reason is None else reason
+        report.checks.append(CheckResult("native-plugin", "-", reason is None, detail))
+    except Exception as error:  # noqa: BLE001 - a broken plugin is a FAIL row
+        report.checks.append(CheckResult("native-plugin", "-", False, explain_error("native", error)))
+        return
+    report.native = "loaded" if reason is None else f"FAILED: {reason}"
+    if reason is not None or not run_package:
+        return
+    package = os.path.join(workdir, "toy.pt2")
+    try:
+        write_toy_package(package, len(positions))
+    except Exception as error:  # noqa: BLE001
+        report.checks.append(CheckResult("native", "-", False, "compiling the toy package failed: "
+                                         + explain_error("native", error)))
+        return
+    for platform_name in selected:
+        report.checks.append(check_force("native", lambda _dir: compiled_potential_force(package, len(positions),
+                                                                                         "float64"),
+                                         platform_name, positions, workdir, expected_energy, expected_forces))
+
+
 def run_doctor(
     platforms: Sequence[str] | None = None,
     n_particles: int = 5,
     seed: int = 2021,
     expected_energy: EnergyFn = toy_energy,
     expected_forces: ForcesFn = toy_forces,
+    native: bool = False,
 ) -> DoctorReport:
-    """Check versions, platforms and both force backends on every (or the given) platform.
+    """Check versions, platforms and the force backends on every (or the given) platform.
 
     Args:
         platforms: OpenMM platform names to check; ``None`` checks every available one.
@@ -370,6 +407,9 @@ def run_doctor(
         expected_energy: truth the backends are compared with (tests pass a wrong one to
             see the doctor report FAIL).
         expected_forces: truth for the forces.
+        native: also compile the toy into an AOTInductor package (tens of seconds) and run it
+            through the native plugin on every platform; without it only the plugin's loading
+            and XML proxy are checked.
 
     Returns:
         The :class:`DoctorReport`; ``report.ok`` tells whether everything passed.
@@ -404,6 +444,7 @@ def run_doctor(
                         check_name, factory, platform_name, positions, workdir, expected_energy, expected_forces
                     )
                 )
+        native_plugin_check(report, selected, positions, workdir, native, expected_energy, expected_forces)
     return report
 
 
@@ -439,6 +480,8 @@ def format_report(report: DoctorReport) -> str:
     if report.plugin_failure_summary:
         lines.append(f"Plugin load failures ({len(report.plugin_load_failures)}; information, not errors):")
         lines.extend(f"  {line}" for line in report.plugin_failure_summary)
+    if report.native:
+        lines.append(f"Native plugin: {report.native}")
     lines.append("")
 
     header = ("check", "platform", "result", "detail")
