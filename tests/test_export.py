@@ -50,10 +50,11 @@ def _eager(model, positions: np.ndarray, temperature: float = 300.0) -> tuple[fl
 
 
 def _exported(module, positions, dtype=torch.float64) -> tuple[torch.Tensor, np.ndarray]:
-    x = torch.as_tensor(positions).to(dtype).requires_grad_(True)
-    energy = module(x)
-    (grad,) = torch.autograd.grad(energy, x)
-    return energy.detach(), grad.numpy()
+    """Energy and gradient (−forces) from the module, which returns (energy, forces)."""
+    energy, forces = module(torch.as_tensor(positions).to(dtype))
+    assert energy.dtype == forces.dtype == dtype and forces.shape == (len(positions), 3)
+    assert not energy.requires_grad and not forces.requires_grad  # no graph handed back to OpenMM
+    return energy, -forces.numpy()
 
 
 def _random_rotation(seed: int) -> np.ndarray:
@@ -130,6 +131,7 @@ def test_wrong_shape_is_rejected_with_a_message(exported):
 def test_metadata_is_stored_in_the_file(model, exported):
     loaded = load_exported(exported)
     assert loaded.temperature == 300.0 and loaded.n_atoms == 22 and loaded.format == EXPORT_FORMAT
+    assert loaded.outputs_forces and read_export_metadata(exported)["outputs"] == "energy_forces"
     topology, positions = loaded.topology()
     assert topology.getNumAtoms() == 22 and positions.shape == (22, 3)
     assert [a.element.symbol for a in topology.atoms()][:3] == ["H", "C", "H"]
@@ -177,3 +179,40 @@ def test_cli_export(model, tmp_path, capsys):
     assert main(["export", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "n.pt")]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
+
+
+def test_module_takes_positions_that_require_grad(exported, alanine_md):
+    """OpenMM-torch hands in positions with requires_grad=True; forces must not depend on that."""
+    module = load_exported(exported).module
+    positions = torch.as_tensor(alanine_md["positions"][4])
+    energy, forces = module(positions)
+    energy_g, forces_g = module(positions.clone().requires_grad_(True))
+    # Not bit-identical: the TorchScript profiling executor re-optimises after the first calls.
+    assert float(energy_g) == pytest.approx(float(energy), rel=1e-13)
+    np.testing.assert_allclose(forces_g.numpy(), forces.numpy(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.filterwarnings(r"ignore:.*torch\.jit\.\w+. is deprecated:DeprecationWarning")
+def test_energy_only_files_from_before_still_load(model, tmp_path, alanine_md):
+    """A file whose module returns the energy only (written before forces moved into the module)."""
+    from openmm_flowforce.export.torchscript import _EnergyCore, save_exported
+
+    class EnergyOnly(torch.nn.Module):
+        def __init__(self, core: torch.nn.Module):
+            super().__init__()
+            self.core = core
+
+        def forward(self, positions: torch.Tensor) -> torch.Tensor:
+            return self.core(positions.to(torch.float64).unsqueeze(0)).reshape(()).to(positions.dtype)
+
+    traced = torch.jit.trace(_EnergyCore(model, 300.0), torch.as_tensor(alanine_md["positions"][:1]), check_trace=False)
+    metadata = {"format": EXPORT_FORMAT, "temperature": 300.0, "n_atoms": 22, "torch_version": torch.__version__}
+    old = save_exported(torch.jit.script(EnergyOnly(traced)), metadata, model.topology_pdb, tmp_path / "old.pt")
+    assert "outputs" not in read_export_metadata(old)
+    loaded = load_exported(old)
+    assert not loaded.outputs_forces
+    positions = alanine_md["positions"][2]
+    energy, forces = loaded.energy_and_forces(positions)
+    want_energy, want_grad = _eager(model, positions)
+    assert float(energy) == pytest.approx(want_energy, rel=1e-12)
+    np.testing.assert_allclose(-forces.numpy(), want_grad, rtol=1e-10, atol=1e-8)

@@ -148,13 +148,24 @@ def _positions_as_tensor(positions: Any) -> Tensor:
     return x[None] if x.ndim == 2 else x
 
 
+def _index_after_load(module: "InternalCoordinates", incompatible_keys: Any) -> None:
+    """``load_state_dict`` post-hook (a module-level function, so the model still pickles)."""
+    module._index_narrow_torsions()
+
+
 class InternalCoordinates(nn.Module):
     """Bond/angle/torsion coordinates of one connected molecule, built from its bond graph.
 
     Build with :meth:`from_topology`. Buffers (saved in ``state_dict``): ``rows`` (the
-    Z-matrix, ``(N, 4)`` int64), ``bond_loc``/``bond_scale`` ``(N−1,)`` nm and
-    ``cos_loc``/``cos_scale`` ``(N−2,)``. Maps accept float32 or float64 and use torch ops
-    only, so gradients (and double backward, for forces of a trained potential) flow.
+    Z-matrix, ``(N, 4)`` int64), ``bond_loc``/``bond_scale`` ``(N−1,)`` nm,
+    ``cos_loc``/``cos_scale`` ``(N−2,)`` and the torsion buffers ``torsion_periodic``
+    (bool), ``torsion_loc``/``torsion_scale`` ``(N−3,)``. Which torsions are narrow is
+    decided once, when ``torsion_periodic`` is set (:meth:`fit`,
+    :meth:`set_periodic_torsions`, loading a state dict), and kept as the index buffer
+    ``narrow_torsions`` (int64, not saved: derived), so the maps have no data-dependent
+    branch or boolean-mask indexing and ``torch.compile``/``torch.export`` trace them
+    without graph breaks. Maps accept float32 or float64 and use torch ops only, so
+    gradients (and double backward, for forces of a trained potential) flow.
 
     Args:
         zmatrix: placement order and references, from :func:`.zmatrix.build_zmatrix`.
@@ -163,6 +174,7 @@ class InternalCoordinates(nn.Module):
 
     rows: Tensor
     torsion_periodic: Tensor
+    narrow_torsions: Tensor
     torsion_loc: Tensor
     torsion_scale: Tensor
     bond_loc: Tensor
@@ -187,6 +199,15 @@ class InternalCoordinates(nn.Module):
         self.register_buffer("torsion_periodic", torch.ones(n - 3, dtype=torch.bool))
         self.register_buffer("torsion_loc", torch.zeros(n - 3, dtype=torch.float64))
         self.register_buffer("torsion_scale", torch.ones(n - 3, dtype=torch.float64))
+        self.register_buffer("narrow_torsions", torch.zeros(0, dtype=torch.long), persistent=False)
+        # Checkpoints store torsion_periodic only (older ones predate narrow_torsions):
+        # derive the index whenever a state dict is loaded.
+        self.register_load_state_dict_post_hook(_index_after_load)
+
+    def _index_narrow_torsions(self) -> None:
+        """Set ``narrow_torsions`` from ``torsion_periodic`` (call after every change to it)."""
+        index = torch.nonzero(~self.torsion_periodic.cpu()).flatten()
+        self.narrow_torsions = index.to(self.torsion_periodic.device)
 
     @classmethod
     def from_topology(cls, topology: Any, positions: Any = None) -> "InternalCoordinates":
@@ -228,6 +249,7 @@ class InternalCoordinates(nn.Module):
     def set_periodic_torsions(self, periodic: Sequence[bool]) -> None:
         """Declare which torsions are circles (used when rebuilding a saved model)."""
         self.torsion_periodic.copy_(torch.as_tensor([bool(p) for p in periodic], dtype=torch.bool))
+        self._index_narrow_torsions()
 
     @property
     def zmatrix(self) -> ZMatrix:
@@ -263,6 +285,7 @@ class InternalCoordinates(nn.Module):
         self.torsion_periodic.copy_((delta.abs().amax(0) >= NARROW_TORSION_RAD) | (spread > NARROW_TORSION_MAX_SCALE))
         self.torsion_loc.copy_(wrap_torsion(centre + delta.mean(0)))
         self.torsion_scale.copy_(spread.clamp_min(MIN_TORSION_SCALE))
+        self._index_narrow_torsions()
         return self
 
     # -- validation --------------------------------------------------------------------
@@ -334,12 +357,20 @@ class InternalCoordinates(nn.Module):
         dtype = bonds.dtype
         zb = (bonds - self.bond_loc.to(dtype)) / self.bond_scale.to(dtype)
         zw = (cos - self.cos_loc.to(dtype)) / self.cos_scale.to(dtype)
-        narrow = ~self.torsion_periodic
+        narrow = self.narrow_torsions
         ladj = (_log_dnormal_cdf(zb) - 2.0 * torch.log(bonds)).sum(-1) + _log_dnormal_cdf(zw).sum(-1)
-        if bool(narrow.any()):  # only then may ladj depend on torsions (undefined at linear angles)
-            ladj = ladj + _log_dnormal_cdf(self._torsion_z(torsions)[:, narrow]).sum(-1)
-        const = -(self.bond_scale.log().sum() + self.cos_scale.log().sum() + self.torsion_scale[narrow].log().sum()
-                  + self.torsion_periodic.sum() * math.log(2.0 * math.pi))
+        # A shape, not a value: decided when the torsions were classified, so no device sync
+        # and no graph break. Only with narrow torsions may ladj depend on torsions (which
+        # are undefined at linear angles).
+        if narrow.numel() > 0:
+            loc, scale = self.torsion_loc.index_select(0, narrow), self.torsion_scale.index_select(0, narrow)
+            z = wrap_torsion(torsions.index_select(-1, narrow) - loc.to(dtype)) / scale.to(dtype)
+            ladj = ladj + _log_dnormal_cdf(z).sum(-1)
+        # The count as a float64 tensor op: an int would be a traced int tensor (rounded
+        # through the default dtype) under torch.jit.trace but exact in eager mode.
+        n_periodic = self.torsion_periodic.to(torch.float64).sum()
+        const = -(self.bond_scale.log().sum() + self.cos_scale.log().sum()
+                  + self.torsion_scale.index_select(0, narrow).log().sum() + n_periodic * math.log(2.0 * math.pi))
         return ladj + const.to(dtype)
 
     def to_unit(self, x: Tensor, check: bool = True) -> tuple[Tensor, Tensor]:

@@ -7,16 +7,21 @@ The force is the potential of mean force of a Boltzmann generator,
 evaluated by one of the backends in :data:`BACKENDS`:
 
 * ``torchforce``: openmm-torch's ``TorchForce`` running the exported TorchScript file
-  (:mod:`.torchscript`); OpenMM gets the forces by autograd inside libtorch, with no
-  Python on the MD path. Fast; on CUDA it can use CUDA graphs.
+  (:mod:`.torchscript`), whose module returns energy and forces
+  (``setOutputsForces(True)``; older energy-only files are differentiated by openmm-torch);
+  no Python on the MD path. On CUDA it can use CUDA graphs.
 * ``pythonforce``: ``openmm.PythonForce`` calling back into Python every step, running the
-  eager model (or a loaded TorchScript module) and autograd. Needs no compiled plugin.
-* ``auto``: ``torchforce`` when openmm-torch imports and evaluates a toy force correctly
-  with this torch (checked once per process), else ``pythonforce``.
+  eager model, a loaded TorchScript module, or a compiled AOTInductor package (``.pt2``,
+  :mod:`.compiled`). Needs no compiled plugin.
+* ``auto``: for models, checkpoints and ``.pt`` files ``torchforce`` when openmm-torch
+  imports and evaluates a toy force correctly with this torch (checked once per process),
+  else ``pythonforce``; for ``.pt2`` packages ``pythonforce`` (TorchForce runs TorchScript
+  only).
 
 A model can be given as a :class:`~openmm_flowforce.potentials.BoltzmannGenerator`, the
-path of its trainer checkpoint, or the path of an exported TorchScript file. The energy
-scale T is baked into an exported file; for models and checkpoints it is chosen here.
+path of its trainer checkpoint, the path of an exported TorchScript file, or the path of a
+compiled package. The energy scale T is baked into exported files and packages; for models
+and checkpoints it is chosen here.
 """
 from __future__ import annotations
 
@@ -36,30 +41,31 @@ import torch
 from ..conventions import kT
 from ..md.doctor import quiet_openmmtorch_logging
 from ..potentials.boltzmann import BoltzmannGenerator
+from .compiled import CompiledPotential, is_package_file, load_package, read_package_metadata
+from .models import DEFAULT_TEMPERATURE
 from .torchscript import (_quiet_jit, export_potential, is_exported_file, load_exported, load_model_float64,
-                          model_kind, read_export_metadata)
+                          model_kind, outputs_forces, read_export_metadata)
 
 __all__ = ["BACKENDS", "DEFAULT_TEMPERATURE", "LEARNED_FORCE_NAME", "Backend", "PotentialSource",
            "backend_names", "make_force", "resolve_backend", "resolve_potential"]
 
 #: Name given to every learned force (``Force.getName()``); how save_system finds it.
 LEARNED_FORCE_NAME = "FlowForce"
-#: Temperature (K) of U = −kT·log q when a model or checkpoint is given without one.
-DEFAULT_TEMPERATURE = 300.0
 
 
 @dataclass
 class PotentialSource:
-    """A flow potential, resolved: either an eager model or an exported file, and its T.
+    """A flow potential, resolved: an eager model, an exported file or a compiled package, and its T.
 
     Attributes:
         temperature: K.
         n_atoms: N.
         topology_pdb: PDB text of the molecule (may be empty for hand-built models).
         model: the eager model (None for exported files).
-        exported_path: the TorchScript file (None for models and checkpoints).
+        exported_path: the TorchScript file (None for models, checkpoints and packages).
         masses: particle masses (dalton) stored in the exported file (CG models: bead masses,
             since CG beads may have no element); None: masses come from the topology's elements.
+        package_path: the compiled AOTInductor package (``.pt2``), else None.
     """
 
     temperature: float
@@ -68,6 +74,7 @@ class PotentialSource:
     model: BoltzmannGenerator | None = None
     exported_path: Path | None = None
     masses: list[float] | None = None
+    package_path: Path | None = None
 
 
 #: Model kinds whose checkpoints run in OpenMM only once exported → how to export them.
@@ -79,9 +86,11 @@ def resolve_potential(model_or_path: Any, temperature: float | None = None) -> P
 
     Args:
         model_or_path: ``BoltzmannGenerator``, checkpoint path (``.ckpt``), exported
-            TorchScript path (``.pt`` from ``flowforce export``), or a ``PotentialSource``.
+            TorchScript path (``.pt`` from ``flowforce export``), compiled package path
+            (``.pt2``, recognised by its metadata), or a ``PotentialSource``.
         temperature: K. Default: 300 K for models and checkpoints, the stored one for
-            exported files (which cannot be re-scaled: a different value is an error).
+            exported files and packages (which cannot be re-scaled: a different value is an
+            error).
 
     Raises:
         FileNotFoundError: the path does not exist.
@@ -100,8 +109,9 @@ def resolve_potential(model_or_path: Any, temperature: float | None = None) -> P
         path = Path(model_or_path)
         if not path.is_file():
             raise FileNotFoundError(f"model file {path} does not exist")
-        if is_exported_file(path):
-            meta = read_export_metadata(path)
+        package = is_package_file(path)
+        if package or is_exported_file(path):
+            meta = read_package_metadata(path) if package else read_export_metadata(path)
             stored = float(meta["temperature"])
             if temperature is not None and not math.isclose(float(temperature), stored):
                 raise ValueError(f"{path} was exported at {stored:g} K and its energy scale kT is fixed; got "
@@ -109,15 +119,19 @@ def resolve_potential(model_or_path: Any, temperature: float | None = None) -> P
                                  f"`flowforce export MODEL.ckpt --temperature {float(temperature):g}`, or simulate "
                                  f"at {stored:g} K")
             masses = meta.get("masses")
+            masses = None if masses is None else [float(m) for m in masses]
+            if package:
+                return PotentialSource(stored, int(meta["n_atoms"]), meta["topology_pdb"], masses=masses,
+                                       package_path=path)
             return PotentialSource(stored, int(meta["n_atoms"]), meta["topology_pdb"], exported_path=path,
-                                   masses=None if masses is None else [float(m) for m in masses])
+                                   masses=masses)
         kind = model_kind(path)
         if kind in CHECKPOINTS_TO_EXPORT:
             raise ValueError(f"{path} is a {kind} checkpoint; export it first ({CHECKPOINTS_TO_EXPORT[kind]}) and "
                              "pass the .pt file")
         return resolve_potential(load_model_float64(path), temperature)
-    raise TypeError(f"expected a BoltzmannGenerator or the path of a checkpoint or exported .pt file, "
-                    f"got {type(model_or_path).__name__}")
+    raise TypeError(f"expected a BoltzmannGenerator or the path of a checkpoint, exported .pt file or compiled "
+                    f".pt2 package, got {type(model_or_path).__name__}")
 
 
 # --------------------------------------------------------------------------- backends
@@ -168,13 +182,18 @@ def _make_torchforce(source: PotentialSource, cuda_graphs: bool) -> Any:
     with quiet_openmmtorch_logging():
         import openmmtorch
 
+    if source.package_path is not None:
+        raise ValueError(f"{source.package_path} is a compiled AOTInductor package; TorchForce runs TorchScript "
+                         "(.pt) files only: use backend='pythonforce' for the package, or pass the .pt file")
     if source.exported_path is not None:
         force = openmmtorch.TorchForce(str(source.exported_path))
+        force.setOutputsForces(outputs_forces(read_export_metadata(source.exported_path)))
     else:
         # TorchForce reads the module when constructed, so the file can go right after.
         with tempfile.TemporaryDirectory(prefix="flowforce-export-") as workdir:
             path = export_potential(source.model, Path(workdir) / "potential.pt", source.temperature)
             force = openmmtorch.TorchForce(str(path))
+        force.setOutputsForces(True)
     force.setUsesPeriodicBoundaryConditions(False)
     if cuda_graphs:
         # Only the CUDA platform reads it; elsewhere it is ignored.
@@ -185,38 +204,48 @@ def _make_torchforce(source: PotentialSource, cuda_graphs: bool) -> Any:
 class PotentialComputation:
     """``openmm.PythonForce`` callback: State → (U in kJ/mol, F = −∂U/∂x in kJ/mol/nm, (N, 3)).
 
-    Holds either an eager model (a float64 copy, gradients of parameters off) or a
-    TorchScript module. Picklable, so a System holding the force can be serialised
-    (a TorchScript module is pickled as the bytes of its file).
+    Holds one of: an eager model (a float64 copy, gradients of parameters off), a
+    TorchScript module (returning ``(energy, forces)``, or the energy alone for older
+    files), or a compiled package (:class:`~.compiled.CompiledPotential`). Picklable, so a
+    System holding the force can be serialised (a TorchScript module or a package is
+    pickled as the bytes of its file).
 
     Args:
         model: eager Boltzmann generator, or None.
         temperature: K, for the eager model.
-        module: TorchScript ``(N, 3) -> energy``, or None.
+        module: TorchScript ``(N, 3) -> (energy, forces)`` or ``-> energy``, or None.
+        package: a loaded compiled package, or None.
     """
 
     def __init__(self, model: BoltzmannGenerator | None = None, temperature: float = DEFAULT_TEMPERATURE,
-                 module: torch.jit.ScriptModule | None = None):
-        if (model is None) == (module is None):
-            raise ValueError("give exactly one of model and module")
+                 module: torch.jit.ScriptModule | None = None, package: CompiledPotential | None = None):
+        if sum(x is not None for x in (model, module, package)) != 1:
+            raise ValueError("give exactly one of model, module and package")
         if model is not None:
             model = copy.deepcopy(model).to(torch.float64).eval()
             model.requires_grad_(False)
-        self.model, self.module, self.temperature = model, module, float(temperature)
+        self.model, self.module, self.package, self.temperature = model, module, package, float(temperature)
 
     def energy(self, x: torch.Tensor) -> torch.Tensor:
         """U (0-dim, kJ/mol) of positions ``(N, 3)`` nm, float64."""
-        if self.module is not None:
-            return self.module(x)
-        return self.model.energy(x[None], self.temperature)[0]
+        return self.energy_and_forces(x)[0]
+
+    def energy_and_forces(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """U (0-dim, kJ/mol) and F ``(N, 3)`` kJ/mol/nm of positions ``(N, 3)`` nm, float64."""
+        if self.package is not None:
+            return self.package(x)
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = self.module(x) if self.module is not None else self.model.energy(x[None], self.temperature)[0]
+            if isinstance(out, tuple):  # a TorchScript file that returns its forces
+                return out[0].detach(), out[1]
+            (grad,) = torch.autograd.grad(out, x)
+        return out.detach(), -grad
 
     def __call__(self, state: Any) -> tuple[float, np.ndarray]:
         positions = np.asarray(state.getPositions(asNumpy=True)._value, dtype=np.float64)  # nm
-        x = torch.from_numpy(positions).requires_grad_(True)
-        with torch.enable_grad():
-            energy = self.energy(x)
-            (grad,) = torch.autograd.grad(energy, x)
-        return float(energy.detach()), -grad.numpy()
+        energy, forces = self.energy_and_forces(torch.from_numpy(positions))
+        return float(energy), forces.detach().numpy()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -239,7 +268,13 @@ def _make_pythonforce(source: PotentialSource, cuda_graphs: bool) -> Any:
 
     if cuda_graphs:
         raise ValueError("cuda_graphs=True needs the torchforce backend (PythonForce runs in Python every step)")
-    if source.exported_path is not None:
+    if source.package_path is not None:
+        package = load_package(source.package_path)
+        if package.batched:
+            raise ValueError(f"{source.package_path} is a batched package ((B, N, 3) positions); an OpenMM force needs "
+                             "a single-configuration one: compile it without batch=True (without --batch)")
+        computation = PotentialComputation(package=package)
+    elif source.exported_path is not None:
         computation = PotentialComputation(module=load_exported(source.exported_path).module)
     else:
         computation = PotentialComputation(model=source.model, temperature=source.temperature)
@@ -252,7 +287,8 @@ def _make_pythonforce(source: PotentialSource, cuda_graphs: bool) -> Any:
 BACKENDS: dict[str, Backend] = {
     "torchforce": Backend("torchforce", "openmm-torch TorchForce running the exported TorchScript file",
                           _make_torchforce, _torchforce_unavailable),
-    "pythonforce": Backend("pythonforce", "openmm.PythonForce calling the model in Python every step",
+    "pythonforce": Backend("pythonforce", "openmm.PythonForce calling the model or compiled package in Python "
+                           "every step",
                            _make_pythonforce, _pythonforce_unavailable),
 }
 
@@ -262,14 +298,17 @@ def backend_names() -> list[str]:
     return ["auto", *BACKENDS]
 
 
-def resolve_backend(name: str) -> Backend:
-    """The backend called ``name``; ``auto`` picks ``torchforce`` where it works, else ``pythonforce``.
+def resolve_backend(name: str, source: PotentialSource | None = None) -> Backend:
+    """The backend called ``name``; ``auto`` picks ``torchforce`` where it works, else
+    ``pythonforce``, and ``pythonforce`` for a compiled package (``source.package_path``).
 
     Raises:
         ValueError: unknown name (the message lists the valid ones), or a named backend
             that cannot run here (with the reason).
     """
     if name == "auto":
+        if source is not None and source.package_path is not None:
+            return resolve_backend("pythonforce")
         return BACKENDS["torchforce"] if _torchforce_unavailable() is None else BACKENDS["pythonforce"]
     if name not in BACKENDS:
         raise ValueError(f"unknown force backend {name!r}; valid: {', '.join(backend_names())}")
@@ -286,8 +325,9 @@ def make_force(model_or_path: Any, backend: str = "auto", temperature: float | N
     """An OpenMM force for the flow potential U(x) = −kT·log q(x) (kJ/mol, x in nm).
 
     Args:
-        model_or_path: ``BoltzmannGenerator``, trainer checkpoint path, or exported
-            TorchScript path (``flowforce export``).
+        model_or_path: ``BoltzmannGenerator``, trainer checkpoint path, exported
+            TorchScript path (``flowforce export``), or compiled package path (``.pt2``,
+            ``flowforce export --compile``).
         backend: ``"auto"``, ``"torchforce"`` or ``"pythonforce"`` (module docstring).
         temperature: K; default 300 K for models/checkpoints, the stored T for exported
             files (a different value for an exported file is an error: re-export).
@@ -303,8 +343,10 @@ def make_force(model_or_path: Any, backend: str = "auto", temperature: float | N
         >>> from openmm_flowforce.openmm import make_force            # doctest: +SKIP
         >>> system.addForce(make_force("model.pt", backend="auto"))   # doctest: +SKIP
     """
-    chosen = resolve_backend(backend)
+    if backend != "auto":
+        resolve_backend(backend)  # a bad name fails before the model is loaded
     source = resolve_potential(model_or_path, temperature)
+    chosen = resolve_backend(backend, source)
     force = chosen.make(source, bool(cuda_graphs))
     force.setName(LEARNED_FORCE_NAME)
     return force

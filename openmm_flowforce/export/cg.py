@@ -4,9 +4,10 @@ The exported module computes the CG energy of :class:`~openmm_flowforce.potentia
 
     E(X) = Σ_priors E_prior(X) + kT·MLP(features(X))   (kJ/mol, bead positions X in nm),
 
-through ``forward(positions)`` with positions ``(n, 3)`` nm, float32 or float64, returning a
-0-dim energy in the positions' dtype, exactly like the flow export
-(:mod:`openmm_flowforce.export.torchscript`); forces come from autograd inside OpenMM. Unlike
+through ``forward(positions)`` with positions ``(n, 3)`` nm, float32 or float64, returning
+``(energy, forces)`` in the positions' dtype exactly like the flow export
+(:mod:`openmm_flowforce.export.torchscript`): forces by autograd inside the module, so
+TorchForce runs with ``setOutputsForces(True)``. Unlike
 the flow, the CG net is *scripted* (``torch.jit.script``), not traced: it has no
 input-dependent control flow, and scripting records it as written.
 
@@ -29,9 +30,9 @@ import torch
 
 from ..io import CHECKPOINT_FORMAT, load_checkpoint
 from ..potentials.cg_net import MODEL_KIND, CGEnergyNet, load_cg_net
-from .torchscript import EXPORT_FORMAT, FlowPotential, _quiet_jit, save_exported
+from .torchscript import EXPORT_FORMAT, OUTPUTS_ENERGY_FORCES, FlowPotential, _quiet_jit, save_exported
 
-__all__ = ["build_cg_module", "export_cg_potential"]
+__all__ = ["build_cg_module", "export_cg_potential", "resolve_cg_model"]
 
 
 def build_cg_module(net: CGEnergyNet) -> torch.jit.ScriptModule:
@@ -44,13 +45,12 @@ def build_cg_module(net: CGEnergyNet) -> torch.jit.ScriptModule:
         return torch.jit.script(FlowPotential(frozen, frozen.n_beads))
 
 
-def export_cg_potential(model: Any, out_path: str | os.PathLike, temperature: float | None = None) -> Path:
-    """Write a CG model as a TorchScript file for ``openmmtorch.TorchForce``.
+def resolve_cg_model(model: Any, temperature: float | None = None) -> tuple[CGEnergyNet, Any, str, float]:
+    """``(net, mapping, topology_pdb, temperature)`` of a CG model file or tuple.
 
     Args:
         model: the path of a CG model file (``flowforce cg``; ``train_cg_net`` checkpoints work
             when they store a mapping), or a ``(CGEnergyNet, CGMapping, topology_pdb)`` tuple.
-        out_path: file to write, atomically.
         temperature: K; None or the net's own temperature (a CG energy is fixed at the
             temperature it was fitted at).
 
@@ -74,9 +74,26 @@ def export_cg_potential(model: Any, out_path: str | os.PathLike, temperature: fl
     if temperature is not None and not math.isclose(float(temperature), own):
         raise ValueError(f"this CG model was fitted at {own:g} K: its priors and energy unit are those of that "
                          f"temperature, so it cannot be exported at {float(temperature):g} K (export at {own:g} K)")
+    return net, mapping, topology_pdb, own
+
+
+def export_cg_potential(model: Any, out_path: str | os.PathLike, temperature: float | None = None) -> Path:
+    """Write a CG model as a TorchScript file for ``openmmtorch.TorchForce``.
+
+    Args:
+        model: the path of a CG model file (``flowforce cg``; ``train_cg_net`` checkpoints work
+            when they store a mapping), or a ``(CGEnergyNet, CGMapping, topology_pdb)`` tuple.
+        out_path: file to write, atomically.
+        temperature: K; None or the net's own temperature (a CG energy is fixed at the
+            temperature it was fitted at).
+
+    Raises:
+        ValueError: a temperature other than the net's, or a file without a mapping (masses).
+    """
+    net, mapping, topology_pdb, own = resolve_cg_model(model, temperature)
     module = build_cg_module(net)
     metadata = {"format": EXPORT_FORMAT, "kind": MODEL_KIND, "temperature": own, "n_atoms": net.n_beads,
                 "masses": [float(m) for m in mapping.masses], "torch_version": torch.__version__,
-                "energy": "CG energy net E(X), kJ/mol; positions (n, 3) nm",
+                "outputs": OUTPUTS_ENERGY_FORCES, "energy": "CG energy net E(X), kJ/mol; positions (n, 3) nm",
                 "mapping": mapping.to_dict()}
     return save_exported(module, metadata, topology_pdb, out_path)

@@ -5,8 +5,11 @@ The exported module computes the potential of mean force of a Boltzmann generato
     U(x) = −kT·log q(x)   (kJ/mol, positions x in nm, T fixed at export time),
 
 through ``forward(positions)`` with positions ``(N, 3)`` in nm, float32 or float64, on
-CPU or CUDA, returning a 0-dim energy in the positions' dtype. Forces are left to
-autograd (OpenMM-torch differentiates the energy), F = −∂U/∂x in kJ/mol/nm.
+CPU or CUDA, returning ``(energy, forces)`` in the positions' dtype: energy 0-dim in
+kJ/mol and forces F = −∂U/∂x ``(N, 3)`` in kJ/mol/nm, computed by autograd inside the
+module, so ``openmmtorch.TorchForce`` runs it with ``setOutputsForces(True)`` and does no
+autograd of its own. Files written before this (no ``outputs`` entry in the metadata,
+:func:`outputs_forces` is False) return the energy only; every reader here handles both.
 
 How: the model's own eager code is *traced* (``torch.jit.trace``) once on a float64
 example ``(1, N, 3)``, which records the tensor operations of ``log_prob`` without
@@ -45,8 +48,9 @@ from ..conventions import kT
 from ..io import atomic_write_bytes
 from ..potentials.boltzmann import BoltzmannGenerator, load_boltzmann_generator
 
-__all__ = ["EXPORTERS", "EXPORT_FORMAT", "ExportedPotential", "export_potential", "is_exported_file", "load_exported",
-           "load_model_float64", "model_kind", "read_export_metadata"]
+__all__ = ["EXPORTERS", "EXPORT_FORMAT", "ExportedPotential", "OUTPUTS_ENERGY_FORCES", "export_potential",
+           "is_exported_file", "load_exported", "load_model_float64", "model_kind", "outputs_forces",
+           "read_export_metadata"]
 
 #: Format tag stored in every exported file.
 EXPORT_FORMAT = "openmm-flowforce/torchscript/1"
@@ -54,6 +58,14 @@ EXPORT_FORMAT = "openmm-flowforce/torchscript/1"
 METADATA_FILE = "flowforce.json"
 #: Energies of the traced graph must match eager ones to this relative tolerance (float64).
 TRACE_RTOL = 1e-10
+#: Metadata ``outputs`` of files whose module returns ``(energy, forces)``.
+OUTPUTS_ENERGY_FORCES = "energy_forces"
+
+
+def outputs_forces(metadata: dict[str, Any]) -> bool:
+    """True when the exported module returns ``(energy, forces)``; False for the energy-only
+    files written before forces moved into the module."""
+    return metadata.get("outputs") == OUTPUTS_ENERGY_FORCES
 
 
 def read_pdb_text(text: str) -> tuple[Any, np.ndarray]:
@@ -86,10 +98,14 @@ class _EnergyCore(nn.Module):
 
 
 class FlowPotential(nn.Module):
-    """The scripted module OpenMM-torch calls: ``(N, 3)`` nm → energy (kJ/mol), 0-dim.
+    """The scripted module OpenMM-torch calls: ``(N, 3)`` nm → (energy 0-dim kJ/mol,
+    forces ``(N, 3)`` kJ/mol/nm), in the positions' dtype.
 
     Shared by every exported potential (flow and CG): the core maps float64 positions
-    ``(1, N, 3)`` to energies ``(1,)``.
+    ``(1, N, 3)`` to energies ``(1,)``; the forces are −∂U/∂x by autograd, taken here so
+    that OpenMM-torch need not (``TorchForce.setOutputsForces(True)``). The input is
+    detached first: OpenMM-torch hands in positions that require grad, and the returned
+    tensors carry no graph.
 
     Args:
         core: e.g. the traced :class:`_EnergyCore` of a flow, or a CG energy net.
@@ -101,12 +117,16 @@ class FlowPotential(nn.Module):
         self.core = core
         self.n_atoms = n_atoms
 
-    def forward(self, positions: Tensor) -> Tensor:
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         if positions.dim() != 2 or positions.size(0) != self.n_atoms or positions.size(1) != 3:
             raise ValueError("learned potential: expected positions of shape (" + str(self.n_atoms)
                              + ", 3) in nm, got " + str(positions.shape))
-        energy = self.core(positions.to(torch.float64).unsqueeze(0))
-        return energy.reshape(()).to(positions.dtype)
+        x = positions.detach().to(torch.float64).requires_grad_(True)
+        energy = self.core(x.unsqueeze(0))
+        grads = torch.autograd.grad([energy.sum()], [x])
+        gradient = grads[0]
+        assert gradient is not None
+        return energy.detach().reshape(()).to(positions.dtype), (-gradient).to(positions.dtype)
 
 
 @dataclass
@@ -114,12 +134,14 @@ class ExportedPotential:
     """An exported file, loaded: the TorchScript module and what was stored with it.
 
     Attributes:
-        module: ``forward(positions (N, 3) nm) -> energy (kJ/mol)``.
+        module: ``forward(positions (N, 3) nm) -> (energy (kJ/mol), forces (kJ/mol/nm))``, or
+            energy only for older files (``outputs_forces`` False).
         temperature: K; the energy is −kT·log q at this temperature.
         n_atoms: N.
         topology_pdb: PDB text of the molecule (positions: the example used for tracing).
         format: :data:`EXPORT_FORMAT`.
         path: the file it was loaded from.
+        outputs_forces: the module returns ``(energy, forces)`` (see :func:`outputs_forces`).
     """
 
     module: torch.jit.ScriptModule
@@ -128,6 +150,7 @@ class ExportedPotential:
     topology_pdb: str
     format: str
     path: Path
+    outputs_forces: bool = True
 
     def topology(self):
         """OpenMM topology and positions (nm, numpy ``(N, 3)``) from the stored PDB text."""
@@ -135,9 +158,19 @@ class ExportedPotential:
 
     def energy(self, positions: Any) -> float:
         """Energy in kJ/mol of positions ``(N, 3)`` nm (numpy or torch)."""
+        return float(self.energy_and_forces(positions)[0])
+
+    def energy_and_forces(self, positions: Any) -> tuple[Tensor, Tensor]:
+        """Energy (0-dim, kJ/mol) and forces ``(N, 3)`` kJ/mol/nm, float64, of positions
+        ``(N, 3)`` nm (numpy or torch), for files of either output kind."""
         x = torch.as_tensor(np.asarray(positions, dtype=np.float64))
-        with torch.no_grad():
-            return float(self.module(x))
+        if self.outputs_forces:
+            energy, forces = self.module(x)
+            return energy, forces
+        x.requires_grad_(True)
+        energy = self.module(x)
+        (gradient,) = torch.autograd.grad(energy, x)
+        return energy.detach(), -gradient
 
 
 def load_model_float64(path: str | os.PathLike) -> BoltzmannGenerator:
@@ -250,7 +283,8 @@ def export_potential(model: BoltzmannGenerator | str | os.PathLike, out_path: st
     bg = _as_model(model)
     module = build_exported_module(bg, temperature, example_positions)
     metadata = {"format": EXPORT_FORMAT, "temperature": float(temperature), "n_atoms": bg.n_atoms,
-                "torch_version": torch.__version__, "energy": "U = -kT log q(x), kJ/mol; positions (N, 3) nm"}
+                "torch_version": torch.__version__, "outputs": OUTPUTS_ENERGY_FORCES,
+                "energy": "U = -kT log q(x), kJ/mol; positions (N, 3) nm"}
     return save_exported(module, metadata, bg.topology_pdb, out_path)
 
 
@@ -307,7 +341,7 @@ def is_exported_file(path: str | os.PathLike) -> bool:
 
 def read_export_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata of an exported file without loading its module: format, temperature,
-    n_atoms, torch_version and ``topology_pdb``.
+    n_atoms, torch_version, ``outputs`` (absent in older, energy-only files) and ``topology_pdb``.
 
     Raises:
         FileNotFoundError: no such file.
@@ -350,4 +384,5 @@ def load_exported(path: str | os.PathLike, device: str | torch.device = "cpu") -
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"{path} records an invalid temperature {temperature!r}")
     return ExportedPotential(module=module, temperature=temperature, n_atoms=int(metadata["n_atoms"]),
-                             topology_pdb=metadata["topology_pdb"], format=metadata["format"], path=Path(path))
+                             topology_pdb=metadata["topology_pdb"], format=metadata["format"], path=Path(path),
+                             outputs_forces=outputs_forces(metadata))

@@ -171,7 +171,7 @@ def simulate(model: Any, topology_pdb: str | os.PathLike, steps: int, out: str |
         raise FileNotFoundError(f"topology file {topology_path} does not exist")
     pdb = app.PDBFile(str(topology_path))
     source = resolve_potential(model, temperature)
-    chosen = resolve_backend(backend)
+    chosen = resolve_backend(backend, source)
     system = create_system(pdb.topology, source, backend=chosen.name)
 
     temp_k = source.temperature
