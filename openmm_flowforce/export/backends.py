@@ -13,10 +13,13 @@ evaluated by one of the backends in :data:`BACKENDS`:
 * ``pythonforce``: ``openmm.PythonForce`` calling back into Python every step, running the
   eager model, a loaded TorchScript module, or a compiled AOTInductor package (``.pt2``,
   :mod:`.compiled`). Needs no compiled plugin.
-* ``auto``: for models, checkpoints and ``.pt`` files ``torchforce`` when openmm-torch
-  imports and evaluates a toy force correctly with this torch (checked once per process),
-  else ``pythonforce``; for ``.pt2`` packages ``pythonforce`` (TorchForce runs TorchScript
-  only).
+* ``native``: the C++ plugin's ``CompiledPotentialForce`` (:mod:`.native`) running a
+  compiled package (``.pt2``) through libtorch's AOTInductor loader; no Python and no
+  TorchScript on the MD path. Packages only (``flowforce export --compile``).
+* ``auto``: for ``.pt2`` packages ``native`` where the plugin loads, else ``pythonforce``;
+  for models, checkpoints and ``.pt`` files ``torchforce`` when openmm-torch imports and
+  evaluates a toy force correctly with this torch (checked once per process), else
+  ``pythonforce``.
 
 A model can be given as a :class:`~openmm_flowforce.potentials.BoltzmannGenerator`, the
 path of its trainer checkpoint, the path of an exported TorchScript file, or the path of a
@@ -283,6 +286,33 @@ def _make_pythonforce(source: PotentialSource, cuda_graphs: bool) -> Any:
     return force
 
 
+def _native_unavailable() -> str | None:
+    from .native import native_unavailable
+
+    return native_unavailable()
+
+
+def _make_native(source: PotentialSource, cuda_graphs: bool) -> Any:
+    from .native import compiled_potential_force
+
+    if cuda_graphs:
+        raise ValueError("cuda_graphs=True applies to the torchforce backend; the native plugin runs the "
+                         "compiled package as it is")
+    package = source.package_path
+    if package is None and source.exported_path is not None:
+        beside = source.exported_path.with_suffix(".pt2")
+        if is_package_file(beside):
+            package = beside
+    if package is None:
+        raise ValueError("the native backend runs compiled packages (.pt2); write one with "
+                         "`flowforce export MODEL --out MODEL.pt --compile` and pass MODEL.pt2")
+    metadata = read_package_metadata(package)
+    if metadata.get("batched"):
+        raise ValueError(f"{package} is a batched package ((B, N, 3) positions); an OpenMM force needs a "
+                         "single-configuration package (compile without --batch)")
+    return compiled_potential_force(package, int(metadata["n_atoms"]), metadata["dtype"], metadata["device"])
+
+
 #: name → backend; ``auto`` is resolved by :func:`resolve_backend`, not stored here.
 BACKENDS: dict[str, Backend] = {
     "torchforce": Backend("torchforce", "openmm-torch TorchForce running the exported TorchScript file",
@@ -290,6 +320,8 @@ BACKENDS: dict[str, Backend] = {
     "pythonforce": Backend("pythonforce", "openmm.PythonForce calling the model or compiled package in Python "
                            "every step",
                            _make_pythonforce, _pythonforce_unavailable),
+    "native": Backend("native", "the C++ plugin's CompiledPotentialForce running the compiled package (.pt2)",
+                      _make_native, _native_unavailable),
 }
 
 
@@ -299,8 +331,9 @@ def backend_names() -> list[str]:
 
 
 def resolve_backend(name: str, source: PotentialSource | None = None) -> Backend:
-    """The backend called ``name``; ``auto`` picks ``torchforce`` where it works, else
-    ``pythonforce``, and ``pythonforce`` for a compiled package (``source.package_path``).
+    """The backend called ``name``; ``auto`` picks, for a compiled package
+    (``source.package_path``), ``native`` where the plugin loads, else ``pythonforce``; for
+    anything else ``torchforce`` where it works, else ``pythonforce``.
 
     Raises:
         ValueError: unknown name (the message lists the valid ones), or a named backend
@@ -308,7 +341,7 @@ def resolve_backend(name: str, source: PotentialSource | None = None) -> Backend
     """
     if name == "auto":
         if source is not None and source.package_path is not None:
-            return resolve_backend("pythonforce")
+            return resolve_backend("native" if _native_unavailable() is None else "pythonforce")
         return BACKENDS["torchforce"] if _torchforce_unavailable() is None else BACKENDS["pythonforce"]
     if name not in BACKENDS:
         raise ValueError(f"unknown force backend {name!r}; valid: {', '.join(backend_names())}")
@@ -328,7 +361,7 @@ def make_force(model_or_path: Any, backend: str = "auto", temperature: float | N
         model_or_path: ``BoltzmannGenerator``, trainer checkpoint path, exported
             TorchScript path (``flowforce export``), or compiled package path (``.pt2``,
             ``flowforce export --compile``).
-        backend: ``"auto"``, ``"torchforce"`` or ``"pythonforce"`` (module docstring).
+        backend: ``"auto"``, ``"torchforce"``, ``"pythonforce"`` or ``"native"`` (module docstring).
         temperature: K; default 300 K for models/checkpoints, the stored T for exported
             files (a different value for an exported file is an error: re-export).
         cuda_graphs: ask TorchForce to capture CUDA graphs (only meaningful on the CUDA
