@@ -6,11 +6,15 @@
 * :func:`save_system` / :func:`load_system` — XML files without the learned force (a
   System holding a TorchForce crashes on deserialisation with openmm-torch 1.10), the force
   re-added from the model file on load;
-* :func:`export_potential` / :func:`load_exported` — the TorchScript file TorchForce runs.
+* :func:`export_potential` / :func:`load_exported` — the TorchScript file TorchForce runs;
+* :func:`compile_package` / :func:`load_package` / :func:`read_package_metadata` — the
+  AOTInductor package (``.pt2``) of the same energy and forces, which PythonForce (and C++)
+  runs.
 """
 from openmm_flowforce.export.backends import LEARNED_FORCE_NAME, backend_names, make_force
+from openmm_flowforce.export.compiled import compile_package, load_package, read_package_metadata
 from openmm_flowforce.export.system import create_system, load_system, save_system
 from openmm_flowforce.export.torchscript import export_potential, load_exported
 
-__all__ = ["LEARNED_FORCE_NAME", "backend_names", "create_system", "export_potential", "load_exported",
-           "load_system", "make_force", "save_system"]
+__all__ = ["LEARNED_FORCE_NAME", "backend_names", "compile_package", "create_system", "export_potential",
+           "load_exported", "load_package", "load_system", "make_force", "read_package_metadata", "save_system"]

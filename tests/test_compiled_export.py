@@ -285,6 +285,7 @@ def test_cg_package_matches_eager_and_finite_differences(cg, cg_package, alanine
     assert meta["torch_version"] == torch.__version__ and not meta["batched"]
     with zipfile.ZipFile(cg_package) as archive:
         assert f"cg/{METADATA_ENTRY}" in archive.namelist()
+    assert is_package_file(cg_package)
     # The bare AOTInductor loader runs the file with no Python-side help.
     runner = torch._inductor.aoti_load_package(str(cg_package))
     beads = mapping.map_positions(alanine_md["positions"][1460])

@@ -193,6 +193,7 @@ def test_module_takes_positions_that_require_grad(exported, alanine_md):
 
 
 @pytest.mark.filterwarnings(r"ignore:.*torch\.jit\.\w+. is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_energy_only_files_from_before_still_load(model, tmp_path, alanine_md):
     """A file whose module returns the energy only (written before forces moved into the module)."""
     from openmm_flowforce.export.torchscript import _EnergyCore, save_exported

@@ -69,10 +69,12 @@ METADATA_ENTRY = f"extra/{METADATA_FILE}"
 DEVICES = ("cpu", "cuda")
 #: dtype names a package can be compiled for.
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
-#: The traced graph and the compiled package must reproduce the eager energy module to this
-#: relative tolerance (of the largest |U| or |F|, plus 1) before a package is written. float32:
-#: the kernels reassociate sums (fusion, folding), which moves the last bits.
-CHECK_RTOL: dict[torch.dtype, float] = {torch.float64: 1e-9, torch.float32: 1e-4}
+#: The traced graph and the compiled package must reproduce the float64 eager model to this
+#: relative tolerance (of the largest |U| or |F|, plus 1) before a package is written: a check
+#: against miscompilation, not a precision claim. float64: rounding (fusion and folding
+#: reassociate sums). float32: 25× the worst error measured on a trained flow (4e-5, see
+#: :mod:`.models`), since a stiffer model amplifies float32 rounding more.
+CHECK_RTOL: dict[torch.dtype, float] = {torch.float64: 1e-9, torch.float32: 1e-3}
 #: Batch size of the example a batched program is traced with (a dynamic dimension needs ≥ 2).
 _TRACE_BATCH = 4
 #: Largest batch a batched package accepts.
@@ -200,6 +202,7 @@ def compile_package(model_or_path: Any, out_path: str | os.PathLike, temperature
     device, dtype = _check_device(device), _dtype(dtype)
     exportable = resolve_exportable(model_or_path, temperature)
     energy = energy_module(exportable, dtype).to(device)
+    reference = energy if dtype == torch.float64 else energy_module(exportable, torch.float64).to(device)
     example = _example_positions(exportable).to(device=device, dtype=dtype)
     if batch:
         noise = torch.randn((_TRACE_BATCH, *example.shape), generator=torch.Generator().manual_seed(0),
@@ -208,7 +211,7 @@ def compile_package(model_or_path: Any, out_path: str | os.PathLike, temperature
     rtol = CHECK_RTOL[dtype]
     say(f"tracing energy and forces ({exportable.kind}, {exportable.n_atoms} particles, {_dtype_name(dtype)})")
     graph = trace_energy_and_forces(energy, example, batched=batch)
-    check_against_eager(graph, energy, example, rtol)
+    check_against_eager(graph, reference, example, rtol)
     say("exporting (torch.export, strict)")
     program = export_program(graph, example, batched=batch, max_batch=MAX_BATCH)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -231,7 +234,7 @@ def compile_package(model_or_path: Any, out_path: str | os.PathLike, temperature
         _add_metadata(compiled, final, _metadata(exportable, dtype, device, batch, vectorize if device == "cpu" else None))
         say("checking the package against the eager model")
         package = load_package(final)
-        check_against_eager(package.runner, energy, example, rtol)
+        check_against_eager(package.runner, reference, example, rtol)
         os.replace(final, out)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -307,7 +310,11 @@ class CompiledPotential:
         self.n_atoms = int(self.metadata["n_atoms"])
         self.temperature = float(self.metadata["temperature"])
         self.dtype = DTYPES[self.metadata["dtype"]]
-        self.device = torch.device(_check_device(self.metadata["device"]))
+        device = self.metadata["device"]
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"{self.path} was compiled for CUDA, and torch.cuda.is_available() is False here: run it "
+                             "on a machine with the GPU, or compile a CPU package (device='cpu')")
+        self.device = torch.device(_check_device(device))
         self.batched = bool(self.metadata.get("batched", False))
         self._data = data  # kept when loaded from bytes: the path may not exist here
         source: Any = str(self.path) if data is None else io.BytesIO(data)

@@ -23,8 +23,8 @@ How it is built, and why this way (``torch.export`` of a module that calls
 4. :func:`export_program` exports the graph with ``torch.export.export(..., strict=True)``
    (TorchDynamo re-traces it; nothing is left that it cannot capture).
 
-:func:`check_against_eager` compares the graph with the eager module on positions other
-than the tracing example before anything is written.
+:func:`check_against_eager` compares the graph with the float64 eager model on positions
+other than the tracing example before anything is written.
 """
 from __future__ import annotations
 
@@ -181,12 +181,13 @@ def export_program(gm: fx.GraphModule, example: Tensor, batched: bool = False,
     return torch.export.export(gm, (example,), dynamic_shapes=dynamic_shapes, strict=True)
 
 
-def check_against_eager(graph: Callable[[Tensor], Any], energy: nn.Module, example: Tensor, rtol: float,
+def check_against_eager(graph: Callable[[Tensor], Any], reference: nn.Module, example: Tensor, rtol: float,
                         n_checks: int = 3, scale_nm: float = 0.01) -> tuple[float, float]:
-    """Compare ``graph`` with :class:`EnergyAndForces` of ``energy`` near ``example``.
+    """Compare ``graph`` with :class:`EnergyAndForces` of the float64 energy module ``reference``.
 
-    Positions are the example plus Gaussian noise of ``scale_nm · (i + 1)``; energies and
-    forces must agree to ``rtol`` relative to (max |value| + 1).
+    Positions are the example plus Gaussian noise of ``scale_nm · (i + 1)``, in the
+    example's dtype; the reference sees the same positions in float64. Energies and forces
+    must agree to ``rtol`` relative to (max |value| + 1).
 
     Returns:
         The largest |ΔU| (kJ/mol) and max |ΔF| (kJ/mol/nm) seen.
@@ -194,21 +195,22 @@ def check_against_eager(graph: Callable[[Tensor], Any], energy: nn.Module, examp
     Raises:
         RuntimeError: naming the difference, when they disagree.
     """
-    reference = EnergyAndForces(energy, batched=example.dim() == 3).eval()
+    batched = example.dim() == 3
+    want = EnergyAndForces(reference, batched=batched).eval()
     generator = torch.Generator().manual_seed(0)
     worst = (0.0, 0.0)
     for i in range(n_checks):
-        noise = torch.randn(example.shape, generator=generator, dtype=torch.float64)
-        x = (example.double() + scale_nm * (i + 1) * noise).to(example)
-        want_energy, want_forces = reference(x)
+        noise = torch.randn(example.shape, generator=generator, dtype=torch.float64).to(example.device)
+        x = (example.double() + scale_nm * (i + 1) * noise).to(example.dtype)
+        want_energy, want_forces = want(x.double())
         energy_out, forces_out = graph(x)
-        d_energy = float((energy_out.double() - want_energy.double()).abs().max())
-        d_forces = float((forces_out.double() - want_forces.double()).abs().max())
+        d_energy = float((energy_out.double() - want_energy).abs().max())
+        d_forces = float((forces_out.double() - want_forces).abs().max())
         worst = (max(worst[0], d_energy), max(worst[1], d_forces))
-        energy_scale = float(want_energy.double().abs().max()) + 1.0
-        forces_scale = float(want_forces.double().abs().max()) + 1.0
+        energy_scale = float(want_energy.abs().max()) + 1.0
+        forces_scale = float(want_forces.abs().max()) + 1.0
         if not (d_energy <= rtol * energy_scale and d_forces <= rtol * forces_scale):
-            raise RuntimeError(f"the traced energy+forces graph differs from the eager model (|ΔU| = {d_energy:.3g} "
-                               f"kJ/mol, max |ΔF| = {d_forces:.3g} kJ/mol/nm, tolerance {rtol:g} relative, check {i})")
+            raise RuntimeError(f"the traced or compiled energy+forces program differs from the float64 eager model "
+                               f"(|ΔU| = {d_energy:.3g} kJ/mol, max |ΔF| = {d_forces:.3g} kJ/mol/nm, tolerance "
+                               f"{rtol:g} relative, check {i}, {example.dtype})")
     return worst
-

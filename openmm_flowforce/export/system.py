@@ -59,7 +59,8 @@ def create_system(topology: Any, model: Any, backend: str = "auto", temperature:
 
     Args:
         topology: ``openmm.app.Topology`` of the molecule, atoms in the model's order.
-        model: ``BoltzmannGenerator``, checkpoint path, or exported ``.pt`` path.
+        model: ``BoltzmannGenerator``, checkpoint path, exported ``.pt`` path, or compiled
+            ``.pt2`` package path.
         backend: ``auto``, ``torchforce`` or ``pythonforce`` (see :func:`make_force`).
         temperature: K (see :func:`make_force`).
         cuda_graphs: TorchForce CUDA graphs (CUDA platform only).
@@ -133,7 +134,8 @@ def load_system(xml_path: str | os.PathLike, model_path: Any, backend: str = "au
 
     Args:
         xml_path: the XML file.
-        model_path: the model (exported ``.pt``, checkpoint, or ``BoltzmannGenerator``).
+        model_path: the model (exported ``.pt``, compiled ``.pt2``, checkpoint, or
+            ``BoltzmannGenerator``).
         backend, temperature, cuda_graphs: as for :func:`make_force`.
 
     Returns:
