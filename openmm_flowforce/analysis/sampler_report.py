@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .metrics import ess, tv_distance_histograms, w2_energy, w2_samples
+from ..errors import FlowforceError
 
 __all__ = ["evaluate_sampler", "load_reference"]
 
@@ -42,12 +43,12 @@ def load_reference(path: str, target: Any, n: int, seed: int = 0) -> np.ndarray:
     try:
         ref = np.load(path)
     except (OSError, ValueError) as error:
-        raise ValueError(f"cannot read reference samples {path}: {error}") from None
+        raise FlowforceError(f"cannot read reference samples {path}: {error}") from None
     ref = np.asarray(ref, dtype=np.float64).reshape(len(ref), -1) if ref.ndim > 1 else ref
     if ref.ndim != 2 or ref.shape[1] != target.dim:
-        raise ValueError(f"reference {path} has shape {ref.shape}; the target needs (m, {target.dim})")
+        raise FlowforceError(f"reference {path} has shape {ref.shape}; the target needs (m, {target.dim})")
     if len(ref) < n:
-        raise ValueError(f"reference {path} has {len(ref)} samples, fewer than the {n} asked for (-n)")
+        raise FlowforceError(f"reference {path} has {len(ref)} samples, fewer than the {n} asked for (-n)")
     ref = ref[np.random.default_rng(seed).choice(len(ref), n, replace=False)]
     shape = _particles(target)
     if shape is not None:

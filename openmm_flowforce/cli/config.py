@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
+from openmm_flowforce.errors import FlowforceError
+
 #: ``flowforce train --config``: top-level keys and their types.
 TRAIN_SCHEMA: dict[str, type | tuple[type, ...]] = {
     "flow": dict,          # CouplingFlow options: transform, n_layers, hidden, n_components
@@ -33,21 +35,21 @@ def load_config(path: str | Path | None, schema: Mapping[str, type | tuple[type,
 
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"config file {path} does not exist")
+        raise FlowforceError(f"config file {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
+        raise FlowforceError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping of options, got {type(data).__name__}")
+        raise FlowforceError(f"config file {path} must hold a mapping of options, got {type(data).__name__}")
     unknown = sorted(set(data) - set(schema))
     if unknown:
-        raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(schema)}")
+        raise FlowforceError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(schema)}")
     for key, value in data.items():
         expected = schema[key]
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = data[key] = float(value)
         if not isinstance(value, expected) or isinstance(value, bool):
             names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
-            raise ValueError(f"{path}: '{key}' must be a {names}, got {value!r}")
+            raise FlowforceError(f"{path}: '{key}' must be a {names}, got {value!r}")
     return data

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from openmm_flowforce.errors import FlowforceError
+
 HELP = "compare free-energy surfaces (phi/psi or chosen CVs) of a CG trajectory with mapped reference data"
 
 EPILOG = """\
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_trajectory_positions(args.trajectory, args.topology, args.skip)
         reference = mapped_reference_positions(args.reference, args.mapping)
         if reference.shape[1] != model.shape[1]:
-            raise ValueError(f"the trajectory has {model.shape[1]} beads but --mapping {args.mapping} maps the "
+            raise FlowforceError(f"the trajectory has {model.shape[1]} beads but --mapping {args.mapping} maps the "
                              f"reference to {reference.shape[1]}")
         comparison = compare_fes(reference, model, args.cv or PHI_PSI, bins=args.bins, pseudocount=args.pseudocount)
         report = {**comparison.report(), "trajectory": str(args.trajectory), "reference": str(args.reference),

@@ -10,6 +10,8 @@ import argparse
 import json
 import sys
 
+from openmm_flowforce.errors import FlowforceError
+
 HELP = "train, sample and evaluate energy-only samplers (iDEM, FAB, reverse KL) on toy targets"
 
 EPILOG = """\
@@ -78,7 +80,7 @@ def _error(message: str) -> int:
 
 def _positive(value: int | None, flag: str) -> None:
     if value is not None and value < 1:
-        raise ValueError(f"{flag} must be a positive integer, got {value}")
+        raise FlowforceError(f"{flag} must be a positive integer, got {value}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,12 +107,12 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, SAMPLER_TRAIN_SCHEMA)
     import_methods()
     if args.method not in method_names():
-        raise ValueError(f"unknown sampler method {args.method!r}; valid names: {', '.join(method_names())}")
+        raise FlowforceError(f"unknown sampler method {args.method!r}; valid names: {', '.join(method_names())}")
     method = get_method(args.method)
     try:
         target = make_target(args.target, **cfg.get("target_options", {}))
     except TypeError as error:
-        raise ValueError(f"target {args.target!r} cannot be built from target_options: {error}") from None
+        raise FlowforceError(f"target {args.target!r} cannot be built from target_options: {error}") from None
     options = dict(cfg.get("options", {}))
     if args.steps is not None:
         options["steps"] = args.steps

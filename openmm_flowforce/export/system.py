@@ -18,6 +18,7 @@ from typing import Any
 
 from ..io import atomic_write_bytes
 from .backends import LEARNED_FORCE_NAME, make_force, resolve_potential
+from ..errors import FlowforceError
 
 __all__ = ["NOTE_TAG", "create_system", "load_system", "save_system"]
 
@@ -33,12 +34,12 @@ def _check_topology(topology: Any, n_atoms: int, topology_pdb: str) -> list[floa
     """Masses (amu) of the topology's atoms, after checking them against the model."""
     atoms = list(topology.atoms())
     if len(atoms) != n_atoms:
-        raise ValueError(f"the topology has {len(atoms)} atoms but the model was trained on {n_atoms}; "
+        raise FlowforceError(f"the topology has {len(atoms)} atoms but the model was trained on {n_atoms}; "
                          "pass the topology of the molecule the model describes (same atoms, same order)")
     masses = []
     for atom in atoms:
         if atom.element is None:
-            raise ValueError(f"atom {atom.index} ({atom.residue.name}{atom.residue.index + 1}:{atom.name}) has no "
+            raise FlowforceError(f"atom {atom.index} ({atom.residue.name}{atom.residue.index + 1}:{atom.name}) has no "
                              "element, so its mass is unknown; fix the topology (e.g. the PDB element column)")
         masses.append(atom.element.mass)
     if topology_pdb:
@@ -47,7 +48,7 @@ def _check_topology(topology: Any, n_atoms: int, topology_pdb: str) -> list[floa
         model_atoms = list(topology_from_pdb_text(topology_pdb).atoms())
         for mine, theirs in zip(atoms, model_atoms):
             if mine.element is not None and theirs.element is not None and mine.element != theirs.element:
-                raise ValueError(f"atom {mine.index} is {mine.element.symbol} ({mine.residue.name}:{mine.name}) in "
+                raise FlowforceError(f"atom {mine.index} is {mine.element.symbol} ({mine.residue.name}:{mine.name}) in "
                                  f"the topology but {theirs.element.symbol} ({theirs.residue.name}:{theirs.name}) in "
                                  "the model: the atoms must be in the model's order")
     return masses
@@ -78,7 +79,7 @@ def create_system(topology: Any, model: Any, backend: str = "auto", temperature:
     if source.masses is not None:  # stored in the file (CG beads may have no element)
         n_topology = topology.getNumAtoms()
         if n_topology != source.n_atoms or len(source.masses) != source.n_atoms:
-            raise ValueError(f"the topology has {n_topology} particles but the model has {source.n_atoms} "
+            raise FlowforceError(f"the topology has {n_topology} particles but the model has {source.n_atoms} "
                              "(beads); pass the topology the model was trained on (e.g. the CG.pdb of flowforce cg)")
         masses = list(source.masses)
     else:
@@ -106,7 +107,7 @@ def save_system(system: Any, xml_path: str | os.PathLike) -> Path:
     forces = system.getForces()
     learned = [i for i, force in enumerate(forces) if force.getName() == LEARNED_FORCE_NAME]
     if not learned:
-        raise ValueError(f"the System has no force named {LEARNED_FORCE_NAME!r} (from make_force); "
+        raise FlowforceError(f"the System has no force named {LEARNED_FORCE_NAME!r} (from make_force); "
                          "save it with openmm.XmlSerializer.serialize")
     root = ET.fromstring(openmm.XmlSerializer.serialize(system))
     container = root.find("Forces")
@@ -149,7 +150,7 @@ def load_system(xml_path: str | os.PathLike, model_path: Any, backend: str = "au
     text = Path(xml_path).read_text()
     unsafe = [t for t in _UNSAFE_TYPES if re.search(rf'<Force\b[^>]*type="{t}"', text)]
     if unsafe:
-        raise ValueError(f"{xml_path} contains a {unsafe[0]}; deserialising it crashes openmm-torch 1.10, so it is "
+        raise FlowforceError(f"{xml_path} contains a {unsafe[0]}; deserialising it crashes openmm-torch 1.10, so it is "
                          "not loaded. Save Systems with openmm_flowforce.openmm.save_system, which leaves the "
                          "learned force out")
     match = _NOTE.search(text)
@@ -157,7 +158,7 @@ def load_system(xml_path: str | os.PathLike, model_path: Any, backend: str = "au
     system = openmm.XmlSerializer.deserialize(text)
     source = resolve_potential(model_path, temperature)
     if system.getNumParticles() != source.n_atoms:
-        raise ValueError(f"{xml_path} has {system.getNumParticles()} particles but the model has "
+        raise FlowforceError(f"{xml_path} has {system.getNumParticles()} particles but the model has "
                          f"{source.n_atoms} atoms")
     for group in groups:
         force = make_force(source, backend=backend, cuda_graphs=cuda_graphs)

@@ -11,6 +11,7 @@ import torch
 from ..reweighting import effective_sample_size, log_importance_weights
 from ..io import CHECKPOINT_FORMAT, atomic_write_npz, load_checkpoint
 from ..potentials.boltzmann import BoltzmannGenerator, build_from_metadata
+from ..errors import FlowforceError
 
 
 def _target(metadata: dict[str, Any], n_workers: int):
@@ -20,7 +21,7 @@ def _target(metadata: dict[str, Any], n_workers: int):
 
     xml = metadata.get("system_xml")
     if not xml:
-        raise ValueError("the model file holds no reference System (it was trained on data without one); "
+        raise FlowforceError("the model file holds no reference System (it was trained on data without one); "
                          "re-run `flowforce md` and `flowforce train` with this version to reweight")
     return OpenMMEnergy(XmlSerializer.deserialize(xml), metadata["temperature"], n_workers=n_workers)
 
@@ -39,7 +40,7 @@ def sample_boltzmann_generator(model_path: str | Path, n: int, out: str | Path, 
         A summary: ``n_samples``, and with ``reweight`` ``ess`` and ``n_nonfinite``.
     """
     if n < 1:
-        raise ValueError(f"the number of samples must be at least 1, got {n}")
+        raise FlowforceError(f"the number of samples must be at least 1, got {n}")
     state = load_checkpoint(model_path, CHECKPOINT_FORMAT)
     metadata = state.get("metadata", {})
     model: BoltzmannGenerator = build_from_metadata(metadata)

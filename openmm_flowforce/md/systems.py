@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..data import alanine_dipeptide_pdb
+from ..errors import FlowforceError
 
 __all__ = [
     "BUILTIN_SYSTEMS",
@@ -78,7 +79,7 @@ SOLVENTS: dict[str, Solvent] = {
 CONSTRAINTS: dict[str, str | None] = {"none": None, "hbonds": "HBonds"}
 
 
-class SystemInputError(ValueError):
+class SystemInputError(FlowforceError):
     """The input files or options cannot make a System; the message says how to fix it."""
 
 

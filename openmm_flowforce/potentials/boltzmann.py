@@ -23,6 +23,7 @@ from ..coordinates import InternalCoordinates
 from ..flows import CouplingFlow
 from ..data.dataset import topology_from_pdb_text, topology_to_pdb_text
 from ..io import CHECKPOINT_FORMAT, load_checkpoint
+from ..errors import FlowforceError
 
 Tensor = torch.Tensor
 MODEL_KIND = "boltzmann_generator"
@@ -40,7 +41,7 @@ class BoltzmannGenerator(nn.Module):
     def __init__(self, coordinates: InternalCoordinates, flow: CouplingFlow, topology_pdb: str = ""):
         super().__init__()
         if list(flow.config["periodic"]) != coordinates.periodic:
-            raise ValueError("the flow's periodic dimensions must be the coordinates' torsions")
+            raise FlowforceError("the flow's periodic dimensions must be the coordinates' torsions")
         self.coordinates = coordinates
         self.flow = flow
         self.topology_pdb = topology_pdb
@@ -85,7 +86,7 @@ class BoltzmannGenerator(nn.Module):
 def build_from_metadata(metadata: dict[str, Any]) -> BoltzmannGenerator:
     """An untrained model with the architecture recorded in ``metadata``."""
     if metadata.get("kind") != MODEL_KIND:
-        raise ValueError(f"not a Boltzmann generator model (kind {metadata.get('kind')!r})")
+        raise FlowforceError(f"not a Boltzmann generator model (kind {metadata.get('kind')!r})")
     topology = topology_from_pdb_text(metadata["topology_pdb"])
     ic = InternalCoordinates.from_topology(topology)
     # Which torsions are circles was decided by fitting to data; the flow config records it.

@@ -11,6 +11,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from ..errors import FlowforceError
+
 Tensor = torch.Tensor
 
 
@@ -32,7 +34,7 @@ class SamplerMethod:
         given = dict(given or {})
         unknown = sorted(set(given) - set(self.defaults))
         if unknown:
-            raise ValueError(f"unknown option(s) for {self.name}: {', '.join(unknown)}; "
+            raise FlowforceError(f"unknown option(s) for {self.name}: {', '.join(unknown)}; "
                              f"valid: {', '.join(sorted(self.defaults))}")
         return {**self.defaults, **given}
 
@@ -58,7 +60,7 @@ _METHODS: dict[str, Callable[[], SamplerMethod]] = {}
 
 def register_method(name: str, factory: Callable[[], SamplerMethod]) -> None:
     if name in _METHODS:
-        raise ValueError(f"sampler method {name!r} is already registered")
+        raise FlowforceError(f"sampler method {name!r} is already registered")
     _METHODS[name] = factory
 
 
@@ -71,4 +73,4 @@ def get_method(name: str) -> SamplerMethod:
     try:
         return _METHODS[name]()
     except KeyError:
-        raise ValueError(f"unknown sampler method {name!r}; valid names: {', '.join(method_names())}") from None
+        raise FlowforceError(f"unknown sampler method {name!r}; valid names: {', '.join(method_names())}") from None

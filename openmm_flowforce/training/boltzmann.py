@@ -12,6 +12,7 @@ from ..conventions import kT
 from ..potentials import BoltzmannGenerator
 from ..reporters import JSONLinesReporter, ProgressReporter, Reporter
 from .trainer import TrainConfig, Trainer
+from ..errors import FlowforceError
 
 #: Flow architecture used when the caller does not say otherwise.
 FLOW_DEFAULTS: dict[str, Any] = {"transform": "smooth", "n_layers": 8, "hidden": [128, 128], "n_components": 8}
@@ -22,7 +23,7 @@ def flow_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     options = dict(options or {})
     unknown = sorted(set(options) - set(FLOW_DEFAULTS) - {"identity_init"})
     if unknown:
-        raise ValueError(f"unknown flow option(s) {', '.join(unknown)}; valid: "
+        raise FlowforceError(f"unknown flow option(s) {', '.join(unknown)}; valid: "
                          f"{', '.join(sorted([*FLOW_DEFAULTS, 'identity_init']))}")
     return {**FLOW_DEFAULTS, **options}
 
@@ -31,10 +32,10 @@ def split_frames(n_frames: int, val_fraction: float) -> tuple[slice, slice]:
     """Train on the first frames and validate on the last ``val_fraction``: a contiguous
     block, because consecutive MD frames are correlated and a random split would leak."""
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise FlowforceError(f"val_fraction must be in [0, 1), got {val_fraction}")
     n_val = int(round(n_frames * val_fraction))
     if n_frames - n_val < 2:
-        raise ValueError(f"{n_frames} frames are too few to train on; record a longer trajectory")
+        raise FlowforceError(f"{n_frames} frames are too few to train on; record a longer trajectory")
     return slice(0, n_frames - n_val), slice(n_frames - n_val, n_frames)
 
 
@@ -71,7 +72,7 @@ def train_boltzmann_generator(topology, positions_nm: np.ndarray, checkpoint: st
     """
     weights = dict(weights or {"nll": 1.0})
     if "force" in weights and forces_kj_mol_nm is None:
-        raise ValueError("the 'force' loss needs forces; the data file has none (re-run `flowforce md`)")
+        raise FlowforceError("the 'force' loss needs forces; the data file has none (re-run `flowforce md`)")
     config = config or TrainConfig()
     checkpoint = Path(checkpoint)
     resuming = checkpoint.exists()

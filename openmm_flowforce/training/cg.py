@@ -32,6 +32,7 @@ from ..potentials.cg_net import CGEnergyNet, cg_metadata
 from .boltzmann import split_frames
 from ..reporters import ProgressReporter, Reporter, TrainState
 from .trainer import TrainConfig
+from ..errors import FlowforceError
 
 Tensor = torch.Tensor
 
@@ -54,7 +55,7 @@ def force_matching_loss(net: CGEnergyNet, positions: Tensor, forces: Tensor, for
         force_scale: kJ/mol/nm, e.g. :func:`force_scale_of` of the training forces.
     """
     if positions.shape != forces.shape:
-        raise ValueError(f"positions {tuple(positions.shape)} and forces {tuple(forces.shape)} must have one shape")
+        raise FlowforceError(f"positions {tuple(positions.shape)} and forces {tuple(forces.shape)} must have one shape")
     _, predicted = net.energy_and_forces(positions)
     return ((predicted - forces) / force_scale).pow(2).mean()
 
@@ -124,13 +125,13 @@ def train_cg_net(net: CGEnergyNet, positions: Any, forces: Any, config: TrainCon
     """
     cfg = config or TrainConfig()
     if cfg.n_samples:
-        raise ValueError(f"n_samples={cfg.n_samples} is for the reverse-KL loss; force matching draws no samples")
+        raise FlowforceError(f"n_samples={cfg.n_samples} is for the reverse-KL loss; force matching draws no samples")
     parameter = next(net.parameters())
     x = torch.as_tensor(np.asarray(positions) if not isinstance(positions, Tensor) else positions)
     f = torch.as_tensor(np.asarray(forces) if not isinstance(forces, Tensor) else forces)
     x, f = x.to(parameter), f.to(parameter)
     if x.ndim != 3 or tuple(x.shape[1:]) != (net.n_beads, 3) or f.shape != x.shape:
-        raise ValueError(f"positions {tuple(x.shape)} and forces {tuple(f.shape)} must both be (T, {net.n_beads}, 3)")
+        raise FlowforceError(f"positions {tuple(x.shape)} and forces {tuple(f.shape)} must both be (T, {net.n_beads}, 3)")
     train, val = split_frames(len(x), val_fraction)
     x_train, f_train, x_val, f_val = x[train], f[train], x[val], f[val]
     validate = len(x_val) > 0 and cfg.validate_every > 0

@@ -48,6 +48,7 @@ from .boltzmann import split_frames, train_boltzmann_generator
 from .cg import train_cg_net
 from .losses import flow_forces
 from .trainer import TrainConfig
+from ..errors import FlowforceError
 
 Tensor = torch.Tensor
 
@@ -86,7 +87,7 @@ def sample_flow_forces(model: BoltzmannGenerator, n: int, temperature: float, ba
     from tqdm.auto import tqdm
 
     if int(n) < 1:
-        raise ValueError(f"the number of flow samples must be at least 1, got {n}")
+        raise FlowforceError(f"the number of flow samples must be at least 1, got {n}")
     model64 = copy.deepcopy(model).to(torch.float64).eval()
     model64.requires_grad_(False)
     torch.manual_seed(seed)
@@ -121,9 +122,9 @@ def force_outlier_threshold(reference_forces: Any, percentile: float = FORCE_OUT
         ValueError: a percentile outside [0, 100] or a factor ≤ 0.
     """
     if not 0.0 <= percentile <= 100.0:
-        raise ValueError(f"outlier percentile must be in [0, 100], got {percentile}")
+        raise FlowforceError(f"outlier percentile must be in [0, 100], got {percentile}")
     if not factor > 0:
-        raise ValueError(f"outlier factor must be positive, got {factor}")
+        raise FlowforceError(f"outlier factor must be positive, got {factor}")
     return float(factor * np.percentile(max_bead_force_norm(reference_forces), percentile))
 
 
@@ -174,7 +175,7 @@ class CGMethodResult:
 
 def _force_matching(inputs: CGMethodInputs) -> CGMethodResult:
     if inputs.forces is None:
-        raise ValueError("--method force-matching needs all-atom forces, but the data file has none; record them "
+        raise FlowforceError("--method force-matching needs all-atom forces, but the data file has none; record them "
                          "with `flowforce md` (it saves forces), or use --method flow-matching, which needs "
                          "positions only")
     return CGMethodResult(inputs.positions, inputs.forces, {"training_frames": int(len(inputs.positions))})
@@ -221,7 +222,7 @@ def _flow_matching(inputs: CGMethodInputs) -> CGMethodResult:
     threshold = force_outlier_threshold(on_data, opts["outlier_percentile"], opts["outlier_factor"])
     x_kept, f_kept, kept = drop_force_outliers(x, f, threshold)
     if len(x_kept) < 2:
-        raise ValueError(f"only {len(x_kept)} of {n} flow samples pass the force threshold {threshold:.4g} "
+        raise FlowforceError(f"only {len(x_kept)} of {n} flow samples pass the force threshold {threshold:.4g} "
                          "kJ/mol/nm; train the flow longer or raise outlier_factor")
     info = {"flow_checkpoint": None if flow_ckpt is None else str(flow_ckpt),
             "flow_steps": int(trainer.step),
@@ -290,21 +291,21 @@ def _options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     given = dict(options or {})
     unknown = sorted(set(given) - set(defaults))
     if unknown:
-        raise ValueError(f"unknown coarse-graining option(s) {', '.join(unknown)}; valid: {', '.join(defaults)}")
+        raise FlowforceError(f"unknown coarse-graining option(s) {', '.join(unknown)}; valid: {', '.join(defaults)}")
     out = {**defaults, **given}
     for section in ("flow", "flow_train", "net", "cg_train"):
         if not isinstance(out[section], Mapping):
-            raise ValueError(f"option {section!r} must be a mapping, got {out[section]!r}")
+            raise FlowforceError(f"option {section!r} must be a mapping, got {out[section]!r}")
         out[section] = {**defaults[section], **dict(out[section])}
     bad_net = sorted(set(out["net"]) - set(NET_OPTIONS))
     if bad_net:
-        raise ValueError(f"unknown CG net option(s) {', '.join(bad_net)}; valid: {', '.join(NET_OPTIONS)}")
+        raise FlowforceError(f"unknown CG net option(s) {', '.join(bad_net)}; valid: {', '.join(NET_OPTIONS)}")
     for section in ("flow_train", "cg_train"):
         cfg = dict(out[section])
         cfg.setdefault("seed", int(out["seed"]))
         out[section] = TrainConfig.from_dict(cfg)
     if int(out["flow_samples"]) < 2:
-        raise ValueError(f"flow_samples must be at least 2, got {out['flow_samples']}")
+        raise FlowforceError(f"flow_samples must be at least 2, got {out['flow_samples']}")
     return out
 
 
@@ -336,7 +337,7 @@ def coarse_grain(positions: Any, topology: Any, temperature: float, out: str | P
         ValueError: unknown method, mapping or option; force-matching without forces.
     """
     if method not in CG_METHODS:
-        raise ValueError(f"unknown coarse-graining method {method!r}; valid: {', '.join(CG_METHODS)}")
+        raise FlowforceError(f"unknown coarse-graining method {method!r}; valid: {', '.join(CG_METHODS)}")
     if not isinstance(mapping, CGMapping):
         mapping = CGMapping.from_topology(topology, mapping)
     out = Path(out)

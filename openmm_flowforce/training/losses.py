@@ -10,6 +10,8 @@ from typing import Callable, Mapping, Protocol
 
 import torch
 
+from ..errors import FlowforceError
+
 Tensor = torch.Tensor
 
 
@@ -71,18 +73,18 @@ def parse_loss_weights(spec: str | Mapping[str, float]) -> dict[str, float]:
         for part in filter(None, (p.strip() for p in spec.split(","))):
             name, sep, value = part.partition("=")
             if not sep:
-                raise ValueError(f"loss term {part!r} needs a weight, e.g. 'nll=1,force=0.1'")
+                raise FlowforceError(f"loss term {part!r} needs a weight, e.g. 'nll=1,force=0.1'")
             try:
                 items[name.strip()] = float(value)
             except ValueError:
-                raise ValueError(f"weight of loss {name.strip()!r} is not a number: {value!r}") from None
+                raise FlowforceError(f"weight of loss {name.strip()!r} is not a number: {value!r}") from None
     else:
         items = {str(k): float(v) for k, v in spec.items()}
     unknown = sorted(set(items) - set(LOSS_NAMES))
     if unknown:
-        raise ValueError(f"unknown loss term(s) {', '.join(unknown)}; valid names: {', '.join(LOSS_NAMES)}")
+        raise FlowforceError(f"unknown loss term(s) {', '.join(unknown)}; valid names: {', '.join(LOSS_NAMES)}")
     if not items or all(w == 0 for w in items.values()):
-        raise ValueError("at least one loss term needs a non-zero weight, e.g. 'nll=1'")
+        raise FlowforceError("at least one loss term needs a non-zero weight, e.g. 'nll=1'")
     return {k: v for k, v in items.items() if v != 0}
 
 
@@ -96,11 +98,11 @@ def weighted_loss(model: DensityModel, weights: Mapping[str, float], x: Tensor |
         terms["nll"] = nll_on_data(model, x)
     if "force" in weights:
         if reduced_forces is None:
-            raise ValueError("the 'force' loss needs reference forces in the data set")
+            raise FlowforceError("the 'force' loss needs reference forces in the data set")
         terms["force"] = force_matching_on_data(model, x, reduced_forces)
     if "reverse_kl" in weights:
         if reduced_energy is None:
-            raise ValueError("the 'reverse_kl' loss needs an energy target")
+            raise FlowforceError("the 'reverse_kl' loss needs an energy target")
         terms["reverse_kl"] = reverse_kl_on_samples(model, reduced_energy, n_samples or len(x))
     total = sum(weights[k] * v for k, v in terms.items())
     return total, {k: float(v.detach()) for k, v in terms.items()}

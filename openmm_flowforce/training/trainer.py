@@ -14,6 +14,7 @@ import torch
 from ..io import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from .losses import nll_on_data, weighted_loss
 from ..reporters import Reporter, TrainState
+from ..errors import FlowforceError
 
 Tensor = torch.Tensor
 
@@ -53,16 +54,16 @@ class TrainConfig:
         known = {f.name: f.type for f in fields(cls)}
         unknown = sorted(set(values) - set(known))
         if unknown:
-            raise ValueError(f"unknown training option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+            raise FlowforceError(f"unknown training option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
         out = cls()
         for key, value in values.items():
             default = getattr(out, key)
             try:
                 setattr(out, key, type(default)(value))
             except (TypeError, ValueError):
-                raise ValueError(f"training option {key}={value!r} should be a {type(default).__name__}") from None
+                raise FlowforceError(f"training option {key}={value!r} should be a {type(default).__name__}") from None
         if out.steps < 1 or out.batch_size < 1 or not out.lr > 0:
-            raise ValueError("steps and batch_size must be ≥ 1 and lr > 0")
+            raise FlowforceError("steps and batch_size must be ≥ 1 and lr > 0")
         return out
 
 
@@ -100,12 +101,12 @@ class Trainer:
         self.reporters = list(reporters)
         self.metadata = dict(metadata or {})
         if any(k in self.weights for k in ("nll", "force")) and "x" not in self.data:
-            raise ValueError("the 'nll' and 'force' losses need training data (data={'x': ...})")
+            raise FlowforceError("the 'nll' and 'force' losses need training data (data={'x': ...})")
         if "x" in self.data:
             n = len(self.data["x"])
             for key, value in self.data.items():
                 if len(value) != n:
-                    raise ValueError(f"data[{key!r}] has {len(value)} rows but data['x'] has {n}")
+                    raise FlowforceError(f"data[{key!r}] has {len(value)} rows but data['x'] has {n}")
         torch.manual_seed(self.config.seed)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=self.config.lr,
                                           weight_decay=self.config.weight_decay)
