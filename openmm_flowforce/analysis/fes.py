@@ -107,7 +107,7 @@ def parse_cv(spec: str | CV) -> CV:
     kind, sep, rest = str(spec).partition(":")
     if not sep or kind not in CV_KINDS:
         raise FlowforceError(f"bad CV {spec!r}: write KIND:i,j,... with KIND one of {', '.join(CV_KINDS)}, "
-                         "e.g. dihedral:0,1,2,3 or distance:0,4")
+                             "e.g. dihedral:0,1,2,3 or distance:0,4")
     try:
         indices = tuple(int(i) for i in rest.split(","))
     except ValueError:

@@ -69,7 +69,7 @@ def _as_samples(a: Any, name: str) -> np.ndarray:
         out = out[:, None]
     if out.ndim != 2 or out.shape[0] == 0:
         raise FlowforceError(f"{name} must be a non-empty (n, dim) array (or (n,) for 1-D samples), got shape "
-                         f"{out.shape}")
+                             f"{out.shape}")
     return out
 
 
@@ -78,7 +78,7 @@ def _particles(x: np.ndarray, n_particles: int | None, spatial_dim: int | None, 
         raise FlowforceError("align=True needs n_particles and spatial_dim")
     if x.shape[1] != n_particles * spatial_dim:
         raise FlowforceError(f"{name} has {x.shape[1]} coordinates per sample, but n_particles·spatial_dim = "
-                         f"{n_particles}·{spatial_dim} = {n_particles * spatial_dim}")
+                             f"{n_particles}·{spatial_dim} = {n_particles * spatial_dim}")
     p = x.reshape(len(x), n_particles, spatial_dim)
     return p - p.mean(axis=1, keepdims=True)
 
@@ -191,7 +191,7 @@ def wasserstein_samples(x: Any, y: Any, p: int = 2, align: bool = False, n_parti
     a, b = _as_samples(x, "x"), _as_samples(y, "y")
     if a.shape != b.shape:
         raise FlowforceError(f"x and y must have the same shape (equal sample counts: subsample the larger "
-                         f"set), got {a.shape} and {b.shape}")
+                             f"set), got {a.shape} and {b.shape}")
     if align:
         squared = aligned_cost_matrix(a, b, n_particles, spatial_dim)
     else:
@@ -239,7 +239,7 @@ def interatomic_distances(x: Any, n_particles: int, spatial_dim: int) -> np.ndar
     a = _as_samples(x, "x")
     if a.shape[1] != n_particles * spatial_dim:
         raise FlowforceError(f"x has {a.shape[1]} coordinates per sample, but n_particles·spatial_dim = "
-                         f"{n_particles * spatial_dim}")
+                             f"{n_particles * spatial_dim}")
     p = a.reshape(len(a), n_particles, spatial_dim)
     i, j = np.triu_indices(n_particles, k=1)
     return np.linalg.norm(p[:, i] - p[:, j], axis=-1)

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         reference = mapped_reference_positions(args.reference, args.mapping)
         if reference.shape[1] != model.shape[1]:
             raise FlowforceError(f"the trajectory has {model.shape[1]} beads but --mapping {args.mapping} maps the "
-                             f"reference to {reference.shape[1]}")
+                                 f"reference to {reference.shape[1]}")
         comparison = compare_fes(reference, model, args.cv or PHI_PSI, bins=args.bins, pseudocount=args.pseudocount)
         report = {**comparison.report(), "trajectory": str(args.trajectory), "reference": str(args.reference),
                   "mapping": args.mapping, "skip": args.skip}

@@ -223,10 +223,11 @@ class CGMapping:
         if len(set(flat)) != len(flat):
             shared = sorted({i for i in flat if flat.count(i) > 1})
             raise FlowforceError(f"bead groups overlap (atoms {shared[:10]} are in several beads); the aggregate "
-                             "force map is a valid mean-force estimate only for disjoint groups")
+                                 "force map is a valid mean-force estimate only for disjoint groups")
         for g, w in zip(groups, weights):
             if len(g) != len(w) or len(g) == 0 or abs(sum(w) - 1.0) > 1e-9:
-                raise FlowforceError(f"bead group {list(g)} has weights {list(w)}; they must be one per atom and sum to 1")
+                raise FlowforceError(f"bead group {list(g)} has weights {list(w)}; they must be one per atom and "
+                                     "sum to 1")
         if any(not (0 <= i < n and 0 <= j < n and i != j) for i, j in bonds):
             raise FlowforceError(f"bonds must join two different beads in [0, {n}), got {[tuple(b) for b in bonds]}")
         self.n_atoms = int(n_atoms)
@@ -269,12 +270,13 @@ class CGMapping:
         src = _Source(topology)
         if preset is not None:
             if preset not in MAPPING_PRESETS:
-                raise FlowforceError(f"unknown CG mapping preset {preset!r}; valid presets: {', '.join(MAPPING_PRESETS)} "
-                                 "(or pass selection='...', an mdtraj selection string)")
+                raise FlowforceError(f"unknown CG mapping preset {preset!r}; valid presets: "
+                                     f"{', '.join(MAPPING_PRESETS)} (or pass selection='...', an mdtraj selection "
+                                     "string)")
             groups, kind = MAPPING_PRESETS[preset](src)
             if not groups:
                 raise FlowforceError(f"CG mapping preset {preset!r} finds no beads in this topology (residues: "
-                                 f"{', '.join(sorted({r.name for r in src.residues}))})")
+                                     f"{', '.join(sorted({r.name for r in src.residues}))})")
             return cls._build(src, groups, kind, {"preset": preset})
         if group_by not in ("atom", "residue"):
             raise FlowforceError(f"unknown group_by {group_by!r}; valid: atom, residue")
@@ -282,7 +284,7 @@ class CGMapping:
             selected = src.mdtraj().select(selection)
         except Exception as error:  # mdtraj raises several types on bad syntax or unknown keywords
             raise FlowforceError(f"mdtraj cannot parse the selection {selection!r} "
-                             f"({type(error).__name__}: {error})") from None
+                                 f"({type(error).__name__}: {error})") from None
         if len(selected) == 0:
             raise FlowforceError(f"the selection {selection!r} selects no atoms")
         if group_by == "atom":
@@ -302,7 +304,8 @@ class CGMapping:
             m = np.array([a.mass for a in atoms])
             if kind == "com":
                 if m.sum() <= 0:
-                    raise FlowforceError(f"the centre-of-mass group {[a.name for a in atoms]} has no mass (no elements?)")
+                    raise FlowforceError(f"the centre-of-mass group {[a.name for a in atoms]} has no mass "
+                                         "(no elements?)")
                 weights.append(m / m.sum())
                 names.append(COM_BEAD_NAME)
                 elements.append(None)
@@ -342,7 +345,7 @@ class CGMapping:
         shape = tuple(values.shape)
         if len(shape) not in (2, 3) or shape[-2:] != (self.n_atoms, 3):
             raise FlowforceError(f"{what} must have shape (T, {self.n_atoms}, 3) or ({self.n_atoms}, 3) for this "
-                             f"{self.n_atoms}-atom mapping, got {shape}")
+                                 f"{self.n_atoms}-atom mapping, got {shape}")
         if type(values).__module__.startswith("torch"):
             import torch
 

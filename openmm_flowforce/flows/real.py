@@ -102,13 +102,13 @@ class RealFlow(nn.Module):
             raise FlowforceError(f"scale must be a positive number, got {scale!r}")
         if (n_particles is None) != (spatial_dim is None):
             raise FlowforceError("give both n_particles and spatial_dim (mean-free particle flow) or neither, got "
-                             f"n_particles={n_particles!r}, spatial_dim={spatial_dim!r}")
+                                 f"n_particles={n_particles!r}, spatial_dim={spatial_dim!r}")
         mean_free = n_particles is not None
         if mean_free:
             n_particles, spatial_dim = int(n_particles), int(spatial_dim)
             if n_particles < 2 or spatial_dim < 1 or n_particles * spatial_dim != dim:
                 raise FlowforceError(f"n_particles·spatial_dim must equal dim with n_particles ≥ 2, got "
-                                 f"{n_particles}·{spatial_dim} for dim={dim}")
+                                     f"{n_particles}·{spatial_dim} for dim={dim}")
         hidden = [hidden, hidden] if isinstance(hidden, int) else [int(h) for h in hidden]
         self.config: dict[str, Any] = dict(dim=dim, scale=float(scale), n_particles=n_particles,
                                            spatial_dim=spatial_dim, transform=transform, n_layers=int(n_layers),

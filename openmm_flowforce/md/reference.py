@@ -72,7 +72,7 @@ def choose_platform(system, platform: str = "auto") -> list[str]:
     if platform != "auto":
         if platform not in available:
             raise FlowforceError(f"platform {platform!r} is not available here; choose auto or one of "
-                             f"{', '.join(available)} (run `flowforce doctor` to see why others are missing)")
+                                 f"{', '.join(available)} (run `flowforce doctor` to see why others are missing)")
         return [platform]
     order = list(PLATFORM_ORDER)
     if system.getNumParticles() <= SMALL_SYSTEM_ATOMS and not _has_generalized_born(system):
@@ -102,7 +102,7 @@ def _steps(what: str, duration_fs: float, timestep_fs: float) -> int:
     steps = duration_fs / timestep_fs
     if steps < 1 - 1e-9 or abs(steps - round(steps)) > 1e-6 * max(1.0, steps):
         raise FlowforceError(f"{what} ({duration_fs:g} fs) must be a positive multiple of the time step "
-                         f"({timestep_fs:g} fs)")
+                             f"({timestep_fs:g} fs)")
     return int(round(steps))
 
 
@@ -173,7 +173,7 @@ def run_reference_md(
     positions_nm = np.asarray(positions_nm, dtype=np.float64)
     if positions_nm.shape != (system.getNumParticles(), 3):
         raise FlowforceError(f"positions have shape {positions_nm.shape}, the System has {system.getNumParticles()} "
-                         "particles: expected (particles, 3) in nm")
+                             "particles: expected (particles, 3) in nm")
     integrator_seed, velocity_seed = derive_seeds(seed)
 
     def make_integrator():
@@ -189,7 +189,7 @@ def run_reference_md(
     minimized = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
     if not math.isfinite(minimized):
         raise FlowforceError(f"the potential energy is {minimized} after minimisation: the start structure or the "
-                         "System is broken (overlapping atoms, missing parameters, positions not in nm?)")
+                             "System is broken (overlapping atoms, missing parameters, positions not in nm?)")
     context.setVelocitiesToTemperature(temperature * unit.kelvin, velocity_seed)
 
     frames_pos: list[np.ndarray] = []

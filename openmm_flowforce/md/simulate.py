@@ -120,7 +120,7 @@ def _platform(name: str) -> Any:
     available = [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
     if name not in available:
         raise FlowforceError(f"OpenMM platform {name!r} is not available here; available: {', '.join(available)} "
-                         "(or use auto; `flowforce doctor` explains missing ones)")
+                             "(or use auto; `flowforce doctor` explains missing ones)")
     return openmm.Platform.getPlatformByName(name)
 
 
@@ -187,7 +187,7 @@ def simulate(model: Any, topology_pdb: str | os.PathLike, steps: int, out: str |
     energy0 = start.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
     if not math.isfinite(energy0):
         raise FlowforceError(f"the starting positions in {topology_path} have a non-finite energy ({energy0}); "
-                         "are they the molecule's atoms, in nm-sensible geometry?")
+                             "are they the molecule's atoms, in nm-sensible geometry?")
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

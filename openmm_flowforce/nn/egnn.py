@@ -118,7 +118,7 @@ class EGNN(nn.Module):
             raise FlowforceError(f"unknown activation {activation!r}; valid names: {', '.join(sorted(_ACTIVATIONS))}")
         if n_particles < 2 or spatial_dim < 1 or n_layers < 1 or hidden < 1 or n_conditions < 1:
             raise FlowforceError(f"EGNN needs n_particles >= 2 and positive spatial_dim, n_layers, hidden, "
-                             f"n_conditions; got {n_particles}, {spatial_dim}, {n_layers}, {hidden}, {n_conditions}")
+                                 f"n_conditions; got {n_particles}, {spatial_dim}, {n_layers}, {hidden}, {n_conditions}")
         self.n_particles, self.spatial_dim, self.n_conditions = int(n_particles), int(spatial_dim), int(n_conditions)
         self.embedding = nn.Linear(n_conditions, hidden)
         per_layer = None if coord_range is None else float(coord_range) / n_layers

@@ -164,7 +164,7 @@ class CGEnergyNet(nn.Module):
         missing, unknown = sorted(set(CONFIG_KEYS) - set(config)), sorted(set(config) - set(CONFIG_KEYS))
         if missing or unknown:
             raise FlowforceError(f"CG energy net config: missing keys {missing}, unknown keys {unknown}; "
-                             f"a config has {', '.join(CONFIG_KEYS)}")
+                                 f"a config has {', '.join(CONFIG_KEYS)}")
         return cls(**dict(config))
 
     def config(self) -> dict[str, Any]:

@@ -301,5 +301,5 @@ def build_prior(name: str, graph: BeadGraph, options: dict[str, Any] | None = No
     unknown = sorted(set(options or {}) - set(valid))
     if unknown:
         raise FlowforceError(f"unknown option(s) {', '.join(unknown)} for prior {name!r}; valid: "
-                         f"{', '.join(valid) or 'none'}")
+                             f"{', '.join(valid) or 'none'}")
     return cls(graph, **(options or {}))

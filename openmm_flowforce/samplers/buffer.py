@@ -69,7 +69,7 @@ class PrioritisedBuffer:
         n_valid = int(torch.isfinite(log_w).sum())
         if n_valid < n:
             raise FlowforceError(f"the buffer holds {n_valid} points with non-zero weight, fewer than the {n} "
-                             "requested; raise min_buffer or lower the batch size")
+                                 "requested; raise min_buffer or lower the batch size")
         gumbel = -torch.log(-torch.log(torch.rand_like(log_w).clamp_min(torch.finfo(log_w.dtype).tiny)))
         idx = torch.topk(log_w + gumbel, n).indices
         return idx, self.x[idx], self.log_q_old[idx]
@@ -90,7 +90,7 @@ class PrioritisedBuffer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["x"].shape != self.x.shape:
             raise FlowforceError(f"buffer in the checkpoint has shape {tuple(state['x'].shape)}, this run expects "
-                             f"{tuple(self.x.shape)} (buffer_size or the target changed)")
+                                 f"{tuple(self.x.shape)} (buffer_size or the target changed)")
         self.x.copy_(state["x"])
         self.log_w.copy_(state["log_w"])
         self.log_q_old.copy_(state["log_q_old"])

@@ -86,7 +86,7 @@ def load_sampler(path: str | os.PathLike, target: Any = None) -> LoadedSampler:
         spec = ckpt.get("target") or {}
         if spec.get("name") is None:
             raise FlowforceError(f"{path} does not name its target (it was trained on a target not built with "
-                             "make_target); pass target= explicitly")
+                                 "make_target); pass target= explicitly")
         target = make_target(spec["name"], **spec.get("kwargs", {}))
     options = dict(ckpt["options"])
     model = method.build(target, options)

@@ -124,10 +124,10 @@ class FABMethod(FlowSamplerMethod):
         if options["buffer"]:
             if int(options["min_buffer"]) < int(options["batch_size"]):
                 raise FlowforceError(f"min_buffer ({options['min_buffer']}) must be at least batch_size "
-                                 f"({options['batch_size']})")
+                                     f"({options['batch_size']})")
             if int(options["buffer_size"]) < int(options["min_buffer"]):
                 raise FlowforceError(f"buffer_size ({options['buffer_size']}) must be at least min_buffer "
-                                 f"({options['min_buffer']})")
+                                     f"({options['min_buffer']})")
             extra["buffer"] = PrioritisedBuffer(model.dim, int(options["buffer_size"]))
         return extra
 

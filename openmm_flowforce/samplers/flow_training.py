@@ -224,7 +224,7 @@ class FlowSamplerMethod(SamplerMethod):
                              if k not in _RESUMABLE_CHANGES and opts.get(k) != v)
             if changed:
                 raise FlowforceError(f"cannot resume {checkpoint} with different options: {', '.join(changed)} (only "
-                                 f"{', '.join(_RESUMABLE_CHANGES)} may change); use another checkpoint path")
+                                     f"{', '.join(_RESUMABLE_CHANGES)} may change); use another checkpoint path")
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["state"]["optimizer"])
             self.load_extra(extra, ckpt["state"]["extra"])

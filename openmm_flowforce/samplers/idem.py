@@ -419,7 +419,7 @@ class _Trainer:
         changed = sorted(k for k, v in fixed.items() if self.opts.get(k) != v)
         if changed:
             raise FlowforceError(f"cannot resume {self.checkpoint} with different options: {', '.join(changed)} "
-                             f"(only steps, checkpoint_every and log_every may change); use a new --out")
+                                 f"(only steps, checkpoint_every and log_every may change); use a new --out")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["state"]["optimizer"])
         self.buffer.data = ckpt["state"]["buffer"].to(self.dtype)

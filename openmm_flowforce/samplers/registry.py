@@ -35,7 +35,7 @@ class SamplerMethod:
         unknown = sorted(set(given) - set(self.defaults))
         if unknown:
             raise FlowforceError(f"unknown option(s) for {self.name}: {', '.join(unknown)}; "
-                             f"valid: {', '.join(sorted(self.defaults))}")
+                                 f"valid: {', '.join(sorted(self.defaults))}")
         return {**self.defaults, **given}
 
     def build(self, target, options: Mapping[str, Any]) -> torch.nn.Module:

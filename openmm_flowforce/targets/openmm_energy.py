@@ -64,7 +64,7 @@ def _check_platform(platform: str, properties: Mapping[str, str]) -> None:
     for key in properties:
         if key not in valid:
             raise FlowforceError(f"unknown property {key!r} for OpenMM platform {platform!r}; "
-                             f"valid: {', '.join(valid) or '(none)'}")
+                                 f"valid: {', '.join(valid) or '(none)'}")
 
 
 class _ContextEvaluator:
@@ -128,8 +128,13 @@ def _serve(conn, system_xml: str, platform: str, properties: dict, parent_pid: i
     # Ctrl-C reaches the whole process group; the parent decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        openmm = _import_openmm()
-        evaluator = _ContextEvaluator(openmm.XmlSerializer.deserialize(system_xml), platform, properties)
+        from ..safety import deserialize_xml
+
+        _import_openmm()  # its error message names the missing package
+        # Trusted: the parent serialised this XML from a System object it already holds,
+        # so nothing in it can be new code (files are checked where they are read).
+        system = deserialize_xml(system_xml, "the System sent to an OpenMM worker", trust=True)
+        evaluator = _ContextEvaluator(system, platform, properties)
         conn.send(("ready", None))
     except Exception:
         try:
@@ -377,7 +382,7 @@ class OpenMMEnergy:
                 system_xml = openmm.XmlSerializer.serialize(system)
             except Exception as error:
                 raise FlowforceError("n_workers > 0 sends the System to the workers as XML, but it cannot be "
-                                 f"serialized ({error}); use n_workers=0") from error
+                                     f"serialized ({error}); use n_workers=0") from error
             self._pool = _WorkerPool(system_xml, platform, properties, n_workers)
 
     @property
@@ -457,7 +462,7 @@ class OpenMMEnergy:
             bad = np.flatnonzero(~finite)
             listed = ", ".join(str(i) for i in bad[:10]) + (", ..." if len(bad) > 10 else "")
             raise FlowforceError(f"positions of frame {bad[0]} are not finite (NaN or inf); "
-                             f"{len(bad)} such frame(s): {listed}")
+                                 f"{len(bad)} such frame(s): {listed}")
         boxes = self._boxes(box_vectors, positions.shape[0])
         if positions.shape[0] == 0:
             energies, forces = np.zeros(0), (np.zeros((0, self.n_particles, 3)) if want_forces else None)

@@ -80,7 +80,7 @@ def _lj(n_particles: int):
 
         if "n_particles" in kwargs:
             raise FlowforceError(f"target 'lj{n_particles}' fixes n_particles={n_particles}; "
-                             "build LennardJonesCluster(n_particles=...) directly for other sizes")
+                                 "build LennardJonesCluster(n_particles=...) directly for other sizes")
         return LennardJonesCluster(n_particles=n_particles, **{"spatial_dim": 3, **kwargs})
 
     factory.__doc__ = f"``LennardJonesCluster(n_particles={n_particles}, spatial_dim=3)``: LJ-{n_particles}."

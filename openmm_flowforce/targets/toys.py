@@ -92,7 +92,7 @@ class _EnergyTarget:
             raise TypeError(f"x must have a floating dtype, got {x.dtype}")
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise FlowforceError(f"{type(self).__name__} takes flat positions of shape (B, {self.dim}), "
-                             f"got {tuple(x.shape)}")
+                                 f"got {tuple(x.shape)}")
 
 
 class GaussianMixture40(_EnergyTarget):

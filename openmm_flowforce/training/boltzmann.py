@@ -24,7 +24,7 @@ def flow_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     unknown = sorted(set(options) - set(FLOW_DEFAULTS) - {"identity_init"})
     if unknown:
         raise FlowforceError(f"unknown flow option(s) {', '.join(unknown)}; valid: "
-                         f"{', '.join(sorted([*FLOW_DEFAULTS, 'identity_init']))}")
+                             f"{', '.join(sorted([*FLOW_DEFAULTS, 'identity_init']))}")
     return {**FLOW_DEFAULTS, **options}
 
 

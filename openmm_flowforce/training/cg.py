@@ -131,7 +131,8 @@ def train_cg_net(net: CGEnergyNet, positions: Any, forces: Any, config: TrainCon
     f = torch.as_tensor(np.asarray(forces) if not isinstance(forces, Tensor) else forces)
     x, f = x.to(parameter), f.to(parameter)
     if x.ndim != 3 or tuple(x.shape[1:]) != (net.n_beads, 3) or f.shape != x.shape:
-        raise FlowforceError(f"positions {tuple(x.shape)} and forces {tuple(f.shape)} must both be (T, {net.n_beads}, 3)")
+        raise FlowforceError(f"positions {tuple(x.shape)} and forces {tuple(f.shape)} must both be "
+                             f"(T, {net.n_beads}, 3)")
     train, val = split_frames(len(x), val_fraction)
     x_train, f_train, x_val, f_val = x[train], f[train], x[val], f[val]
     validate = len(x_val) > 0 and cfg.validate_every > 0

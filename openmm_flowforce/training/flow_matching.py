@@ -176,8 +176,8 @@ class CGMethodResult:
 def _force_matching(inputs: CGMethodInputs) -> CGMethodResult:
     if inputs.forces is None:
         raise FlowforceError("--method force-matching needs all-atom forces, but the data file has none; record them "
-                         "with `flowforce md` (it saves forces), or use --method flow-matching, which needs "
-                         "positions only")
+                             "with `flowforce md` (it saves forces), or use --method flow-matching, which needs "
+                             "positions only")
     return CGMethodResult(inputs.positions, inputs.forces, {"training_frames": int(len(inputs.positions))})
 
 
@@ -223,7 +223,7 @@ def _flow_matching(inputs: CGMethodInputs) -> CGMethodResult:
     x_kept, f_kept, kept = drop_force_outliers(x, f, threshold)
     if len(x_kept) < 2:
         raise FlowforceError(f"only {len(x_kept)} of {n} flow samples pass the force threshold {threshold:.4g} "
-                         "kJ/mol/nm; train the flow longer or raise outlier_factor")
+                             "kJ/mol/nm; train the flow longer or raise outlier_factor")
     info = {"flow_checkpoint": None if flow_ckpt is None else str(flow_ckpt),
             "flow_steps": int(trainer.step),
             "flow_best_val_nll": None if trainer.best_state is None else float(trainer.best_val),
