@@ -156,6 +156,9 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+#: What to do with an output file that a run would resume from but cannot read.
+RESUME_FIX = "delete it to start a new run, or give another output file"
+
 #: Format tags of the package's files, as users know them (for "wrong kind of file" messages).
 KNOWN_FORMATS: dict[str, str] = {
     CHECKPOINT_FORMAT: "a model checkpoint (flowforce train / flowforce cg)",
@@ -191,7 +194,7 @@ def require_input_file(path: str | os.PathLike, what: str, fix: str = "") -> Pat
     if not os.access(path, os.R_OK):
         raise BadFileError(f"{path} is not readable (permissions); expected {what}")
     if path.stat().st_size == 0:
-        raise BadFileError(f"{path} is empty (0 bytes), not {what}: an interrupted copy or write?{hint}")
+        raise BadFileError(f"{path} is empty (0 bytes), not {what} (an interrupted copy or write?){hint}")
     return path
 
 
@@ -202,13 +205,14 @@ def bad_file(path: str | os.PathLike, what: str, error: BaseException | str, fix
 
 
 def load_checkpoint(path: str | os.PathLike, expected_format: str | None = None,
-                    required: tuple[str, ...] = ()) -> dict[str, Any]:
+                    required: tuple[str, ...] = (), fix: str | None = None) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True`` (no code runs from the file).
 
     Args:
         path: the file.
         expected_format: its ``format`` tag; None accepts any flowforce checkpoint.
         required: keys it must hold.
+        fix: what the user should do with a bad file (default: re-create it).
 
     Raises:
         MissingFileError: the file does not exist.
@@ -222,7 +226,7 @@ def load_checkpoint(path: str | os.PathLike, expected_format: str | None = None,
     import torch
 
     what = KNOWN_FORMATS.get(expected_format or "", "a flowforce checkpoint")
-    fix = "re-create it by re-running the command that wrote it"
+    fix = fix or "re-create it by re-running the command that wrote it"
     path = require_input_file(path, what, fix)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -237,7 +241,7 @@ def load_checkpoint(path: str | os.PathLike, expected_format: str | None = None,
     found = obj.get("format") if isinstance(obj, dict) else None
     if not isinstance(obj, dict) or (expected_format and found != expected_format):
         kind = KNOWN_FORMATS.get(found, f"format {found!r}" if found else f"a plain {type(obj).__name__}")
-        raise BadFileError(f"{path} is {kind}, not {what}; pass the right file")
+        raise BadFileError(f"{path} is {kind}, not {what}; pass the right file or {fix}")
     missing = [key for key in required if key not in obj]
     if missing:
         raise BadFileError(f"{path} is {what} without {', '.join(missing)}: it is incomplete or was altered; {fix}")

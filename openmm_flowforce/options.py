@@ -23,7 +23,7 @@ from .errors import OptionError
 __all__ = ["COUNT", "FRACTION", "NON_NEGATIVE", "POSITIVE", "POSITIVE_INT", "SEED", "Option", "check_options"]
 
 _KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list",
-               dict: "a mapping"}
+               dict: "a mapping", object: "any value"}
 
 
 @dataclass(frozen=True)

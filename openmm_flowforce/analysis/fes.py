@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..errors import FlowforceError, MissingFileError
+from ..errors import BadFileError, FlowforceError
 
 __all__ = ["CV", "CV_KINDS", "DEFAULT_PSEUDOCOUNT", "PHI_PSI", "FESComparison", "compare_fes",
            "compute_cvs", "divergences", "histogram_grid", "parse_cv", "plot_fes"]
@@ -285,16 +285,17 @@ def load_trajectory_positions(trajectory: str | Path, topology: str | Path, skip
         FileNotFoundError: a missing file. ValueError: unreadable files or no frames left."""
     import mdtraj
 
-    from ..io import silenced_native_stdout
+    from ..io import require_input_file, silenced_native_stdout
 
-    for path in (trajectory, topology):
-        if not Path(path).is_file():
-            raise MissingFileError(f"{path} does not exist")
+    require_input_file(trajectory, "a trajectory (DCD, XTC, ... as mdtraj reads)", "flowforce simulate writes one")
+    require_input_file(topology, "a PDB topology", "flowforce cg writes CG.pdb next to the model")
     try:
         with silenced_native_stdout():  # the DCD plugin prints to fd 1
             traj = mdtraj.load(str(trajectory), top=str(topology))
     except Exception as error:  # mdtraj raises several types for bad or mismatched files
-        raise FlowforceError(f"cannot read {trajectory} with topology {topology} ({type(error).__name__}: {error})") from None
+        raise BadFileError(f"cannot read {trajectory} with topology {topology} ({type(error).__name__}: "
+                           f"{' '.join(str(error).split())[:300]}); they should be a trajectory and the PDB of the "
+                           "same molecule") from None
     if skip < 0 or skip >= traj.n_frames:
         raise FlowforceError(f"skip={skip} leaves no frames of the {traj.n_frames} in {trajectory}")
     return np.asarray(traj.xyz[skip:], dtype=np.float64)

@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from openmm_flowforce.cli.config import CommandFiles, flag, legacy_user_errors
+from openmm_flowforce.options import POSITIVE
+
 HELP = "export a trained model checkpoint as a TorchScript file for OpenMM (openmmtorch.TorchForce)"
 
 EPILOG = """\
@@ -21,8 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("model", metavar="MODEL.ckpt", help="model checkpoint written by the trainer")
     parser.add_argument("--out", required=True, metavar="MODEL.pt", help="TorchScript file to write")
-    parser.add_argument("--temperature", type=float, default=300.0, metavar="K",
+    parser.add_argument("--temperature", type=flag(POSITIVE), default=300.0, metavar="K",
                         help="temperature of the energy scale U = -kT log q, in kelvin (default: 300)")
+
+
+def files(args: argparse.Namespace) -> CommandFiles:
+    return CommandFiles(inputs={"MODEL.ckpt": args.model}, outputs={"--out": args.out})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,10 +38,8 @@ def run(args: argparse.Namespace) -> int:
     from openmm_flowforce.potentials.cg_net import MODEL_KIND as CG_MODEL_KIND
 
     try:
-        path = export_potential(args.model, args.out, temperature=args.temperature)
-    except (FileNotFoundError, ValueError, TypeError) as error:
-        print(f"flowforce export: error: {error}", file=sys.stderr)
-        return 2
+        with legacy_user_errors():
+            path = export_potential(args.model, args.out, temperature=args.temperature)
     except RuntimeError as error:
         print(f"flowforce export: export failed: {error}", file=sys.stderr)
         return 1

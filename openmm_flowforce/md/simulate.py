@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from ..conventions import kT
-from ..errors import FlowforceError, MissingFileError
+from ..errors import BadFileError, FlowforceError
+from ..io import bad_file, require_input_file
 
 __all__ = ["PLATFORMS", "SimulationBlewUp", "SimulationResult", "StabilityReporter", "simulate"]
 
@@ -161,16 +162,21 @@ def simulate(model: Any, topology_pdb: str | os.PathLike, steps: int, out: str |
     from ..export.system import create_system
 
     if int(steps) < 1 or int(report_interval) < 1:
-        raise FlowforceError(f"steps and report_interval must be ≥ 1, got steps={steps}, report_interval={report_interval}")
+        raise FlowforceError(f"steps and report_interval must be ≥ 1, got steps={steps}, "
+                             f"report_interval={report_interval}")
     if not (timestep_fs > 0 and math.isfinite(timestep_fs)):
         raise FlowforceError(f"timestep_fs must be a positive number of femtoseconds, got {timestep_fs}")
     if not 0 <= int(seed) < 2**31 - 1:
         raise FlowforceError(f"seed must be in [0, 2^31 − 2], got {seed}")
     platform_obj = _platform(platform)
-    topology_path = Path(topology_pdb)
-    if not topology_path.is_file():
-        raise MissingFileError(f"topology file {topology_path} does not exist")
-    pdb = app.PDBFile(str(topology_path))
+    what = "a PDB file of the molecule (atoms in the model's order)"
+    topology_path = require_input_file(topology_pdb, what)
+    try:
+        pdb = app.PDBFile(str(topology_path))
+    except Exception as error:  # OpenMM's PDB reader raises several types for foreign files
+        raise bad_file(topology_path, what, error, "pass the PDB the model was trained on") from None
+    if pdb.topology.getNumAtoms() == 0:
+        raise BadFileError(f"{topology_path} has no atoms; expected {what}")
     source = resolve_potential(model, temperature)
     chosen = resolve_backend(backend)
     system = create_system(pdb.topology, source, backend=chosen.name)

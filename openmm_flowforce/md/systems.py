@@ -33,6 +33,7 @@ import numpy as np
 
 from ..data import alanine_dipeptide_pdb
 from ..errors import FlowforceError
+from ..safety import check_forcefield_file
 
 __all__ = [
     "BUILTIN_SYSTEMS",
@@ -156,10 +157,11 @@ def _openmm_forcefield(files: Sequence[str]):
     from openmm import app
 
     for name in files:
+        check_forcefield_file(name)  # before OpenMM runs the <Script>s a user's file may hold
         try:
             app.ForceField(name)
-        except ValueError as error:
-            if "Could not locate file" not in str(error):
+        except Exception as error:  # OpenMM raises ValueError, KeyError or a bare Exception for bad files
+            if not (isinstance(error, ValueError) and "Could not locate file" in str(error)):
                 raise SystemInputError(f"--forcefield {name}: not a valid force field file ({error})") from None
             shown = ", ".join(_bundled_forcefields())
             raise SystemInputError(

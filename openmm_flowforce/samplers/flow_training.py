@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import torch
 
 from ..flows import RealFlow
-from ..io import load_checkpoint, save_checkpoint
+from ..io import RESUME_FIX, load_checkpoint, save_checkpoint
 from ..reporters import ProgressReporter, TrainState
 from .common import SAMPLER_CHECKPOINT_FORMAT, SamplerLogReporter, particle_shape, target_spec
 from .registry import SamplerMethod
@@ -217,7 +217,7 @@ class FlowSamplerMethod(SamplerMethod):
         extra = self.init_extra(model, target, opts)
         step, wall, resumed_from = 0, 0.0, None
         if checkpoint.exists():
-            ckpt = load_checkpoint(checkpoint, expected_format=SAMPLER_CHECKPOINT_FORMAT)
+            ckpt = load_checkpoint(checkpoint, expected_format=SAMPLER_CHECKPOINT_FORMAT, fix=RESUME_FIX)
             if ckpt.get("method") != self.name:
                 raise FlowforceError(f"{checkpoint} is a {ckpt.get('method')!r} checkpoint, not {self.name!r}")
             changed = sorted(k for k, v in ckpt["options"].items()

@@ -45,7 +45,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from ..io import load_checkpoint, save_checkpoint
+from ..io import RESUME_FIX, load_checkpoint, save_checkpoint
 from ..nn.egnn import EGNN
 from ..nn.mlp import MLP
 from .common import (SAMPLER_CHECKPOINT_FORMAT, SamplerLogReporter, particle_shape, target_spec)
@@ -412,7 +412,7 @@ class _Trainer:
         }, self.checkpoint)
 
     def load(self) -> None:
-        ckpt = load_checkpoint(self.checkpoint, expected_format=SAMPLER_CHECKPOINT_FORMAT)
+        ckpt = load_checkpoint(self.checkpoint, expected_format=SAMPLER_CHECKPOINT_FORMAT, fix=RESUME_FIX)
         if ckpt.get("method") != self.method.name:
             raise FlowforceError(f"{self.checkpoint} is a {ckpt.get('method')!r} checkpoint, not {self.method.name!r}")
         fixed = {k: v for k, v in ckpt["options"].items() if k not in ("steps", "checkpoint_every", "log_every")}

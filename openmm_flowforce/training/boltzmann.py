@@ -13,19 +13,27 @@ from ..potentials import BoltzmannGenerator
 from ..reporters import JSONLinesReporter, ProgressReporter, Reporter
 from .trainer import TrainConfig, Trainer
 from ..errors import FlowforceError
+from ..options import POSITIVE, POSITIVE_INT, Option, check_options
 
 #: Flow architecture used when the caller does not say otherwise.
 FLOW_DEFAULTS: dict[str, Any] = {"transform": "smooth", "n_layers": 8, "hidden": [128, 128], "n_components": 8}
 
 
-def flow_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Defaults overlaid with ``options``; unknown keys are rejected, naming the valid ones."""
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(FLOW_DEFAULTS) - {"identity_init"})
-    if unknown:
-        raise FlowforceError(f"unknown flow option(s) {', '.join(unknown)}; valid: "
-                             f"{', '.join(sorted([*FLOW_DEFAULTS, 'identity_init']))}")
-    return {**FLOW_DEFAULTS, **options}
+#: Type and range of every flow option (YAML ``flow:`` keys); the transform's name is
+#: checked by the bijection registry, which lists the valid ones.
+FLOW_OPTIONS: dict[str, Option] = {
+    "transform": Option(str), "n_layers": POSITIVE_INT, "hidden": Option(list, item=POSITIVE_INT),
+    "n_components": POSITIVE_INT, "identity_init": Option(bool),
+}
+
+
+def flow_options(options: Mapping[str, Any] | None, where: str = "") -> dict[str, Any]:
+    """Defaults overlaid with ``options``, checked against :data:`FLOW_OPTIONS`.
+
+    Raises:
+        OptionError: an unknown key (listing the valid ones) or a bad value.
+    """
+    return {**FLOW_DEFAULTS, **check_options(dict(options or {}), FLOW_OPTIONS, where, section="flow")}
 
 
 def split_frames(n_frames: int, val_fraction: float) -> tuple[slice, slice]:
@@ -41,6 +49,7 @@ def split_frames(n_frames: int, val_fraction: float) -> tuple[slice, slice]:
 
 def steps_for_epochs(epochs: float, n_train: int, batch_size: int) -> int:
     """Optimiser steps that show every training frame ``epochs`` times on average."""
+    POSITIVE.check("epochs", epochs)
     return max(1, math.ceil(epochs * n_train / batch_size))
 
 

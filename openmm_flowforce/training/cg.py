@@ -27,12 +27,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..io import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from ..io import CHECKPOINT_FORMAT, RESUME_FIX, load_checkpoint, save_checkpoint
 from ..potentials.cg_net import CGEnergyNet, cg_metadata
 from .boltzmann import split_frames
 from ..reporters import ProgressReporter, Reporter, TrainState
 from .trainer import TrainConfig
-from ..errors import FlowforceError
+from ..errors import BadFileError, FlowforceError
 
 Tensor = torch.Tensor
 
@@ -155,12 +155,19 @@ def train_cg_net(net: CGEnergyNet, positions: Any, forces: Any, config: TrainCon
 
     metadata = cg_metadata(net, mapping)
     if resume and path is not None and path.exists():
-        saved = load_checkpoint(path, CHECKPOINT_FORMAT)
+        saved = load_checkpoint(path, CHECKPOINT_FORMAT, fix=RESUME_FIX, required=(
+            "model", "optimizer", "scheduler", "rng_batch", "step", "best_val", "best_model", "bad_validations",
+            "stopped_early", "initial_val"))
         if mapping is None:  # a resumed run keeps the mapping the first run stored
             metadata["mapping"] = saved.get("metadata", {}).get("mapping")
-        net.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
+        try:
+            net.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as error:  # shapes of another architecture
+            first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            raise BadFileError(f"cannot resume from {path}: it holds a CG net with other options than these "
+                               f"({first}); {RESUME_FIX}") from None
         batch_rng.set_state(saved["rng_batch"])
         step, best_val, best_state = int(saved["step"]), float(saved["best_val"]), saved["best_model"]
         bad, stopped, initial_val = int(saved["bad_validations"]), bool(saved["stopped_early"]), saved["initial_val"]
