@@ -201,6 +201,8 @@ def require_input_file(path: str | os.PathLike, what: str, fix: str = "") -> Pat
 def bad_file(path: str | os.PathLike, what: str, error: BaseException | str, fix: str) -> BadFileError:
     """The one message for an input that exists but cannot be read as ``what``."""
     detail = error if isinstance(error, str) else _first_line(error)
+    if "contains pickled (object) data" in detail:  # numpy's words for "neither .npy nor .npz"
+        detail = "not a NumPy .npy or .npz file"
     return BadFileError(f"{path} is not {what}: it is corrupt, truncated or another kind of file ({detail}); {fix}")
 
 
@@ -231,11 +233,13 @@ def load_checkpoint(path: str | os.PathLike, expected_format: str | None = None,
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Weights only" in str(exc):
-            raise UnsafeFileError(f"{path} holds Python objects that are not tensors or plain data; flowforce "
-                                  "loads checkpoints with weights_only=True and does not unpickle them (that could "
-                                  "run code). Re-create the file with flowforce") from None
-        raise bad_file(path, what, exc, fix) from None
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(exc))
+        if found:  # a pickle that names code: refused by weights_only, and said so
+            raise UnsafeFileError(f"{path} holds a pickled Python object ({found.group(1)}), not only tensors and "
+                                  "plain data; flowforce loads checkpoints with weights_only=True and does not "
+                                  "unpickle such objects (that could run code). Re-create the file with "
+                                  "flowforce") from None
+        raise bad_file(path, what, "not a PyTorch checkpoint", fix) from None
     except Exception as exc:  # torch raises several types for truncated/garbled files
         raise bad_file(path, what, exc, fix) from None
     found = obj.get("format") if isinstance(obj, dict) else None

@@ -62,13 +62,14 @@ class Option:
                 "a number", "numbers").replace("a string", "strings")
             if self.min_items:
                 text += f" (at least {self.min_items})"
-        low, high = self.minimum, self.maximum
+        low, high = (None if bound is None else (f"{int(bound)}" if self.kind is int else f"{bound:g}")
+                     for bound in (self.minimum, self.maximum))
         if low is not None and high is not None:
-            text += f" in {'(' if self.open_minimum else '['}{low:g}, {high:g}{')' if self.open_maximum else ']'}"
+            text += f" in {'(' if self.open_minimum else '['}{low}, {high}{')' if self.open_maximum else ']'}"
         elif low is not None:
-            text += f" {'>' if self.open_minimum else '≥'} {low:g}"
+            text += f" {'>' if self.open_minimum else '≥'} {low}"
         elif high is not None:
-            text += f" {'<' if self.open_maximum else '≤'} {high:g}"
+            text += f" {'<' if self.open_maximum else '≤'} {high}"
         return text + (" (or null)" if self.nullable else "")
 
     def problem(self, value: Any) -> tuple[Any, str | None]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from openmm_flowforce.cli.config import CommandFiles, flag
 from openmm_flowforce.errors import FlowforceError
@@ -129,12 +128,12 @@ def _train(args: argparse.Namespace) -> int:
         options["seed"] = args.seed
     options = method.options(options, where=str(args.config or ""))
     out = Path(args.out)
-    if out.exists():
-        print(f"resuming from {out}", file=sys.stderr)
     model = method.build(target, options)
     summary = method.train(model, target, options, out, progress=not args.quiet,
                            log_path=args.log or default_log_path(out))
-    print(f"{args.method} on {args.target}: {summary['steps']} steps, "
+    resumed = summary.get("resumed_from")
+    print(f"{args.method} on {args.target}: {summary['steps']} steps"
+          f"{f' (resumed from step {resumed})' if resumed is not None else ''}, "
           f"{summary['energy_evaluations']:,} energy evaluations, {summary['wall_time_s']:.1f} s -> {out}")
     return 0
 

@@ -248,6 +248,11 @@ def load_dataset(path: str | os.PathLike, trust: bool | None = None) -> Dataset:
         raise bad_file(path, "a flowforce .npz dataset", error, fix) from None
 
     missing = [key for key in REQUIRED_KEYS if key not in arrays]
+    if len(missing) == len(REQUIRED_KEYS):
+        names = sorted(arrays)
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise BadFileError(f"{where} is not a flowforce dataset: it holds {shown or 'no arrays'}, none of "
+                           f"{', '.join(REQUIRED_KEYS)}; {fix}")
     if missing:
         raise BadFileError(f"{where}: missing {', '.join(missing)} (the file has "
                            f"{', '.join(sorted(arrays)) or 'no arrays'}); a dataset needs {', '.join(REQUIRED_KEYS)}, "

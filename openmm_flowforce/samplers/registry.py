@@ -64,7 +64,7 @@ class SamplerMethod:
             OptionError: an unknown key (listing the valid ones) or a bad value.
         """
         return {**self.defaults, **check_options(dict(given or {}), self.option_schema(), where,
-                                                 section=f"options ({self.name})")}
+                                                 section="options")}
 
     def build(self, target, options: Mapping[str, Any]) -> torch.nn.Module:
         raise NotImplementedError
