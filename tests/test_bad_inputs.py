@@ -238,7 +238,7 @@ CASES = [
           "--out {d}/ref.npy", 2, "ref.npy"),
     _case("sampler-train-log-is-config", "sampler train --target dw4 --method reverse-kl --out {d}/o.ckpt "
           "--config {d}/s.yaml --log {d}/s.yaml", 2, "s.yaml"),
-    _case("md-parent-is-a-file", "md --out {d}/ala.npz/o.npz", 2, "ala.npz", "not a folder"),
+    _case("md-parent-is-a-file", "md --out {d}/ala.npz/o.npz", 2, "ala.npz"),
     _case("train-parent-is-a-file", "train {d}/ala.npz --out {d}/m.ckpt/o.ckpt --steps 1", 2, "m.ckpt"),
     _case("sample-out-is-a-folder", "sample {d}/m.ckpt -n 4 --out {d}/folder", 2, "folder"),
     _case("export-out-is-a-folder", "export {d}/m.ckpt --out {d}/folder", 2, "folder"),
@@ -262,7 +262,7 @@ CASES = [
           "--out {d}/o.json", 2, "empty.ckpt"),
     _case("train-resume-from-empty-out", "train {d}/ala.npz --out {d}/empty.ckpt --steps 1", 2, "empty.ckpt"),
     _case("train-resume-from-sampler-checkpoint", "train {d}/ala.npz --out {d}/s.ckpt --steps 1 "
-          "--config {d}/tiny.yaml", 2, "s.ckpt", "sampler checkpoint"),
+          "--config {d}/tiny.yaml", 2, "s.ckpt", "sampler"),
     _case("train-resume-other-architecture", "train {d}/ala.npz --out {d}/m.ckpt --steps 3", 2, "m.ckpt",
           "other options"),
     _case("sampler-train-resume-from-empty", "sampler train --target dw4 --method reverse-kl --out {d}/empty.ckpt "
@@ -513,6 +513,29 @@ def test_device_files_are_never_outputs():
 
     with pytest.raises(OutputError, match="not a regular file"):
         check_outputs({"--out": "/dev/null"})
+
+
+def test_a_full_disk_while_writing_the_result_is_one_line_and_keeps_the_old_file(work, tmp_path):
+    """A real fault: the process may write at most 8 kB per file (RLIMIT_FSIZE, so writes
+    fail with EFBIG as on a full disk); the samples need more."""
+    import resource
+
+    out = tmp_path / "samples.npz"
+    out.write_bytes(b"the previous result")
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+
+    result = subprocess.run([sys.executable, "-m", "openmm_flowforce.cli.main", "sample", str(work / "m.ckpt"),
+                             "-n", "200", "--out", str(out)], capture_output=True, text=True, timeout=120,
+                            preexec_fn=limit_file_size)
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"could not write {out}" in lines[0] and "File too large" in lines[0]
+    assert out.read_bytes() == b"the previous result"
+    assert sorted(tmp_path.iterdir()) == [out]
 
 
 def test_unwritable_output_folder_is_refused_before_the_work(work, tmp_path, capsys):

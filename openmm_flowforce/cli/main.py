@@ -17,7 +17,8 @@ implementation lives in the library and is imported inside ``run`` so that
   line on stderr and exit status 2 (1 for a failed write, whose message says where the
   data went);
 * Ctrl-C is one line saying which outputs were written and whether re-running continues,
-  exit status 130;
+  exit status 130; a full disk (or another fault of the machine, :data:`ENVIRONMENT_ERRNOS`)
+  is one line and exit status 1;
 * anything else is a bug and propagates with its traceback.
 
 ``--trust`` (commands that read files which can carry code) wraps the run in
@@ -26,6 +27,7 @@ implementation lives in the library and is imported inside ``run`` so that
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
@@ -78,6 +80,10 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "demo": Subcommand(demo.HELP, demo.add_arguments, demo.run, demo.files, reads_code_carriers=True),
     "sampler": Subcommand(sampler.HELP, sampler.add_arguments, sampler.run, sampler.files),
 }
+
+#: Errors of the machine, not of the input or the code: a full disk or quota, a file too large,
+#: a read-only or failing file system. One line and exit status 1, like a failed write.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
 
 TRUST_HELP = ("DANGEROUS: read files that can run code when loaded (an OpenMM PythonForce in a stored System, "
               "<Script> in a force field). Only for files you made yourself")
@@ -174,6 +180,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{name}: interrupted (Ctrl-C); {_interrupted(files, started)}", file=sys.stderr)
         return 130
+    except OSError as error:
+        if error.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"{name}: failed: {error.strerror}{where}; {_interrupted(files, started)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

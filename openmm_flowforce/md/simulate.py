@@ -23,7 +23,7 @@ import numpy as np
 
 from ..conventions import kT
 from ..errors import BadFileError, FlowforceError
-from ..io import bad_file, require_input_file
+from ..io import bad_file, check_outputs, require_input_file
 
 __all__ = ["PLATFORMS", "SimulationBlewUp", "SimulationResult", "StabilityReporter", "simulate"]
 
@@ -151,6 +151,7 @@ def simulate(model: Any, topology_pdb: str | os.PathLike, steps: int, out: str |
         progress: show a tqdm progress bar (on a terminal).
 
     Raises:
+        OutputError: ``out`` or ``report`` is an input or cannot be written (checked first).
         ValueError: bad arguments, unknown platform, topology that does not match the model.
         SimulationBlewUp: the stability check failed (last good state saved as PDB).
     """
@@ -169,6 +170,8 @@ def simulate(model: Any, topology_pdb: str | os.PathLike, steps: int, out: str |
     if not 0 <= int(seed) < 2**31 - 1:
         raise FlowforceError(f"seed must be in [0, 2^31 − 2], got {seed}")
     platform_obj = _platform(platform)
+    inputs = {"topology_pdb": topology_pdb, **({"model": model} if isinstance(model, (str, os.PathLike)) else {})}
+    check_outputs({"out": out, "report": report}, inputs)
     what = "a PDB file of the molecule (atoms in the model's order)"
     topology_path = require_input_file(topology_pdb, what)
     try:
