@@ -5,7 +5,8 @@
 * :func:`create_system` — a System of the molecule (masses from elements) with that force;
 * :func:`save_system` / :func:`load_system` — XML files without the learned force (a
   System holding a TorchForce crashes on deserialisation with openmm-torch 1.10), the force
-  re-added from the model file on load;
+  re-added from the model file on load; XML that could run code (a ``PythonForce``) is
+  refused unless ``trust=True`` (see :mod:`openmm_flowforce.safety`);
 * :func:`export_potential` / :func:`load_exported` — the TorchScript file TorchForce runs.
 """
 from openmm_flowforce.export.backends import LEARNED_FORCE_NAME, backend_names, make_force
