@@ -70,7 +70,7 @@ def main() -> None:
         samples = stem.with_suffix(".samples.npz")
         if not samples.exists():
             return None
-        with np.load(samples) as arrays:
+        with np.load(samples, allow_pickle=False) as arrays:
             return compare_fes(target, arrays["positions"], PHI_PSI).divergences["js"]
 
     def training_subset(n: int) -> slice:

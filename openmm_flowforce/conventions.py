@@ -23,6 +23,8 @@ import math
 
 import torch
 
+from .errors import FlowforceError
+
 #: Molar gas constant in kJ/(mol K) (CODATA 2018, the value OpenMM uses).
 MOLAR_GAS_CONSTANT_KJ = 8.314462618e-3
 
@@ -38,7 +40,7 @@ def kT(temperature_kelvin: float) -> float:
     """
     t = float(temperature_kelvin)
     if not math.isfinite(t) or t <= 0.0:
-        raise ValueError(f"temperature must be a positive number of kelvin, got {temperature_kelvin!r}")
+        raise FlowforceError(f"temperature must be a positive number of kelvin, got {temperature_kelvin!r}")
     return MOLAR_GAS_CONSTANT_KJ * t
 
 

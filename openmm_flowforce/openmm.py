@@ -5,11 +5,12 @@
 * :func:`create_system` — a System of the molecule (masses from elements) with that force;
 * :func:`save_system` / :func:`load_system` — XML files without the learned force (a
   System holding a TorchForce crashes on deserialisation with openmm-torch 1.10), the force
-  re-added from the model file on load;
+  re-added from the model file on load; XML that could run code (a ``PythonForce``) is
+  refused unless ``trust=True`` (see :mod:`openmm_flowforce.safety`);
 * :func:`export_potential` / :func:`load_exported` — the TorchScript file TorchForce runs;
 * :func:`compile_package` / :func:`load_package` / :func:`read_package_metadata` — the
-  AOTInductor package (``.pt2``) of the same energy and forces, which PythonForce (and C++)
-  runs.
+  AOTInductor package (``.pt2``) of the same energy and forces, which the native plugin
+  (``backend="native"``) and PythonForce run.
 """
 from openmm_flowforce.export.backends import LEARNED_FORCE_NAME, backend_names, make_force
 from openmm_flowforce.export.compiled import compile_package, load_package, read_package_metadata

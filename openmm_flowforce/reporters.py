@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from .errors import FlowforceError
+
 
 @dataclass
 class TrainState:
@@ -39,7 +41,7 @@ class Reporter:
 
     def __init__(self, interval: int = 1):
         if interval < 1:
-            raise ValueError(f"reporter interval must be at least 1 step, got {interval}")
+            raise FlowforceError(f"reporter interval must be at least 1 step, got {interval}")
         self.interval = interval
 
     def steps_until_next(self, step: int) -> int:

@@ -57,7 +57,7 @@ def test_sample_with_reweighting(model_file, tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--loss", "nll=1,forces=2"], "valid names: nll, force, reverse_kl"),
-    (["--steps", "0"], "steps and batch_size must be"),
+    (["--steps", "0"], "argument --steps: must be an integer ≥ 1, got '0'"),
 ])
 def test_train_rejects_bad_options(data_file, tmp_path, capsys, args, message):
     assert main(["train", str(data_file), "--out", str(tmp_path / "m.ckpt"), "--quiet", *args]) == 2
@@ -69,10 +69,10 @@ def test_train_rejects_unknown_config_keys_and_angstrom_data(data_file, tmp_path
     config = tmp_path / "c.yaml"
     config.write_text("flow: {n_layer: 3}\n")
     assert main(["train", str(data_file), "--out", str(tmp_path / "m.ckpt"), "--config", str(config)]) == 2
-    assert "unknown flow option(s) n_layer" in capsys.readouterr().err
+    assert "unknown option flow.n_layer; valid: transform, n_layers" in capsys.readouterr().err
     config.write_text("epoch: 3\n")
     assert main(["train", str(data_file), "--out", str(tmp_path / "m.ckpt"), "--config", str(config)]) == 2
-    assert "unknown key(s) epoch" in capsys.readouterr().err
+    assert "unknown option epoch; valid: flow, train, loss, epochs" in capsys.readouterr().err
     with np.load(data_file, allow_pickle=False) as f:
         arrays = dict(f)
     arrays["positions"] = arrays["positions"] * 10

@@ -128,10 +128,10 @@ def test_cg_force_matching_and_its_errors(data_file, capsys):
     bad = data_file / "bad.yaml"
     bad.write_text("flow_samples: 10\nsamples: 3\n")
     assert main(["cg", str(data_file / "no_forces.npz"), "--out", str(out), "--config", str(bad)]) == 2
-    assert "unknown key(s) samples" in capsys.readouterr().err
+    assert "unknown option samples; valid: flow, flow_train, flow_samples" in capsys.readouterr().err
     bad.write_text("net: {width: 3}\n")
     assert main(["cg", str(data_file / "no_forces.npz"), "--out", str(out), "--config", str(bad)]) == 2
-    assert "unknown CG net option(s) width" in capsys.readouterr().err
+    assert "unknown option net.width; valid: hidden, activation, priors" in capsys.readouterr().err
 
 
 # -- export and MD ------------------------------------------------------------------------------------

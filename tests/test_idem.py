@@ -161,7 +161,7 @@ def test_cli_sampler_train_sample_evaluate(tmp_path, capsys):
             "--config", str(config), "--quiet"]
     assert main(args) == 0
     assert main(args[:-4] + ["6", "--config", str(config), "--quiet"]) == 0  # resumes to 6 steps
-    assert "resuming" in capsys.readouterr().err
+    assert "(resumed from step 4)" in capsys.readouterr().out
     assert torch.load(ckpt, weights_only=True)["summary"]["steps"] == 6
 
     assert main(["sampler", "sample", str(ckpt), "-n", "50", "--out", str(tmp_path / "x.npy")]) == 0
@@ -200,4 +200,4 @@ def test_cli_sampler_train_sample_evaluate(tmp_path, capsys):
     assert "idem" in err.split("nope")[1]
     config.write_text("options: {n_mc: 3}\nsteps: 3\n")
     assert main(args) == 2
-    assert "unknown key(s) steps" in capsys.readouterr().err
+    assert "unknown option steps; valid: options, target_options" in capsys.readouterr().err

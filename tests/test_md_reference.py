@@ -256,10 +256,10 @@ def test_corrupt_files(arrays, tmp_path):
     good = (tmp_path / "ok.npz").read_bytes()
     for name, content in (("garbage.npz", b"not a zip file at all"), ("truncated.npz", good[: len(good) // 2])):
         (tmp_path / name).write_bytes(content)
-        with pytest.raises(ValueError, match=f"{tmp_path / name} is corrupt"):
+        with pytest.raises(ValueError, match=f"{tmp_path / name} is not a flowforce .npz dataset: it is corrupt"):
             load_dataset(tmp_path / name)
     np.save(tmp_path / "single.npy", arrays["positions"])
-    with pytest.raises(ValueError, match="single.npy is corrupt or not a flowforce .npz"):
+    with pytest.raises(ValueError, match="single.npy is not a flowforce .npz dataset.*a single .npy array"):
         load_dataset(tmp_path / "single.npy")
     with pytest.raises(FileNotFoundError, match="missing.npz does not exist"):
         load_dataset(tmp_path / "missing.npz")
@@ -306,7 +306,7 @@ def test_cli_ctrl_c_saves_frames_so_far(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("argv, expected", [
     (["--system", "villin"], "unknown built-in system"),
     (["--prmtop", "nope.prmtop"], "--prmtop also needs --inpcrd"),
-    (["--time-ns", "-1"], "time_ns must be a positive number"),
+    (["--time-ns", "-1"], "argument --time-ns: must be a number > 0, got '-1'"),
 ])
 def test_cli_bad_input_exit_2_without_traceback(argv, expected, tmp_path, capsys):
     code = main(["md", *argv, "--out", str(tmp_path / "x.npz"), "--no-progress"])

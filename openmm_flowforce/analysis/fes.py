@@ -34,6 +34,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..errors import BadFileError, FlowforceError
+
 __all__ = ["CV", "CV_KINDS", "DEFAULT_PSEUDOCOUNT", "PHI_PSI", "FESComparison", "compare_fes",
            "compute_cvs", "divergences", "histogram_grid", "parse_cv", "plot_fes"]
 
@@ -104,15 +106,15 @@ def parse_cv(spec: str | CV) -> CV:
         return spec
     kind, sep, rest = str(spec).partition(":")
     if not sep or kind not in CV_KINDS:
-        raise ValueError(f"bad CV {spec!r}: write KIND:i,j,... with KIND one of {', '.join(CV_KINDS)}, "
-                         "e.g. dihedral:0,1,2,3 or distance:0,4")
+        raise FlowforceError(f"bad CV {spec!r}: write KIND:i,j,... with KIND one of {', '.join(CV_KINDS)}, "
+                             "e.g. dihedral:0,1,2,3 or distance:0,4")
     try:
         indices = tuple(int(i) for i in rest.split(","))
     except ValueError:
-        raise ValueError(f"bad CV {spec!r}: the indices must be integers separated by commas") from None
+        raise FlowforceError(f"bad CV {spec!r}: the indices must be integers separated by commas") from None
     need = CV_KINDS[kind].n_indices
     if len(indices) != need or len(set(indices)) != need or min(indices) < 0:
-        raise ValueError(f"bad CV {spec!r}: a {kind} needs {need} distinct non-negative bead indices")
+        raise FlowforceError(f"bad CV {spec!r}: a {kind} needs {need} distinct non-negative bead indices")
     return CV(kind, indices)
 
 
@@ -123,10 +125,10 @@ def compute_cvs(positions: Any, cvs: Sequence[CV]) -> np.ndarray:
         ValueError: an index beyond the number of beads."""
     x = np.asarray(positions, dtype=np.float64)
     if x.ndim != 3 or x.shape[-1] != 3:
-        raise ValueError(f"positions must have shape (T, n, 3) nm, got {x.shape}")
+        raise FlowforceError(f"positions must have shape (T, n, 3) nm, got {x.shape}")
     for cv in cvs:
         if max(cv.indices) >= x.shape[1]:
-            raise ValueError(f"CV {cv.spec} names bead {max(cv.indices)} but the positions have {x.shape[1]} beads")
+            raise FlowforceError(f"CV {cv.spec} names bead {max(cv.indices)} but the positions have {x.shape[1]} beads")
     return np.stack([CV_KINDS[cv.kind].function(x, cv.indices) for cv in cvs], axis=1)
 
 
@@ -156,9 +158,9 @@ def divergences(reference_counts: np.ndarray, model_counts: np.ndarray,
         ValueError: different shapes, a negative pseudocount, or zero pseudocount with empty bins."""
     p_counts, q_counts = np.asarray(reference_counts, float), np.asarray(model_counts, float)
     if p_counts.shape != q_counts.shape:
-        raise ValueError(f"histograms of different shapes {p_counts.shape} and {q_counts.shape}")
+        raise FlowforceError(f"histograms of different shapes {p_counts.shape} and {q_counts.shape}")
     if pseudocount < 0:
-        raise ValueError(f"pseudocount must be ≥ 0, got {pseudocount}")
+        raise FlowforceError(f"pseudocount must be ≥ 0, got {pseudocount}")
     p, q = _probabilities(p_counts, pseudocount), _probabilities(q_counts, pseudocount)
 
     def kl(a: np.ndarray, b: np.ndarray) -> float:
@@ -215,12 +217,12 @@ def compare_fes(reference_positions: Any, model_positions: Any, cvs: Sequence[st
         ValueError: not one or two CVs, bad CV specs, fewer than 2 bins, empty ensembles."""
     parsed = [parse_cv(c) for c in cvs]
     if not 1 <= len(parsed) <= 2:
-        raise ValueError(f"give one or two CVs for a free-energy surface, got {len(parsed)}")
+        raise FlowforceError(f"give one or two CVs for a free-energy surface, got {len(parsed)}")
     if int(bins) < 2:
-        raise ValueError(f"bins must be at least 2, got {bins}")
+        raise FlowforceError(f"bins must be at least 2, got {bins}")
     ref, mod = compute_cvs(reference_positions, parsed), compute_cvs(model_positions, parsed)
     if len(ref) == 0 or len(mod) == 0:
-        raise ValueError("both ensembles need at least one frame")
+        raise FlowforceError("both ensembles need at least one frame")
     edges = histogram_grid(parsed, ref, mod, bins=int(bins))
     ref_counts = np.histogramdd(ref, bins=edges)[0]
     mod_counts = np.histogramdd(mod, bins=edges)[0]
@@ -283,18 +285,19 @@ def load_trajectory_positions(trajectory: str | Path, topology: str | Path, skip
         FileNotFoundError: a missing file. ValueError: unreadable files or no frames left."""
     import mdtraj
 
-    from ..io import silenced_native_stdout
+    from ..io import require_input_file, silenced_native_stdout
 
-    for path in (trajectory, topology):
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{path} does not exist")
+    require_input_file(trajectory, "a trajectory (DCD, XTC, ... as mdtraj reads)", "flowforce simulate writes one")
+    require_input_file(topology, "a PDB topology", "flowforce cg writes CG.pdb next to the model")
     try:
         with silenced_native_stdout():  # the DCD plugin prints to fd 1
             traj = mdtraj.load(str(trajectory), top=str(topology))
     except Exception as error:  # mdtraj raises several types for bad or mismatched files
-        raise ValueError(f"cannot read {trajectory} with topology {topology} ({type(error).__name__}: {error})") from None
+        raise BadFileError(f"cannot read {trajectory} with topology {topology} ({type(error).__name__}: "
+                           f"{' '.join(str(error).split())[:300]}); they should be a trajectory and the PDB of the "
+                           "same molecule") from None
     if skip < 0 or skip >= traj.n_frames:
-        raise ValueError(f"skip={skip} leaves no frames of the {traj.n_frames} in {trajectory}")
+        raise FlowforceError(f"skip={skip} leaves no frames of the {traj.n_frames} in {trajectory}")
     return np.asarray(traj.xyz[skip:], dtype=np.float64)
 
 

@@ -46,6 +46,7 @@ from scipy.spatial.distance import cdist
 from scipy.special import logsumexp
 
 from ..reweighting import effective_sample_size
+from ..errors import FlowforceError
 
 __all__ = ["aligned_cost_matrix", "ess", "interatomic_distances", "log_partition", "tv_distance_histograms",
            "w2_energy", "w2_samples", "wasserstein_samples"]
@@ -58,7 +59,7 @@ def _as_float64(a: Any, name: str) -> np.ndarray:
         a = a.detach().cpu().numpy()
     out = np.asarray(a, dtype=np.float64)
     if not np.isfinite(out).all():
-        raise ValueError(f"{name} has non-finite entries")
+        raise FlowforceError(f"{name} has non-finite entries")
     return out
 
 
@@ -67,17 +68,17 @@ def _as_samples(a: Any, name: str) -> np.ndarray:
     if out.ndim == 1:
         out = out[:, None]
     if out.ndim != 2 or out.shape[0] == 0:
-        raise ValueError(f"{name} must be a non-empty (n, dim) array (or (n,) for 1-D samples), got shape "
-                         f"{out.shape}")
+        raise FlowforceError(f"{name} must be a non-empty (n, dim) array (or (n,) for 1-D samples), got shape "
+                             f"{out.shape}")
     return out
 
 
 def _particles(x: np.ndarray, n_particles: int | None, spatial_dim: int | None, name: str) -> np.ndarray:
     if n_particles is None or spatial_dim is None:
-        raise ValueError("align=True needs n_particles and spatial_dim")
+        raise FlowforceError("align=True needs n_particles and spatial_dim")
     if x.shape[1] != n_particles * spatial_dim:
-        raise ValueError(f"{name} has {x.shape[1]} coordinates per sample, but n_particles·spatial_dim = "
-                         f"{n_particles}·{spatial_dim} = {n_particles * spatial_dim}")
+        raise FlowforceError(f"{name} has {x.shape[1]} coordinates per sample, but n_particles·spatial_dim = "
+                             f"{n_particles}·{spatial_dim} = {n_particles * spatial_dim}")
     p = x.reshape(len(x), n_particles, spatial_dim)
     return p - p.mean(axis=1, keepdims=True)
 
@@ -155,7 +156,7 @@ def aligned_cost_matrix(x: Any, y: Any, n_particles: int, spatial_dim: int, n_re
         ``(n, m)`` float64 squared aligned distances.
     """
     if isinstance(n_refine, bool) or not isinstance(n_refine, int) or n_refine < 0:
-        raise ValueError(f"n_refine must be an integer >= 0, got {n_refine!r}")
+        raise FlowforceError(f"n_refine must be an integer >= 0, got {n_refine!r}")
     a = _particles(_as_samples(x, "x"), n_particles, spatial_dim, "x")
     b = _particles(_as_samples(y, "y"), n_particles, spatial_dim, "y")
     fa, fb = _principal_frames(a), _principal_frames(b)
@@ -186,11 +187,11 @@ def wasserstein_samples(x: Any, y: Any, p: int = 2, align: bool = False, n_parti
         ValueError: for p not in {1, 2}, unequal counts or dimensions, non-finite input.
     """
     if p not in (1, 2) or isinstance(p, bool):
-        raise ValueError(f"p must be 1 or 2, got {p!r}")
+        raise FlowforceError(f"p must be 1 or 2, got {p!r}")
     a, b = _as_samples(x, "x"), _as_samples(y, "y")
     if a.shape != b.shape:
-        raise ValueError(f"x and y must have the same shape (equal sample counts: subsample the larger "
-                         f"set), got {a.shape} and {b.shape}")
+        raise FlowforceError(f"x and y must have the same shape (equal sample counts: subsample the larger "
+                             f"set), got {a.shape} and {b.shape}")
     if align:
         squared = aligned_cost_matrix(a, b, n_particles, spatial_dim)
     else:
@@ -229,7 +230,7 @@ def w2_energy(e1: Any, e2: Any) -> float:
     """
     a, b = _as_float64(e1, "e1").ravel(), _as_float64(e2, "e2").ravel()
     if len(a) != len(b) or len(a) == 0:
-        raise ValueError(f"e1 and e2 must be non-empty with equal counts, got {len(a)} and {len(b)}")
+        raise FlowforceError(f"e1 and e2 must be non-empty with equal counts, got {len(a)} and {len(b)}")
     return float(np.sqrt(np.mean((np.sort(a) - np.sort(b)) ** 2)))
 
 
@@ -237,8 +238,8 @@ def interatomic_distances(x: Any, n_particles: int, spatial_dim: int) -> np.ndar
     """All distances |x_i − x_j|, i < j, of flat configurations ``(n, N·d)`` → ``(n, N(N−1)/2)``."""
     a = _as_samples(x, "x")
     if a.shape[1] != n_particles * spatial_dim:
-        raise ValueError(f"x has {a.shape[1]} coordinates per sample, but n_particles·spatial_dim = "
-                         f"{n_particles * spatial_dim}")
+        raise FlowforceError(f"x has {a.shape[1]} coordinates per sample, but n_particles·spatial_dim = "
+                             f"{n_particles * spatial_dim}")
     p = a.reshape(len(a), n_particles, spatial_dim)
     i, j = np.triu_indices(n_particles, k=1)
     return np.linalg.norm(p[:, i] - p[:, j], axis=-1)
@@ -259,21 +260,21 @@ def tv_distance_histograms(x: Any, y: Any, n_particles: int, spatial_dim: int, b
         x: generated samples ``(n, N·d)``; y: reference samples ``(m, N·d)``.
     """
     if edges_from not in _EDGES_FROM:
-        raise ValueError(f"unknown edges_from {edges_from!r}; valid: {', '.join(_EDGES_FROM)}")
+        raise FlowforceError(f"unknown edges_from {edges_from!r}; valid: {', '.join(_EDGES_FROM)}")
     dx = interatomic_distances(x, n_particles, spatial_dim).ravel()
     dy = interatomic_distances(y, n_particles, spatial_dim).ravel()
     if np.ndim(bins) == 0:
         if isinstance(bins, bool) or int(bins) != bins or bins < 1:
-            raise ValueError(f"bins must be a positive integer or an array of edges, got {bins!r}")
+            raise FlowforceError(f"bins must be a positive integer or an array of edges, got {bins!r}")
         span = np.concatenate([dx, dy]) if edges_from == "both" else dy
         edges = np.histogram_bin_edges(span, bins=int(bins))
     else:
         edges = np.asarray(bins, dtype=np.float64)
         if edges.ndim != 1 or len(edges) < 2 or np.any(np.diff(edges) <= 0):
-            raise ValueError("bin edges must be a 1-D strictly increasing array with at least 2 entries")
+            raise FlowforceError("bin edges must be a 1-D strictly increasing array with at least 2 entries")
     hx, hy = np.histogram(dx, bins=edges)[0], np.histogram(dy, bins=edges)[0]
     if hx.sum() == 0 or hy.sum() == 0:
-        raise ValueError("no distances fall inside the bin edges for one of the sets")
+        raise FlowforceError("no distances fall inside the bin edges for one of the sets")
     return float(0.5 * np.abs(hx / hx.sum() - hy / hy.sum()).sum())
 
 
@@ -315,11 +316,11 @@ def log_partition(log_w_unnormalised: Any) -> tuple[float, float]:
         log_w_unnormalised = log_w_unnormalised.detach().cpu().numpy()
     log_w = np.asarray(log_w_unnormalised, dtype=np.float64).ravel()
     if len(log_w) < 2:
-        raise ValueError(f"need at least 2 log weights, got {len(log_w)}")
+        raise FlowforceError(f"need at least 2 log weights, got {len(log_w)}")
     if np.isnan(log_w).any() or np.isposinf(log_w).any():
-        raise ValueError("log weights contain NaN or +inf")
+        raise FlowforceError("log weights contain NaN or +inf")
     if np.isneginf(log_w).all():
-        raise ValueError("all weights are zero (every log weight is -inf)")
+        raise FlowforceError("all weights are zero (every log weight is -inf)")
     n = len(log_w)
     log_z = float(logsumexp(log_w) - math.log(n))
     w = np.exp(log_w - log_w.max())

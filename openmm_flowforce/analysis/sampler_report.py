@@ -28,6 +28,8 @@ import numpy as np
 import torch
 
 from .metrics import ess, tv_distance_histograms, w2_energy, w2_samples
+from ..errors import BadFileError, FlowforceError
+from ..io import bad_file, require_input_file
 
 __all__ = ["evaluate_sampler", "load_reference"]
 
@@ -39,15 +41,24 @@ def load_reference(path: str, target: Any, n: int, seed: int = 0) -> np.ndarray:
     Raises:
         ValueError: unreadable file, wrong dimension, or fewer than n rows.
     """
+    what, fix = f"a .npy array of reference samples (m, {target.dim})", "save one with numpy.save"
+    path = require_input_file(path, what, fix)
     try:
-        ref = np.load(path)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"cannot read reference samples {path}: {error}") from None
+        ref = np.load(path, allow_pickle=False)  # no pickled object arrays: they could run code
+    except Exception as error:  # numpy raises several types for truncated or foreign files
+        raise bad_file(path, what, error, fix) from None
+    if not isinstance(ref, np.ndarray):
+        ref.close()
+        raise BadFileError(f"reference {path} is an .npz archive; expected {what} ({fix})")
+    if not (np.issubdtype(ref.dtype, np.floating) or np.issubdtype(ref.dtype, np.integer)):
+        raise BadFileError(f"reference {path} holds {ref.dtype} values; expected {what}")
     ref = np.asarray(ref, dtype=np.float64).reshape(len(ref), -1) if ref.ndim > 1 else ref
     if ref.ndim != 2 or ref.shape[1] != target.dim:
-        raise ValueError(f"reference {path} has shape {ref.shape}; the target needs (m, {target.dim})")
+        raise BadFileError(f"reference {path} has shape {ref.shape}; the target needs (m, {target.dim})")
+    if not np.isfinite(ref).all():
+        raise BadFileError(f"reference {path} contains NaN or inf values; expected finite samples")
     if len(ref) < n:
-        raise ValueError(f"reference {path} has {len(ref)} samples, fewer than the {n} asked for (-n)")
+        raise FlowforceError(f"reference {path} has {len(ref)} samples, fewer than the {n} asked for (-n)")
     ref = ref[np.random.default_rng(seed).choice(len(ref), n, replace=False)]
     shape = _particles(target)
     if shape is not None:

@@ -14,6 +14,8 @@ from typing import Sequence
 
 import torch
 
+from ..errors import FlowforceError
+
 Tensor = torch.Tensor
 
 
@@ -117,7 +119,7 @@ def get_family(name: str) -> ElementwiseFamily:
         return _FAMILIES[name]
     except KeyError:
         valid = ", ".join(sorted(_FAMILIES))
-        raise ValueError(f"unknown transform {name!r}; valid names: {valid}") from None
+        raise FlowforceError(f"unknown transform {name!r}; valid names: {valid}") from None
 
 
 def family_names() -> Sequence[str]:

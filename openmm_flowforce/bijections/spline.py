@@ -36,6 +36,8 @@ from openmm_flowforce.bijections.base import (
     register_family,
 )
 
+from ..errors import FlowforceError
+
 Tensor = torch.Tensor
 
 #: Smallest bin width/height as a fraction of [0, 1]; keeps slopes and the inverse bounded.
@@ -91,12 +93,12 @@ class RationalQuadraticSpline(Bijection):
 
     def __init__(self, widths: Tensor, heights: Tensor, derivatives: Tensor):
         if widths.shape != heights.shape:
-            raise ValueError(
+            raise FlowforceError(
                 f"widths and heights must have the same shape, got {tuple(widths.shape)} "
                 f"and {tuple(heights.shape)}"
             )
         if derivatives.shape[:-1] != widths.shape[:-1] or derivatives.shape[-1] != widths.shape[-1] + 1:
-            raise ValueError(
+            raise FlowforceError(
                 f"derivatives must have shape (..., K+1) = {tuple(widths.shape[:-1]) + (widths.shape[-1] + 1,)}, "
                 f"got {tuple(derivatives.shape)}"
             )
@@ -240,7 +242,7 @@ class SplineFamily(ElementwiseFamily):
         """
         n_raw = raw.shape[-1]
         if n_raw < 4 or (n_raw - 1) % 3 != 0:
-            raise ValueError(f"spline needs 3K + 1 raw parameters per dimension (K ≥ 1), got {n_raw}")
+            raise FlowforceError(f"spline needs 3K + 1 raw parameters per dimension (K ≥ 1), got {n_raw}")
         k = (n_raw - 1) // 3
         self._check_bins(k)
 
@@ -267,7 +269,7 @@ class SplineFamily(ElementwiseFamily):
     @staticmethod
     def _check_bins(n_bins: int) -> None:
         if n_bins < 1 or n_bins * MIN_BIN >= 1.0:
-            raise ValueError(
+            raise FlowforceError(
                 f"spline needs 1 ≤ K < {int(round(1.0 / MIN_BIN))} bins (MIN_BIN = {MIN_BIN}), got {n_bins}"
             )
 

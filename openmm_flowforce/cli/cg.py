@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
+from pathlib import Path
+
+from openmm_flowforce.cli.config import CommandFiles, flag
 
 HELP = "learn a coarse-grained (CG) force field from MD data, by flow-matching (no forces needed) or force matching"
 
@@ -26,7 +28,8 @@ Writes CG.ckpt (self-contained model: net, mapping, temperature, CG topology) an
 and CG.state.ckpt make a re-run of the same command continue where it stopped; delete
 them to start over with other options.
 
-Config file (YAML; command-line flags win; sections are merged over the defaults):
+Config file (YAML; command-line flags win; sections are merged over the defaults; every
+value is checked and unknown keys are refused):
   flow:        {n_layers: 6, hidden: [64, 64], n_components: 8, transform: smooth}
   flow_train:  {steps: 2000, batch_size: 256, lr: 0.001}
   flow_samples: 20000
@@ -44,12 +47,6 @@ Example:
   flowforce simulate cg.pt --topology cg.pdb --steps 100000 --timestep-fs 5 --out cg.dcd
 """
 
-#: ``--config`` top-level keys and their types.
-CG_SCHEMA: dict[str, type | tuple[type, ...]] = {
-    "flow": dict, "flow_train": dict, "flow_samples": int, "outlier_percentile": float, "outlier_factor": float,
-    "net": dict, "cg_train": dict, "val_fraction": float, "seed": int,
-}
-
 #: --quick: sizes for a smoke test (seconds, not a useful model).
 QUICK = {"flow": {"n_layers": 2, "hidden": [32, 32], "n_components": 4}, "flow_train": {"steps": 100},
          "flow_samples": 1000, "net": {"hidden": [32, 32]}, "cg_train": {"steps": 100}}
@@ -57,6 +54,7 @@ QUICK = {"flow": {"n_layers": 2, "hidden": [32, 32], "n_components": 4}, "flow_t
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from openmm_flowforce.coordinates.cg_mapping import MAPPING_PRESETS
+    from openmm_flowforce.training.flow_matching import CG_OPTIONS
 
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -66,10 +64,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "dihedrals are phi and psi)")
     parser.add_argument("--out", required=True, metavar="CG.ckpt", help="CG model file to write (CG.pdb goes next to it)")
     parser.add_argument("--method", default="flow-matching", choices=METHODS, help="default: flow-matching")
-    parser.add_argument("--flow-samples", type=int, metavar="N", help="flow samples to train the CG net on (default 20000)")
+    parser.add_argument("--flow-samples", type=flag(CG_OPTIONS["flow_samples"]), metavar="N",
+                        help="flow samples to train the CG net on (default 20000)")
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML options (see below)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test (seconds; not a useful model)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def files(args: argparse.Namespace) -> CommandFiles:
+    out = Path(args.out)
+    work = out.with_suffix("") if out.suffix else out
+    outputs = {"--out": out, "--out (CG.pdb next to it)": out.with_suffix(".pdb")}
+    outputs.update({f"--out ({suffix} next to it)": work.with_name(work.name + suffix)
+                    for suffix in (".flow.ckpt", ".samples.npz", ".state.ckpt")})
+    return CommandFiles(inputs={"DATA.npz": args.data, "--config": args.config}, outputs=outputs, resumable=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,19 +88,15 @@ def run(args: argparse.Namespace) -> int:
 
     from openmm_flowforce.cli.config import load_config
     from openmm_flowforce.data.dataset import load_dataset
-    from openmm_flowforce.training.flow_matching import coarse_grain
+    from openmm_flowforce.training.flow_matching import CG_OPTIONS, coarse_grain
 
     torch.set_num_threads(1)
-    try:
-        options = {**(QUICK if args.quick else {}), **load_config(args.config, CG_SCHEMA)}
-        if args.flow_samples is not None:
-            options["flow_samples"] = args.flow_samples
-        data = load_dataset(args.data)
-        result = coarse_grain(data.positions, data.topology, data.temperature, args.out, mapping=args.mapping,
-                              method=args.method, forces=data.forces, options=options, progress=not args.quiet)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"flowforce cg: error: {error}", file=sys.stderr)
-        return 2
+    options = {**(QUICK if args.quick else {}), **load_config(args.config, CG_OPTIONS)}
+    if args.flow_samples is not None:
+        options["flow_samples"] = args.flow_samples
+    data = load_dataset(args.data)
+    result = coarse_grain(data.positions, data.topology, data.temperature, args.out, mapping=args.mapping,
+                          method=args.method, forces=data.forces, options=options, progress=not args.quiet)
     info = result.info
     print(f"method      {result.method}, mapping {args.mapping}: {data.n_atoms} atoms -> {result.mapping.n_beads} beads, "
           f"{data.n_frames} frames at {data.temperature:g} K")

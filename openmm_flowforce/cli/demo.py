@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from openmm_flowforce.cli.config import CommandFiles, legacy_user_errors
+
 HELP = "run the flow-matching pipeline on alanine dipeptide end to end: MD, flow, CG model, CG MD, free energies"
 
 #: Sizes of a full run (about 10 minutes on 2 CPU cores) and of --quick (well under a minute).
@@ -56,6 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def files(args: argparse.Namespace) -> CommandFiles:
+    return CommandFiles(folders={"--out": args.out}, resumable=True)
+
+
 def _stage(timings: dict[str, Any], name: str, path: Path, work) -> None:
     """Run ``work()`` unless ``path`` exists; record its wall time (or that it was reused)."""
     if path.exists():
@@ -80,7 +86,10 @@ def run(args: argparse.Namespace) -> int:
                                            "fes.png", "timings.json")}
     timings: dict[str, Any] = {}
     if files["timings.json"].exists():  # wall times of the stages an earlier run did
-        timings.update(json.loads(files["timings.json"].read_text()))
+        try:
+            timings.update(json.loads(files["timings.json"].read_text()))
+        except (OSError, ValueError):  # only wall times: an unreadable file is rewritten
+            pass
     progress = not args.quiet
 
     def save_timings() -> None:
@@ -119,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
     def export() -> None:
         from openmm_flowforce.export.torchscript import export_potential
 
-        export_potential(files["cg.ckpt"], files["cg.pt"])
+        with legacy_user_errors():
+            export_potential(files["cg.ckpt"], files["cg.pt"])
 
     def cg_md() -> None:
         from openmm_flowforce.md.simulate import simulate
@@ -152,9 +162,6 @@ def run(args: argparse.Namespace) -> int:
         report = {**comparison.report(), "sizes": size, "timings_s": timings}
         atomic_write_bytes(files["report.json"], (json.dumps(report, indent=1) + "\n").encode())
         save_timings()
-    except (ValueError, FileNotFoundError) as error:
-        print(f"flowforce demo: error: {error}", file=sys.stderr)
-        return 2
     except RuntimeError as error:
         print(f"flowforce demo: failed: {error}", file=sys.stderr)
         return 1

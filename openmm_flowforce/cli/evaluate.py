@@ -3,7 +3,10 @@ the work lives in :mod:`openmm_flowforce.analysis.fes`."""
 from __future__ import annotations
 
 import argparse
-import sys
+
+from openmm_flowforce.cli.config import CommandFiles, flag
+from openmm_flowforce.errors import FlowforceError
+from openmm_flowforce.options import COUNT, NON_NEGATIVE, POSITIVE_INT
 
 HELP = "compare free-energy surfaces (phi/psi or chosen CVs) of a CG trajectory with mapped reference data"
 
@@ -34,11 +37,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="mapping of the reference onto the beads (default: backbone)")
     parser.add_argument("--cv", action="append", metavar="KIND:i,j,..",
                         help="collective variable; give once or twice (default: phi and psi)")
-    parser.add_argument("--bins", type=int, default=36, metavar="N", help="bins per CV (default 36: 10° for dihedrals)")
-    parser.add_argument("--pseudocount", type=float, default=0.1, metavar="A", help="added to every bin (default 0.1)")
-    parser.add_argument("--skip", type=int, default=0, metavar="N", help="drop the first N trajectory frames (default 0)")
+    parser.add_argument("--bins", type=flag(POSITIVE_INT), default=36, metavar="N", help="bins per CV (default 36: 10° for dihedrals)")
+    parser.add_argument("--pseudocount", type=flag(NON_NEGATIVE), default=0.1, metavar="A", help="added to every bin (default 0.1)")
+    parser.add_argument("--skip", type=flag(COUNT), default=0, metavar="N", help="drop the first N trajectory frames (default 0)")
     parser.add_argument("--out", required=True, metavar="REPORT.json", help="JSON report to write")
     parser.add_argument("--plot", metavar="FES.png", help="also plot reference | model | difference")
+
+
+def files(args: argparse.Namespace) -> CommandFiles:
+    return CommandFiles(inputs={"TRAJ.dcd": args.trajectory, "--topology": args.topology,
+                                "--reference": args.reference},
+                        outputs={"--out": args.out, "--plot": args.plot})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,22 +59,18 @@ def run(args: argparse.Namespace) -> int:
                                                mapped_reference_positions, plot_fes)
     from openmm_flowforce.io import atomic_write_bytes
 
-    try:
-        model = load_trajectory_positions(args.trajectory, args.topology, args.skip)
-        reference = mapped_reference_positions(args.reference, args.mapping)
-        if reference.shape[1] != model.shape[1]:
-            raise ValueError(f"the trajectory has {model.shape[1]} beads but --mapping {args.mapping} maps the "
+    model = load_trajectory_positions(args.trajectory, args.topology, args.skip)
+    reference = mapped_reference_positions(args.reference, args.mapping)
+    if reference.shape[1] != model.shape[1]:
+        raise FlowforceError(f"the trajectory has {model.shape[1]} beads but --mapping {args.mapping} maps the "
                              f"reference to {reference.shape[1]}")
-        comparison = compare_fes(reference, model, args.cv or PHI_PSI, bins=args.bins, pseudocount=args.pseudocount)
-        report = {**comparison.report(), "trajectory": str(args.trajectory), "reference": str(args.reference),
-                  "mapping": args.mapping, "skip": args.skip}
-        atomic_write_bytes(args.out, (json.dumps(report, indent=1) + "\n").encode())
-        if args.plot:
-            plot_fes(comparison, args.plot, titles=(f"reference ({Path(args.reference).name})",
-                                                    f"model ({Path(args.trajectory).name})"))
-    except (ValueError, FileNotFoundError) as error:
-        print(f"flowforce evaluate: error: {error}", file=sys.stderr)
-        return 2
+    comparison = compare_fes(reference, model, args.cv or PHI_PSI, bins=args.bins, pseudocount=args.pseudocount)
+    report = {**comparison.report(), "trajectory": str(args.trajectory), "reference": str(args.reference),
+              "mapping": args.mapping, "skip": args.skip}
+    atomic_write_bytes(args.out, (json.dumps(report, indent=1) + "\n").encode())
+    if args.plot:
+        plot_fes(comparison, args.plot, titles=(f"reference ({Path(args.reference).name})",
+                                                f"model ({Path(args.trajectory).name})"))
     d = comparison.divergences
     print(f"JS {d['js']:.4f} nats, KL(ref||model) {d['kl']:.4f}, KL(model||ref) {d['kl_reverse']:.4f} "
           f"on {' x '.join(str(len(e) - 1) for e in comparison.edges)} bins "

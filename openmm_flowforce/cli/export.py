@@ -7,6 +7,9 @@ import sys
 import time
 from pathlib import Path
 
+from openmm_flowforce.cli.config import CommandFiles, flag, legacy_user_errors
+from openmm_flowforce.options import POSITIVE
+
 HELP = "export a trained model as a TorchScript file for OpenMM (and, with --compile, an AOTInductor package)"
 
 EPILOG = """\
@@ -32,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("model", metavar="MODEL.ckpt", help="model checkpoint written by the trainer")
     parser.add_argument("--out", required=True, metavar="MODEL.pt", help="TorchScript file to write")
-    parser.add_argument("--temperature", type=float, default=300.0, metavar="K",
+    parser.add_argument("--temperature", type=flag(POSITIVE), default=300.0, metavar="K",
                         help="temperature of the energy scale U = -kT log q, in kelvin (default: 300)")
     parser.add_argument("--compile", action="store_true",
                         help="also compile an AOTInductor package MODEL.pt2 beside MODEL.pt (takes minutes)")
@@ -53,6 +56,13 @@ def _progress(start: float):
     return say
 
 
+def files(args: argparse.Namespace) -> CommandFiles:
+    outputs = {"--out": args.out}
+    if args.compile:
+        outputs["--compile"] = str(Path(args.out).with_suffix(".pt2"))
+    return CommandFiles(inputs={"MODEL.ckpt": args.model}, outputs=outputs)
+
+
 def run(args: argparse.Namespace) -> int:
     """Exit code 0 on success, 2 on bad input, 1 when the export itself fails."""
     from openmm_flowforce.export.torchscript import export_potential, read_export_metadata
@@ -64,10 +74,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"flowforce export: error: {', '.join(compile_only)} only apply with --compile", file=sys.stderr)
         return 2
     try:
-        path = export_potential(args.model, args.out, temperature=args.temperature)
-    except (FileNotFoundError, ValueError, TypeError) as error:
-        print(f"flowforce export: error: {error}", file=sys.stderr)
-        return 2
+        with legacy_user_errors():
+            path = export_potential(args.model, args.out, temperature=args.temperature)
     except RuntimeError as error:
         print(f"flowforce export: export failed: {error}", file=sys.stderr)
         return 1

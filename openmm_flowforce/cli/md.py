@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
+
+from openmm_flowforce.cli.config import CommandFiles, flag
+from openmm_flowforce.options import NON_NEGATIVE, POSITIVE, SEED
 
 HELP = "run reference MD of a molecule and save positions, forces and energies to one .npz dataset"
 
@@ -53,18 +54,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "needs; hbonds: rigid bonds to hydrogen, allows --timestep-fs 2")
 
     run_group = parser.add_argument_group("simulation")
-    run_group.add_argument("--temperature", type=float, default=300.0, metavar="K", help="kelvin (default 300)")
-    run_group.add_argument("--time-ns", type=float, default=1.0, metavar="T",
+    run_group.add_argument("--temperature", type=flag(POSITIVE), default=300.0, metavar="K",
+                           help="kelvin (default 300)")
+    run_group.add_argument("--time-ns", type=flag(POSITIVE), default=1.0, metavar="T",
                            help="recorded simulation time in ns (default 1)")
-    run_group.add_argument("--save-every-ps", type=float, default=1.0, metavar="P",
+    run_group.add_argument("--save-every-ps", type=flag(POSITIVE), default=1.0, metavar="P",
                            help="time between saved frames in ps (default 1)")
-    run_group.add_argument("--timestep-fs", type=float, default=None, metavar="FS",
+    run_group.add_argument("--timestep-fs", type=flag(POSITIVE), default=None, metavar="FS",
                            help="time step in fs (default 1; 2 with --constraints hbonds)")
-    run_group.add_argument("--friction-per-ps", type=float, default=1.0, metavar="G",
+    run_group.add_argument("--friction-per-ps", type=flag(NON_NEGATIVE), default=1.0, metavar="G",
                            help="Langevin friction in 1/ps (default 1)")
-    run_group.add_argument("--equilibration-ps", type=float, default=10.0, metavar="P",
+    run_group.add_argument("--equilibration-ps", type=flag(NON_NEGATIVE), default=10.0, metavar="P",
                            help="unrecorded dynamics after minimisation, in ps (default 10)")
-    run_group.add_argument("--seed", type=int, default=0, help="random seed: same seed, same run (default 0)")
+    run_group.add_argument("--seed", type=flag(SEED), default=0, help="random seed: same seed, same run (default 0)")
     run_group.add_argument("--platform", default="auto",
                            help="OpenMM platform: auto (default; Reference for small vacuum systems, else "
                                 "CUDA > OpenCL > CPU), or a name such as CUDA, CPU, Reference")
@@ -84,6 +86,15 @@ def _source(args: argparse.Namespace) -> str:
             f"--friction-per-ps {args.friction_per_ps:g} --seed {args.seed}")
 
 
+def files(args: argparse.Namespace) -> CommandFiles:
+    inputs: dict[str, str | None] = {f"--{name}": getattr(args, name)
+                                     for name in ("pdb", "prmtop", "inpcrd", "psf", "crd", "top", "gro")}
+    for name in ("toppar", "forcefield"):
+        for i, path in enumerate(getattr(args, name) or ()):
+            inputs[f"--{name} #{i + 1}"] = path
+    return CommandFiles(inputs=inputs, outputs={"--out": args.out, "--dcd": args.dcd})
+
+
 def run(args: argparse.Namespace) -> int:
     """Exit code 0: done; 1: the run failed or stopped early; 2: bad input; 130: Ctrl-C (data saved)."""
     from openmm_flowforce.data.dataset import save_dataset
@@ -94,23 +105,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"flowforce md: error: {message}", file=sys.stderr)
         return code
 
-    for option, path in (("--out", args.out), ("--dcd", args.dcd)):
-        # Check before hours of MD, not after.
-        folder = Path(path).resolve().parent if path else None
-        if folder is not None and not (folder.is_dir() and os.access(folder, os.W_OK)):
-            return fail(f"{option} {path}: folder {folder} does not exist or is not writable; create it first", 2)
+    topology, system, positions = load_system(
+        system=args.system, pdb=args.pdb, forcefield=args.forcefield, prmtop=args.prmtop, inpcrd=args.inpcrd,
+        psf=args.psf, crd=args.crd, toppar=args.toppar, top=args.top, gro=args.gro,
+        solvent=args.solvent, constraints=args.constraints)
     try:
-        topology, system, positions = load_system(
-            system=args.system, pdb=args.pdb, forcefield=args.forcefield, prmtop=args.prmtop, inpcrd=args.inpcrd,
-            psf=args.psf, crd=args.crd, toppar=args.toppar, top=args.top, gro=args.gro,
-            solvent=args.solvent, constraints=args.constraints)
         result = run_reference_md(
             topology, system, positions, temperature=args.temperature, time_ns=args.time_ns,
             save_every_ps=args.save_every_ps, timestep_fs=args.timestep_fs, friction_per_ps=args.friction_per_ps,
             seed=args.seed, platform=args.platform, progress=not args.no_progress, dcd=args.dcd,
             equilibration_ps=args.equilibration_ps)
-    except ValueError as error:
-        return fail(str(error), 2)
     except RuntimeError as error:  # no platform could create a context
         return fail(str(error), 1)
 
@@ -131,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
           f"{result['ns_per_day']:.1f} ns/day")
     print(f"wrote       {args.out}" + (f" and {args.dcd}" if args.dcd else ""))
     if result["interrupted"]:
-        print("flowforce md: interrupted; the frames recorded so far were saved", file=sys.stderr)
+        print(f"flowforce md: interrupted (Ctrl-C); the {len(energies)} frames recorded so far were saved to "
+              f"{args.out}", file=sys.stderr)
         return 130
     if result["error"]:
         return fail(f"{result['error']}; the {len(energies)} frames before it were saved", 1)

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+
+from openmm_flowforce.cli.config import CommandFiles, flag
+from openmm_flowforce.errors import FlowforceError
+from openmm_flowforce.options import POSITIVE_INT, SEED, Option
 
 HELP = "train, sample and evaluate energy-only samplers (iDEM, FAB, reverse KL) on toy targets"
 
@@ -28,10 +31,11 @@ config file for `train` (YAML; command-line flags win):
 Re-running `train` with the same --out continues from the checkpoint (exact resume).
 """
 
-#: ``flowforce sampler train --config``: top-level keys and their types.
-SAMPLER_TRAIN_SCHEMA: dict[str, type | tuple[type, ...]] = {
-    "options": dict,
-    "target_options": dict,
+#: ``flowforce sampler train --config``: top-level keys (the method checks its options,
+#: the target its keyword arguments).
+SAMPLER_TRAIN_SCHEMA: dict[str, Option] = {
+    "options": Option(dict),
+    "target_options": Option(dict),
 }
 
 
@@ -45,40 +49,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--target", required=True, help="target name (gmm40, dw4, lj13, lj55)")
     train.add_argument("--method", required=True, help="sampler method (idem, fab, reverse-kl, ...)")
     train.add_argument("--out", required=True, metavar="S.ckpt", help="checkpoint to write (resumes if present)")
-    train.add_argument("--steps", type=int, help="total training steps (method default otherwise)")
+    train.add_argument("--steps", type=flag(POSITIVE_INT), help="total training steps (method default otherwise)")
     train.add_argument("--config", metavar="FILE.yaml", help="YAML with 'options' and 'target_options'")
-    train.add_argument("--seed", type=int, help="random seed (method default otherwise)")
+    train.add_argument("--seed", type=flag(SEED), help="random seed (method default otherwise)")
     train.add_argument("--log", metavar="METRICS.jsonl", help="metrics log (default: S.ckpt with .jsonl)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sample = sub.add_parser("sample", help="draw samples from a trained sampler into a .npy file",
                             description="draw samples (flat, the target's coordinates) into a .npy file")
     sample.add_argument("checkpoint", metavar="S.ckpt")
-    sample.add_argument("-n", "--n-samples", type=int, required=True, help="number of samples")
+    sample.add_argument("-n", "--n-samples", type=flag(POSITIVE_INT), required=True, help="number of samples")
     sample.add_argument("--out", required=True, metavar="X.npy")
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--seed", type=flag(SEED), default=0)
 
     evaluate = sub.add_parser("evaluate", help="compare a sampler's samples with reference samples",
                               description="W2 (unaligned as in iDEM, and aligned), energy W2, distance TV, "
                                           "NLL/ESS where the method has a density, cost; written as JSON")
     evaluate.add_argument("checkpoint", metavar="S.ckpt")
     evaluate.add_argument("--reference", required=True, metavar="PATH.npy", help="reference samples (m, dim)")
-    evaluate.add_argument("-n", "--n-samples", type=int, default=1000, help="samples compared (default 1000)")
+    evaluate.add_argument("-n", "--n-samples", type=flag(POSITIVE_INT), default=1000,
+                          help="samples compared (default 1000)")
     evaluate.add_argument("--out", required=True, metavar="REPORT.json")
     evaluate.add_argument("--no-align", action="store_true",
                           help="skip the aligned W2 (minutes for 1000 LJ-13 samples)")
-    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--seed", type=flag(SEED), default=0)
     parser.set_defaults(_sampler_parser=parser)
 
 
-def _error(message: str) -> int:
-    print(f"flowforce sampler: error: {message}", file=sys.stderr)
-    return 2
+def files(args: argparse.Namespace) -> CommandFiles:
+    from openmm_flowforce.samplers.common import default_log_path
 
-
-def _positive(value: int | None, flag: str) -> None:
-    if value is not None and value < 1:
-        raise ValueError(f"{flag} must be a positive integer, got {value}")
+    if args.sampler_command == "train":
+        return CommandFiles(inputs={"--config": args.config},
+                            outputs={"--out": args.out, "--log": args.log or default_log_path(args.out)},
+                            resumable=True)
+    if args.sampler_command == "sample":
+        return CommandFiles(inputs={"S.ckpt": args.checkpoint}, outputs={"--out": args.out})
+    if args.sampler_command == "evaluate":
+        return CommandFiles(inputs={"S.ckpt": args.checkpoint, "--reference": args.reference},
+                            outputs={"--out": args.out})
+    return CommandFiles()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,10 +98,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(1)
-    try:
-        return {"train": _train, "sample": _sample, "evaluate": _evaluate}[args.sampler_command](args)
-    except (ValueError, FileNotFoundError) as error:
-        return _error(str(error))
+    return {"train": _train, "sample": _sample, "evaluate": _evaluate}[args.sampler_command](args)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -101,29 +108,32 @@ def _train(args: argparse.Namespace) -> int:
     from openmm_flowforce.samplers import get_method, method_names
     from openmm_flowforce.samplers.common import default_log_path, import_methods, make_target
 
-    _positive(args.steps, "--steps")
     cfg = load_config(args.config, SAMPLER_TRAIN_SCHEMA)
     import_methods()
     if args.method not in method_names():
-        raise ValueError(f"unknown sampler method {args.method!r}; valid names: {', '.join(method_names())}")
+        raise FlowforceError(f"unknown sampler method {args.method!r}; valid names: {', '.join(method_names())}")
     method = get_method(args.method)
+    target_options = cfg.get("target_options", {})
     try:
-        target = make_target(args.target, **cfg.get("target_options", {}))
-    except TypeError as error:
-        raise ValueError(f"target {args.target!r} cannot be built from target_options: {error}") from None
+        target = make_target(args.target, **target_options)
+    except TypeError as error:  # a keyword the target's factory does not take (or a bad value type)
+        if not target_options:
+            raise  # then it is a bug, not the user's options
+        raise FlowforceError(f"{args.config}: target {args.target!r} cannot be built from target_options "
+                             f"{target_options} ({error})") from None
     options = dict(cfg.get("options", {}))
     if args.steps is not None:
         options["steps"] = args.steps
     if args.seed is not None:
         options["seed"] = args.seed
-    options = method.options(options)
+    options = method.options(options, where=str(args.config or ""))
     out = Path(args.out)
-    if out.exists():
-        print(f"resuming from {out}", file=sys.stderr)
     model = method.build(target, options)
     summary = method.train(model, target, options, out, progress=not args.quiet,
                            log_path=args.log or default_log_path(out))
-    print(f"{args.method} on {args.target}: {summary['steps']} steps, "
+    resumed = summary.get("resumed_from")
+    print(f"{args.method} on {args.target}: {summary['steps']} steps"
+          f"{f' (resumed from step {resumed})' if resumed is not None else ''}, "
           f"{summary['energy_evaluations']:,} energy evaluations, {summary['wall_time_s']:.1f} s -> {out}")
     return 0
 
@@ -137,7 +147,6 @@ def _sample(args: argparse.Namespace) -> int:
     from openmm_flowforce.io import atomic_write_bytes
     from openmm_flowforce.samplers.common import import_methods, load_sampler
 
-    _positive(args.n_samples, "-n")
     import_methods()
     loaded = load_sampler(args.checkpoint)
     torch.manual_seed(args.seed)
@@ -157,7 +166,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     from openmm_flowforce.io import atomic_write_bytes
     from openmm_flowforce.samplers.common import import_methods, load_sampler
 
-    _positive(args.n_samples, "-n")
     import_methods()
     loaded = load_sampler(args.checkpoint)
     reference = load_reference(args.reference, loaded.target, args.n_samples, seed=args.seed)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from openmm_flowforce.cli.config import CommandFiles, flag, legacy_user_errors
+from openmm_flowforce.options import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Option
 
 #: As :data:`openmm_flowforce.md.simulate.PLATFORMS` (not imported: it would pull in torch
 #: for every ``flowforce --help``); a test keeps the two equal.
@@ -27,24 +31,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL.pt", help="exported model (flowforce export) or a model checkpoint")
     parser.add_argument("--topology", required=True, metavar="TOP.pdb",
                         help="PDB of the molecule, atoms in the model's order; its positions start the run")
-    parser.add_argument("--steps", required=True, type=int, metavar="N", help="number of MD steps")
+    parser.add_argument("--steps", required=True, type=flag(POSITIVE_INT), metavar="N", help="number of MD steps")
     parser.add_argument("--out", required=True, metavar="TRAJ.dcd", help="DCD trajectory to write")
     parser.add_argument("--report", metavar="LOG.csv", help="also write energies, temperature and speed as CSV")
-    parser.add_argument("--report-interval", type=int, default=100, metavar="N",
+    parser.add_argument("--report-interval", type=flag(POSITIVE_INT), default=100, metavar="N",
                         help="steps between frames, log lines and stability checks (default: 100)")
     parser.add_argument("--platform", default="auto", choices=PLATFORMS,
                         help="OpenMM platform (default: auto, the fastest available)")
     parser.add_argument("--backend", default="auto", choices=["auto", "torchforce", "pythonforce"],
                         help="how OpenMM runs the model (default: auto = torchforce where openmm-torch works)")
-    parser.add_argument("--timestep-fs", type=float, default=1.0, metavar="FS", help="time step in fs (default: 1)")
-    parser.add_argument("--temperature", type=float, default=None, metavar="K",
+    parser.add_argument("--timestep-fs", type=flag(POSITIVE), default=1.0, metavar="FS",
+                        help="time step in fs (default: 1)")
+    parser.add_argument("--temperature", type=flag(POSITIVE), default=None, metavar="K",
                         help="temperature in K (default: the one the model was exported at; 300 for checkpoints)")
-    parser.add_argument("--friction", type=float, default=1.0, metavar="PER_PS",
+    parser.add_argument("--friction", type=flag(NON_NEGATIVE), default=1.0, metavar="PER_PS",
                         help="Langevin friction in 1/ps (default: 1)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of velocities and Langevin noise (default: 0)")
-    parser.add_argument("--torch-threads", type=int, default=1, metavar="N",
+    parser.add_argument("--seed", type=flag(Option(int, minimum=0, maximum=2**31 - 2)), default=0,
+                        help="seed of velocities and Langevin noise (default: 0)")
+    parser.add_argument("--torch-threads", type=flag(POSITIVE_INT), default=1, metavar="N",
                         help="torch intra-op threads (default: 1, fastest for one small molecule; more threads "
                              "compete with OpenMM's own for the cores)")
+
+
+def files(args: argparse.Namespace) -> CommandFiles:
+    out = Path(args.out)
+    return CommandFiles(inputs={"MODEL.pt": args.model, "--topology": args.topology},
+                        outputs={"--out": out, "--report": args.report,
+                                 "--out (last good state on a blow-up)": out.with_name(out.stem + ".last_good.pdb")})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,18 +66,13 @@ def run(args: argparse.Namespace) -> int:
 
     from openmm_flowforce.md.simulate import SimulationBlewUp, simulate
 
-    if args.torch_threads < 1:
-        print(f"flowforce simulate: error: --torch-threads must be ≥ 1, got {args.torch_threads}", file=sys.stderr)
-        return 2
     torch.set_num_threads(args.torch_threads)
     try:
-        result = simulate(args.model, args.topology, args.steps, args.out, platform=args.platform,
-                          timestep_fs=args.timestep_fs, temperature=args.temperature, backend=args.backend,
-                          seed=args.seed, report=args.report, report_interval=args.report_interval,
-                          friction_per_ps=args.friction)
-    except (FileNotFoundError, ValueError, TypeError) as error:
-        print(f"flowforce simulate: error: {error}", file=sys.stderr)
-        return 2
+        with legacy_user_errors():
+            result = simulate(args.model, args.topology, args.steps, args.out, platform=args.platform,
+                              timestep_fs=args.timestep_fs, temperature=args.temperature, backend=args.backend,
+                              seed=args.seed, report=args.report, report_interval=args.report_interval,
+                              friction_per_ps=args.friction)
     except SimulationBlewUp as error:
         print(f"flowforce simulate: {error}", file=sys.stderr)
         return 1

@@ -48,6 +48,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..io import atomic_write_bytes
+from ..errors import FlowforceError
 
 __all__ = ["BEAD_KINDS", "CGMapping", "MAPPING_FORMAT", "MAPPING_PRESETS", "register_mapping"]
 
@@ -148,7 +149,7 @@ def register_mapping(name: str) -> Callable[[PresetFunction], PresetFunction]:
     """Decorator adding a preset ``function(source) -> (groups, kind)`` to the registry."""
     def decorate(function: PresetFunction) -> PresetFunction:
         if name in MAPPING_PRESETS:
-            raise ValueError(f"mapping preset {name!r} is already registered")
+            raise FlowforceError(f"mapping preset {name!r} is already registered")
         MAPPING_PRESETS[name] = function
         return function
     return decorate
@@ -208,26 +209,27 @@ class CGMapping:
                  residues: Sequence[Sequence[Any]], bonds: Sequence[Sequence[int]],
                  source: dict[str, Any] | None = None):
         if kind not in BEAD_KINDS:
-            raise ValueError(f"unknown bead kind {kind!r}; valid: {', '.join(BEAD_KINDS)}")
+            raise FlowforceError(f"unknown bead kind {kind!r}; valid: {', '.join(BEAD_KINDS)}")
         n = len(groups)
         if n == 0:
-            raise ValueError("a CG mapping needs at least one bead")
+            raise FlowforceError("a CG mapping needs at least one bead")
         for name, values in (("weights", weights), ("names", names), ("elements", elements), ("masses", masses),
                              ("residues", residues)):
             if len(values) != n:
-                raise ValueError(f"{name} has {len(values)} entries for {n} beads")
+                raise FlowforceError(f"{name} has {len(values)} entries for {n} beads")
         flat = [i for g in groups for i in g]
         if any(not 0 <= i < n_atoms for i in flat):
-            raise ValueError(f"atom indices must be in [0, {n_atoms}), got {sorted(set(flat))[:5]}...")
+            raise FlowforceError(f"atom indices must be in [0, {n_atoms}), got {sorted(set(flat))[:5]}...")
         if len(set(flat)) != len(flat):
             shared = sorted({i for i in flat if flat.count(i) > 1})
-            raise ValueError(f"bead groups overlap (atoms {shared[:10]} are in several beads); the aggregate "
-                             "force map is a valid mean-force estimate only for disjoint groups")
+            raise FlowforceError(f"bead groups overlap (atoms {shared[:10]} are in several beads); the aggregate "
+                                 "force map is a valid mean-force estimate only for disjoint groups")
         for g, w in zip(groups, weights):
             if len(g) != len(w) or len(g) == 0 or abs(sum(w) - 1.0) > 1e-9:
-                raise ValueError(f"bead group {list(g)} has weights {list(w)}; they must be one per atom and sum to 1")
+                raise FlowforceError(f"bead group {list(g)} has weights {list(w)}; they must be one per atom and "
+                                     "sum to 1")
         if any(not (0 <= i < n and 0 <= j < n and i != j) for i, j in bonds):
-            raise ValueError(f"bonds must join two different beads in [0, {n}), got {[tuple(b) for b in bonds]}")
+            raise FlowforceError(f"bonds must join two different beads in [0, {n}), got {[tuple(b) for b in bonds]}")
         self.n_atoms = int(n_atoms)
         self.groups = [tuple(int(i) for i in g) for g in groups]
         self.weights = [tuple(float(c) for c in w) for w in weights]
@@ -264,26 +266,27 @@ class CGMapping:
             TypeError: a topology of another type.
         """
         if (preset is None) == (selection is None):
-            raise ValueError(f"give exactly one of preset (one of {', '.join(MAPPING_PRESETS)}) or selection")
+            raise FlowforceError(f"give exactly one of preset (one of {', '.join(MAPPING_PRESETS)}) or selection")
         src = _Source(topology)
         if preset is not None:
             if preset not in MAPPING_PRESETS:
-                raise ValueError(f"unknown CG mapping preset {preset!r}; valid presets: {', '.join(MAPPING_PRESETS)} "
-                                 "(or pass selection='...', an mdtraj selection string)")
+                raise FlowforceError(f"unknown CG mapping preset {preset!r}; valid presets: "
+                                     f"{', '.join(MAPPING_PRESETS)} (or pass selection='...', an mdtraj selection "
+                                     "string)")
             groups, kind = MAPPING_PRESETS[preset](src)
             if not groups:
-                raise ValueError(f"CG mapping preset {preset!r} finds no beads in this topology (residues: "
-                                 f"{', '.join(sorted({r.name for r in src.residues}))})")
+                raise FlowforceError(f"CG mapping preset {preset!r} finds no beads in this topology (residues: "
+                                     f"{', '.join(sorted({r.name for r in src.residues}))})")
             return cls._build(src, groups, kind, {"preset": preset})
         if group_by not in ("atom", "residue"):
-            raise ValueError(f"unknown group_by {group_by!r}; valid: atom, residue")
+            raise FlowforceError(f"unknown group_by {group_by!r}; valid: atom, residue")
         try:
             selected = src.mdtraj().select(selection)
         except Exception as error:  # mdtraj raises several types on bad syntax or unknown keywords
-            raise ValueError(f"mdtraj cannot parse the selection {selection!r} "
-                             f"({type(error).__name__}: {error})") from None
+            raise FlowforceError(f"mdtraj cannot parse the selection {selection!r} "
+                                 f"({type(error).__name__}: {error})") from None
         if len(selected) == 0:
-            raise ValueError(f"the selection {selection!r} selects no atoms")
+            raise FlowforceError(f"the selection {selection!r} selects no atoms")
         if group_by == "atom":
             groups, kind = [[int(i)] for i in selected], "slice"
         else:
@@ -301,7 +304,8 @@ class CGMapping:
             m = np.array([a.mass for a in atoms])
             if kind == "com":
                 if m.sum() <= 0:
-                    raise ValueError(f"the centre-of-mass group {[a.name for a in atoms]} has no mass (no elements?)")
+                    raise FlowforceError(f"the centre-of-mass group {[a.name for a in atoms]} has no mass "
+                                         "(no elements?)")
                 weights.append(m / m.sum())
                 names.append(COM_BEAD_NAME)
                 elements.append(None)
@@ -340,8 +344,8 @@ class CGMapping:
             values = np.asarray(values, dtype=np.float64)
         shape = tuple(values.shape)
         if len(shape) not in (2, 3) or shape[-2:] != (self.n_atoms, 3):
-            raise ValueError(f"{what} must have shape (T, {self.n_atoms}, 3) or ({self.n_atoms}, 3) for this "
-                             f"{self.n_atoms}-atom mapping, got {shape}")
+            raise FlowforceError(f"{what} must have shape (T, {self.n_atoms}, 3) or ({self.n_atoms}, 3) for this "
+                                 f"{self.n_atoms}-atom mapping, got {shape}")
         if type(values).__module__.startswith("torch"):
             import torch
 
@@ -392,11 +396,11 @@ class CGMapping:
         """
         x = np.asarray(positions_nm, dtype=np.float64)
         if x.shape != (self.n_beads, 3):
-            raise ValueError(f"positions must have shape ({self.n_beads}, 3) nm, got {x.shape}")
+            raise FlowforceError(f"positions must have shape ({self.n_beads}, 3) nm, got {x.shape}")
         if not np.isfinite(x).all():
-            raise ValueError("positions contain NaN or inf")
+            raise FlowforceError("positions contain NaN or inf")
         if self.n_beads > 99999:
-            raise ValueError(f"{self.n_beads} beads do not fit the PDB format (at most 99999)")
+            raise FlowforceError(f"{self.n_beads} beads do not fit the PDB format (at most 99999)")
         out = io.StringIO()
         out.write("REMARK   1 CG MODEL WRITTEN BY OPENMM-FLOWFORCE\n")
         serial = 1
@@ -449,8 +453,8 @@ class CGMapping:
                 "bonds", "source"}
         missing, unknown = sorted(keys - set(data)), sorted(set(data) - keys)
         if missing or unknown:
-            raise ValueError(f"not a CG mapping dict: missing keys {missing}, unknown keys {unknown}")
+            raise FlowforceError(f"not a CG mapping dict: missing keys {missing}, unknown keys {unknown}")
         if data["format"] != MAPPING_FORMAT:
-            raise ValueError(f"CG mapping format {data['format']!r} is not {MAPPING_FORMAT!r}")
+            raise FlowforceError(f"CG mapping format {data['format']!r} is not {MAPPING_FORMAT!r}")
         return cls(data["n_atoms"], data["groups"], data["weights"], data["kind"], data["names"], data["elements"],
                    data["masses"], data["residues"], data["bonds"], data["source"])

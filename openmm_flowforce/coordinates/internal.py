@@ -62,6 +62,7 @@ from torch import Tensor, nn
 
 from ..conventions import wrap_torsion
 from .zmatrix import ZMatrix, build_zmatrix
+from ..errors import FlowforceError
 
 __all__ = ["InternalCoordinates"]
 
@@ -187,7 +188,7 @@ class InternalCoordinates(nn.Module):
         rows = torch.as_tensor(zmatrix.rows, dtype=torch.long)
         n = rows.shape[0]
         if elements is not None and len(elements) != n:
-            raise ValueError(f"got {len(elements)} element symbols for a {n}-atom Z-matrix")
+            raise FlowforceError(f"got {len(elements)} element symbols for a {n}-atom Z-matrix")
         radius = [COVALENT_RADIUS_NM.get(e or "", FALLBACK_RADIUS_NM) for e in (elements or [None] * n)]
         bond_loc = [radius[i] + radius[j] for i, j in zmatrix.rows[1:, :2].tolist()]
         self.register_buffer("rows", rows)
@@ -294,27 +295,27 @@ class InternalCoordinates(nn.Module):
             raise TypeError(f"positions must be a torch.Tensor (B, N, 3) in nm, got {type(x).__name__}; "
                             "convert with torch.as_tensor(x)")
         if not x.is_floating_point():
-            raise ValueError(f"positions must be float32 or float64, got {x.dtype}")
+            raise FlowforceError(f"positions must be float32 or float64, got {x.dtype}")
         n = self.n_atoms
         if x.ndim != 3 or x.shape[-1] != 3 or x.shape[1] != n:
             hint = ("add a batch dimension: x[None]" if x.shape == (n, 3) else
                     f"the topology has {n} atoms: pass positions of exactly its atoms "
                     "(select the same atoms, e.g. traj.atom_slice(...), before converting)")
-            raise ValueError(f"expected positions of shape (B, {n}, 3) in nm, got {tuple(x.shape)}; {hint}")
+            raise FlowforceError(f"expected positions of shape (B, {n}, 3) in nm, got {tuple(x.shape)}; {hint}")
 
     def _check(self, x: Tensor, bonds: Tensor) -> None:
         """Non-finite values and Ångström positions (data-dependent: syncs with the device)."""
         finite = torch.isfinite(x).all(-1)
         if not bool(finite.all()):
             frame, atom = (int(v) for v in torch.nonzero(~finite)[0])
-            raise ValueError(
+            raise FlowforceError(
                 f"positions contain NaN or inf (first at frame {frame}, atom {atom}, "
                 f"{int((~finite).sum())} atoms in all); remove those frames, or check the "
                 "simulation that produced them (it may have blown up)"
             )
         median = float(bonds.detach().median())
         if median > ANGSTROM_SUSPECT_NM:
-            raise ValueError(
+            raise FlowforceError(
                 f"the median bonded distance is {median:.3f}, but bonds are ~0.1-0.15 nm: "
                 "positions look like Ångström; OpenMM uses nm: divide by 10 (if they are nm, "
                 "the molecule is split across the periodic box: make it whole first, e.g. "
@@ -423,7 +424,7 @@ class InternalCoordinates(nn.Module):
         n = self.n_atoms
         if not isinstance(u, Tensor) or u.ndim != 2 or u.shape[1] != self.dim:
             shape = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
-            raise ValueError(f"expected u of shape (B, {self.dim}) (3N − 6 for N = {n} atoms), got {shape}")
+            raise FlowforceError(f"expected u of shape (B, {self.dim}) (3N − 6 for N = {n} atoms), got {shape}")
         dtype = u.dtype
         finfo = torch.finfo(dtype)
         z = torch.special.ndtri(u[:, : 2 * n - 3].clamp(finfo.tiny, 1.0 - finfo.eps))

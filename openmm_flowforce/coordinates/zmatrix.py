@@ -36,6 +36,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..errors import FlowforceError
+
 __all__ = ["ZMatrix", "build_zmatrix"]
 
 #: Element symbols treated as hydrogen (lower placement/reference priority).
@@ -68,7 +70,7 @@ def _priority(elements: Sequence[str | None] | None, n_atoms: int) -> np.ndarray
     if elements is None:
         return np.zeros(n_atoms, dtype=np.int64)
     if len(elements) != n_atoms:
-        raise ValueError(f"got {len(elements)} element symbols for {n_atoms} atoms")
+        raise FlowforceError(f"got {len(elements)} element symbols for {n_atoms} atoms")
     out = np.zeros(n_atoms, dtype=np.int64)
     for a, sym in enumerate(elements):
         if sym is None or sym in ("", "VS"):
@@ -83,9 +85,9 @@ def _adjacency(n_atoms: int, bonds: Iterable[tuple[int, int]]) -> list[list[int]
     for bond in bonds:
         a, b = (int(v) for v in bond)
         if not (0 <= a < n_atoms and 0 <= b < n_atoms):
-            raise ValueError(f"bond ({a}, {b}) refers to an atom outside 0..{n_atoms - 1}")
+            raise FlowforceError(f"bond ({a}, {b}) refers to an atom outside 0..{n_atoms - 1}")
         if a == b:
-            raise ValueError(f"bond ({a}, {b}) joins atom {a} to itself")
+            raise FlowforceError(f"bond ({a}, {b}) joins atom {a} to itself")
         neighbours[a].add(b)
         neighbours[b].add(a)
     return [sorted(s) for s in neighbours]
@@ -124,7 +126,7 @@ def _check_connected(adj: list[list[int]], labels: Sequence[str] | None) -> None
     listed = "; ".join(f"fragment {f}: {describe(m)}" for f, m in enumerate(fragments[:6]))
     if len(fragments) > 6:
         listed += f"; ... and {len(fragments) - 6} more fragments"
-    raise ValueError(
+    raise FlowforceError(
         f"the bond graph is not connected: it has {len(fragments)} fragments ({listed}). "
         "Internal coordinates need one connected molecule: build one InternalCoordinates per "
         "molecule (e.g. select it with mdtraj's topology.select / atom_slice, or delete water "
@@ -180,12 +182,12 @@ def build_zmatrix(
     """
     n_atoms = int(n_atoms)
     if n_atoms < 3:
-        raise ValueError(
+        raise FlowforceError(
             f"internal coordinates need at least 3 atoms (3N − 6 > 0), got {n_atoms}; "
             "for one or two atoms use Cartesian coordinates"
         )
     if labels is not None and len(labels) != n_atoms:
-        raise ValueError(f"got {len(labels)} atom labels for {n_atoms} atoms")
+        raise FlowforceError(f"got {len(labels)} atom labels for {n_atoms} atoms")
     adj = _adjacency(n_atoms, bonds)
     priority = _priority(elements, n_atoms)
     _check_connected(adj, labels)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import MissingFileError
+
 __all__ = ["alanine_dipeptide_pdb"]
 
 _DATA_DIR = Path(__file__).resolve().parent
@@ -23,7 +25,7 @@ def alanine_dipeptide_pdb() -> str:
     """
     path = _DATA_DIR / "alanine_dipeptide.pdb"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{path} is missing: the package was installed without its data files; "
             "reinstall it, or regenerate the file with "
             "`python -m openmm_flowforce.data.make_alanine_dipeptide`"

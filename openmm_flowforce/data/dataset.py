@@ -26,14 +26,14 @@ from __future__ import annotations
 import io
 import math
 import os
-import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..io import atomic_write_npz
+from ..io import atomic_write_npz, bad_file, require_input_file
+from ..safety import check_xml
+from ..errors import BadFileError, FlowforceError
 
 __all__ = ["DATASET_FORMAT", "Dataset", "load_dataset", "save_dataset", "topology_from_pdb_text",
            "topology_to_pdb_text"]
@@ -119,33 +119,33 @@ def _validate(where: str, topology, positions: np.ndarray, forces: np.ndarray | 
               temperature: float) -> None:
     """Shapes, finiteness, units and atom count; raises ValueError naming ``where`` and the fix."""
     if positions.ndim != 3 or positions.shape[-1] != 3:
-        raise ValueError(f"{where}: positions must have shape (frames, atoms, 3), got {positions.shape}")
+        raise FlowforceError(f"{where}: positions must have shape (frames, atoms, 3), got {positions.shape}")
     n_frames, n_atoms = positions.shape[:2]
     if n_frames == 0:
-        raise ValueError(f"{where}: the dataset has no frames")
+        raise FlowforceError(f"{where}: the dataset has no frames")
     if forces is not None and forces.shape != positions.shape:
-        raise ValueError(f"{where}: forces have shape {forces.shape} but positions {positions.shape}; "
-                         "they must be the same (frames, atoms, 3)")
+        raise FlowforceError(f"{where}: forces have shape {forces.shape} but positions {positions.shape}; "
+                             "they must be the same (frames, atoms, 3)")
     if energies.shape != (n_frames,):
-        raise ValueError(f"{where}: energies must have shape ({n_frames},), one per frame, got {energies.shape}")
+        raise FlowforceError(f"{where}: energies must have shape ({n_frames},), one per frame, got {energies.shape}")
     if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"{where}: temperature must be a positive number of kelvin, got {temperature}")
+        raise FlowforceError(f"{where}: temperature must be a positive number of kelvin, got {temperature}")
     n_topology = topology.getNumAtoms()
     if n_topology != n_atoms:
-        raise ValueError(f"{where}: the topology has {n_topology} atoms but positions have {n_atoms}; "
-                         "the positions belong to another molecule")
+        raise FlowforceError(f"{where}: the topology has {n_topology} atoms but positions have {n_atoms}; "
+                             "the positions belong to another molecule")
     arrays = {"positions": positions.reshape(n_frames, -1), "energies": energies.reshape(n_frames, 1)}
     if forces is not None:
         arrays["forces"] = forces.reshape(n_frames, -1)
     for name, array in arrays.items():
         bad = ~np.isfinite(array).all(axis=1)
         if bad.any():
-            raise ValueError(f"{where}: {_frames(bad)} of {name} contain NaN or inf; drop those frames "
-                             f"(e.g. keep = np.isfinite({name}).all(axis=...)) or regenerate the data")
+            raise FlowforceError(f"{where}: {_frames(bad)} of {name} contain NaN or inf; drop those frames "
+                                 f"(e.g. keep = np.isfinite({name}).all(axis=...)) or regenerate the data")
     bond = _median_bond_length(topology, positions)
     if bond is not None and bond > ANGSTROM_BOND_THRESHOLD_NM:
-        raise ValueError(f"{where}: positions look like Ångström (median bond length {bond:.3g}, real bonds "
-                         f"are 0.1–0.2 nm); positions must be in nm: divide them by 10")
+        raise FlowforceError(f"{where}: positions look like Ångström (median bond length {bond:.3g}, real bonds "
+                             f"are 0.1–0.2 nm); positions must be in nm: divide them by 10")
 
 
 def save_dataset(
@@ -203,65 +203,75 @@ def save_dataset(
 
 def _scalar(where: str, name: str, value: np.ndarray, kind: type) -> Any:
     if value.shape != ():
-        raise ValueError(f"{where}: {name} must be a scalar, got shape {value.shape}")
+        raise FlowforceError(f"{where}: {name} must be a scalar, got shape {value.shape}")
     try:
         return kind(value.item())
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: {name} must be a {kind.__name__}, got {value.item()!r}") from None
+        raise FlowforceError(f"{where}: {name} must be a {kind.__name__}, got {value.item()!r}") from None
 
 
 def _numeric(where: str, name: str, value: np.ndarray, dtype: type) -> np.ndarray:
     if not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)):
-        raise ValueError(f"{where}: {name} must be a numeric array, got dtype {value.dtype}")
+        raise FlowforceError(f"{where}: {name} must be a numeric array, got dtype {value.dtype}")
     return np.asarray(value, dtype=dtype)
 
 
-def load_dataset(path: str | os.PathLike) -> Dataset:
+def load_dataset(path: str | os.PathLike, trust: bool | None = None) -> Dataset:
     """Read and validate a dataset file (schema in the module docstring).
 
+    Args:
+        path: the ``.npz`` file.
+        trust: accept a ``system_xml`` that could run code when deserialised (see
+            :mod:`openmm_flowforce.safety`); by default such a dataset is refused on load,
+            so it is never copied into a model.
+
     Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: the file is not a readable ``.npz``, or a key is missing or unknown,
-            shapes disagree, frames contain NaN (named by index), positions look like Å,
-            or the atom count differs from the topology's. The message names the file.
+        MissingFileError: the file does not exist.
+        BadFileError: the file is empty, not a readable ``.npz``, or a key is missing or
+            unknown. FlowforceError: shapes disagree, frames contain NaN (named by index),
+            positions look like Å, or the atom count differs from the topology's.
+        UnsafeFileError: ``system_xml`` holds a PythonForce or anything else that could run
+            code (unless ``trust``). Every message names the file.
     """
-    path = Path(path)
+    fix = "re-create it with `flowforce md` or save_dataset"
+    path = require_input_file(path, "a flowforce .npz dataset", fix)
     where = str(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"dataset {path} does not exist")
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise ValueError("a single .npy array, not an .npz archive")
+            raise bad_file(path, "a flowforce .npz dataset", "a single .npy array, not an .npz archive", fix)
         with loaded as npz:
             arrays = {key: npz[key] for key in npz.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as error:
-        raise ValueError(f"{where} is corrupt or not a flowforce .npz dataset ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0][:200] if str(error) else ''}); re-create it with "
-                         "`flowforce md` or save_dataset") from None
-    except Exception as error:  # zlib and struct errors from truncated archives
-        raise ValueError(f"{where} is corrupt ({type(error).__name__}: {error}); re-create it with "
-                         "`flowforce md` or save_dataset") from None
+    except BadFileError:
+        raise
+    except Exception as error:  # numpy, zipfile, zlib and struct raise many types for bad archives
+        raise bad_file(path, "a flowforce .npz dataset", error, fix) from None
 
     missing = [key for key in REQUIRED_KEYS if key not in arrays]
+    if len(missing) == len(REQUIRED_KEYS):
+        names = sorted(arrays)
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise BadFileError(f"{where} is not a flowforce dataset: it holds {shown or 'no arrays'}, none of "
+                           f"{', '.join(REQUIRED_KEYS)}; {fix}")
     if missing:
-        raise ValueError(f"{where}: missing {', '.join(missing)} (the file has {', '.join(sorted(arrays)) or 'no arrays'}"
-                         f"); a dataset needs {', '.join(REQUIRED_KEYS)}, optionally {', '.join(OPTIONAL_KEYS)}")
+        raise BadFileError(f"{where}: missing {', '.join(missing)} (the file has "
+                           f"{', '.join(sorted(arrays)) or 'no arrays'}); a dataset needs {', '.join(REQUIRED_KEYS)}, "
+                           f"optionally {', '.join(OPTIONAL_KEYS)}: is it a flowforce dataset?")
     unknown = sorted(set(arrays) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
     if unknown:
-        raise ValueError(f"{where}: unknown keys {', '.join(unknown)}; a dataset has {', '.join(REQUIRED_KEYS)} "
-                         f"and optionally {', '.join(OPTIONAL_KEYS)}")
+        raise FlowforceError(f"{where}: unknown keys {', '.join(unknown)}; a dataset has {', '.join(REQUIRED_KEYS)} "
+                             f"and optionally {', '.join(OPTIONAL_KEYS)}")
     if "format" in arrays:
         found = _scalar(where, "format", arrays["format"], str)
         if found != DATASET_FORMAT:
-            raise ValueError(f"{where}: format {found!r} is not {DATASET_FORMAT!r}; this version of flowforce "
-                             "cannot read it")
+            raise FlowforceError(f"{where}: format {found!r} is not {DATASET_FORMAT!r}; this version of flowforce "
+                                 "cannot read it")
 
     text = _scalar(where, "topology_pdb", arrays["topology_pdb"], str)
     try:
         topology = topology_from_pdb_text(text)
     except Exception as error:  # PDBFile raises several types on malformed text
-        raise ValueError(f"{where}: topology_pdb is not valid PDB text ({type(error).__name__}: {error})") from None
+        raise FlowforceError(f"{where}: topology_pdb is not valid PDB text ({type(error).__name__}: {error})") from None
     positions = _numeric(where, "positions", arrays["positions"], np.float32)
     forces = _numeric(where, "forces", arrays["forces"], np.float32) if "forces" in arrays else None
     energies = _numeric(where, "energies", arrays["energies"], np.float64)
@@ -271,5 +281,7 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
                 for name in ("timestep_fs", "save_every_ps")}
     text_fields = {name: _scalar(where, name, arrays[name], str) if name in arrays else ""
                    for name in ("source", "system_xml")}
+    if text_fields["system_xml"]:
+        check_xml(text_fields["system_xml"], f"the reference System (system_xml) in {where}", trust)
     return Dataset(topology=topology, positions=positions, forces=forces, energies=energies,
                    temperature=temperature, **text_fields, **optional)

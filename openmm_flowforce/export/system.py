@@ -16,8 +16,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from ..io import atomic_write_bytes
+from ..io import atomic_write_bytes, bad_file, require_input_file
+from ..safety import check_xml, deserialize_xml
 from .backends import LEARNED_FORCE_NAME, make_force, resolve_potential
+from ..errors import FlowforceError
 
 __all__ = ["NOTE_TAG", "create_system", "load_system", "save_system"]
 
@@ -33,13 +35,13 @@ def _check_topology(topology: Any, n_atoms: int, topology_pdb: str) -> list[floa
     """Masses (amu) of the topology's atoms, after checking them against the model."""
     atoms = list(topology.atoms())
     if len(atoms) != n_atoms:
-        raise ValueError(f"the topology has {len(atoms)} atoms but the model was trained on {n_atoms}; "
-                         "pass the topology of the molecule the model describes (same atoms, same order)")
+        raise FlowforceError(f"the topology has {len(atoms)} atoms but the model was trained on {n_atoms}; "
+                             "pass the topology of the molecule the model describes (same atoms, same order)")
     masses = []
     for atom in atoms:
         if atom.element is None:
-            raise ValueError(f"atom {atom.index} ({atom.residue.name}{atom.residue.index + 1}:{atom.name}) has no "
-                             "element, so its mass is unknown; fix the topology (e.g. the PDB element column)")
+            raise FlowforceError(f"atom {atom.index} ({atom.residue.name}{atom.residue.index + 1}:{atom.name}) has no "
+                                 "element, so its mass is unknown; fix the topology (e.g. the PDB element column)")
         masses.append(atom.element.mass)
     if topology_pdb:
         from ..data.dataset import topology_from_pdb_text
@@ -47,9 +49,9 @@ def _check_topology(topology: Any, n_atoms: int, topology_pdb: str) -> list[floa
         model_atoms = list(topology_from_pdb_text(topology_pdb).atoms())
         for mine, theirs in zip(atoms, model_atoms):
             if mine.element is not None and theirs.element is not None and mine.element != theirs.element:
-                raise ValueError(f"atom {mine.index} is {mine.element.symbol} ({mine.residue.name}:{mine.name}) in "
-                                 f"the topology but {theirs.element.symbol} ({theirs.residue.name}:{theirs.name}) in "
-                                 "the model: the atoms must be in the model's order")
+                raise FlowforceError(f"atom {mine.index} is {mine.element.symbol} ({mine.residue.name}:{mine.name}) "
+                                     f"in the topology but {theirs.element.symbol} ({theirs.residue.name}:"
+                                     f"{theirs.name}) in the model: the atoms must be in the model's order")
     return masses
 
 
@@ -79,8 +81,9 @@ def create_system(topology: Any, model: Any, backend: str = "auto", temperature:
     if source.masses is not None:  # stored in the file (CG beads may have no element)
         n_topology = topology.getNumAtoms()
         if n_topology != source.n_atoms or len(source.masses) != source.n_atoms:
-            raise ValueError(f"the topology has {n_topology} particles but the model has {source.n_atoms} "
-                             "(beads); pass the topology the model was trained on (e.g. the CG.pdb of flowforce cg)")
+            raise FlowforceError(f"the topology has {n_topology} particles but the model has {source.n_atoms} "
+                                 "(beads); pass the topology the model was trained on (e.g. the CG.pdb of "
+                                 "flowforce cg)")
         masses = list(source.masses)
     else:
         masses = _check_topology(topology, source.n_atoms, source.topology_pdb)
@@ -107,8 +110,8 @@ def save_system(system: Any, xml_path: str | os.PathLike) -> Path:
     forces = system.getForces()
     learned = [i for i, force in enumerate(forces) if force.getName() == LEARNED_FORCE_NAME]
     if not learned:
-        raise ValueError(f"the System has no force named {LEARNED_FORCE_NAME!r} (from make_force); "
-                         "save it with openmm.XmlSerializer.serialize")
+        raise FlowforceError(f"the System has no force named {LEARNED_FORCE_NAME!r} (from make_force); "
+                             "save it with openmm.XmlSerializer.serialize")
     root = ET.fromstring(openmm.XmlSerializer.serialize(system))
     container = root.find("Forces")
     assert container is not None and len(container) == len(forces)
@@ -129,7 +132,7 @@ def save_system(system: Any, xml_path: str | os.PathLike) -> Path:
 
 
 def load_system(xml_path: str | os.PathLike, model_path: Any, backend: str = "auto",
-                temperature: float | None = None, cuda_graphs: bool = False) -> Any:
+                temperature: float | None = None, cuda_graphs: bool = False, trust: bool | None = None) -> Any:
     """Read a System written by :func:`save_system` and add the learned force back.
 
     Args:
@@ -137,30 +140,42 @@ def load_system(xml_path: str | os.PathLike, model_path: Any, backend: str = "au
         model_path: the model (exported ``.pt``, compiled ``.pt2``, checkpoint, or
             ``BoltzmannGenerator``).
         backend, temperature, cuda_graphs: as for :func:`make_force`.
+        trust: read a System that could run code (a ``PythonForce``); see
+            :mod:`openmm_flowforce.safety`. **Dangerous**: only for files you made.
 
     Returns:
         The ``openmm.System`` with the learned force in the force group it was saved with.
 
     Raises:
-        ValueError: the XML holds a TorchForce (deserialising it would crash this process;
-            it was not written by :func:`save_system`), or its particle count differs
-            from the model's atom count.
+        UnsafeFileError: the XML holds a ``PythonForce`` or another element that could run
+            code when deserialised (refused before deserialising), unless ``trust``.
+        FlowforceError: the XML holds a TorchForce (deserialising it would crash this process;
+            it was not written by :func:`save_system`), its particle count differs from the
+            model's atom count, or the file is missing, empty or not a System.
     """
-    import openmm
-
-    text = Path(xml_path).read_text()
+    path = require_input_file(xml_path, "an OpenMM System XML file",
+                              "write it with openmm_flowforce.openmm.save_system")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise bad_file(path, "an OpenMM System XML file", error, "write it with save_system") from None
+    check_xml(text, str(path), trust)
     unsafe = [t for t in _UNSAFE_TYPES if re.search(rf'<Force\b[^>]*type="{t}"', text)]
     if unsafe:
-        raise ValueError(f"{xml_path} contains a {unsafe[0]}; deserialising it crashes openmm-torch 1.10, so it is "
-                         "not loaded. Save Systems with openmm_flowforce.openmm.save_system, which leaves the "
-                         "learned force out")
+        raise FlowforceError(f"{xml_path} contains a {unsafe[0]}; deserialising it crashes openmm-torch 1.10, so it is "
+                             "not loaded. Save Systems with openmm_flowforce.openmm.save_system, which leaves the "
+                             "learned force out")
     match = _NOTE.search(text)
-    groups = [f["force_group"] for f in json.loads(match.group(1))["removed_forces"]] if match else [0]
-    system = openmm.XmlSerializer.deserialize(text)
+    try:
+        groups = [int(f["force_group"]) for f in json.loads(match.group(1))["removed_forces"]] if match else [0]
+    except (ValueError, KeyError, TypeError) as error:
+        raise bad_file(path, "a System written by save_system", f"its {NOTE_TAG} comment is damaged: {error}",
+                       "write it again with save_system") from None
+    system = deserialize_xml(text, str(path), trust=True, expected="System")  # checked above
     source = resolve_potential(model_path, temperature)
     if system.getNumParticles() != source.n_atoms:
-        raise ValueError(f"{xml_path} has {system.getNumParticles()} particles but the model has "
-                         f"{source.n_atoms} atoms")
+        raise FlowforceError(f"{xml_path} has {system.getNumParticles()} particles but the model has "
+                             f"{source.n_atoms} atoms")
     for group in groups:
         force = make_force(source, backend=backend, cuda_graphs=cuda_graphs)
         force.setForceGroup(int(group))

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..bijections import get_family
 from ..nn import MLP
+from ..errors import FlowforceError
 
 Tensor = torch.Tensor
 
@@ -135,9 +136,9 @@ class CouplingFlow(nn.Module):
         super().__init__()
         periodic = [bool(p) for p in periodic]
         if len(periodic) == 0:
-            raise ValueError("periodic must list at least one dimension, e.g. CouplingFlow([True, False])")
+            raise FlowforceError("periodic must list at least one dimension, e.g. CouplingFlow([True, False])")
         if n_layers < 1:
-            raise ValueError(f"n_layers must be at least 1, got {n_layers}")
+            raise FlowforceError(f"n_layers must be at least 1, got {n_layers}")
         get_family(transform)  # unknown names fail here, listing the valid ones
         hidden = (hidden, hidden) if isinstance(hidden, int) else tuple(hidden)
         self.config = dict(periodic=periodic, transform=transform, n_layers=n_layers, hidden=list(hidden),
@@ -153,7 +154,7 @@ class CouplingFlow(nn.Module):
 
     def _check(self, x: Tensor, name: str) -> None:
         if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"{name} must have shape (batch, {self.dim}), got {tuple(x.shape)}")
+            raise FlowforceError(f"{name} must have shape (batch, {self.dim}), got {tuple(x.shape)}")
 
     def to_latent(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Data → latent, analytic. Returns ``z`` (B, D) and ``ladj = log|det dz/dx|`` (B,)."""

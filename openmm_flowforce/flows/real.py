@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from .coupling import CouplingFlow
+from ..errors import FlowforceError
 
 Tensor = torch.Tensor
 
@@ -96,18 +97,18 @@ class RealFlow(nn.Module):
         super().__init__()
         dim = int(dim)
         if dim < 1:
-            raise ValueError(f"dim must be at least 1, got {dim}")
+            raise FlowforceError(f"dim must be at least 1, got {dim}")
         if not (math.isfinite(float(scale)) and float(scale) > 0):
-            raise ValueError(f"scale must be a positive number, got {scale!r}")
+            raise FlowforceError(f"scale must be a positive number, got {scale!r}")
         if (n_particles is None) != (spatial_dim is None):
-            raise ValueError("give both n_particles and spatial_dim (mean-free particle flow) or neither, got "
-                             f"n_particles={n_particles!r}, spatial_dim={spatial_dim!r}")
+            raise FlowforceError("give both n_particles and spatial_dim (mean-free particle flow) or neither, got "
+                                 f"n_particles={n_particles!r}, spatial_dim={spatial_dim!r}")
         mean_free = n_particles is not None
         if mean_free:
             n_particles, spatial_dim = int(n_particles), int(spatial_dim)
             if n_particles < 2 or spatial_dim < 1 or n_particles * spatial_dim != dim:
-                raise ValueError(f"n_particles·spatial_dim must equal dim with n_particles ≥ 2, got "
-                                 f"{n_particles}·{spatial_dim} for dim={dim}")
+                raise FlowforceError(f"n_particles·spatial_dim must equal dim with n_particles ≥ 2, got "
+                                     f"{n_particles}·{spatial_dim} for dim={dim}")
         hidden = [hidden, hidden] if isinstance(hidden, int) else [int(h) for h in hidden]
         self.config: dict[str, Any] = dict(dim=dim, scale=float(scale), n_particles=n_particles,
                                            spatial_dim=spatial_dim, transform=transform, n_layers=int(n_layers),
@@ -148,7 +149,7 @@ class RealFlow(nn.Module):
     def _check(self, x: Tensor, name: str, width: int) -> None:
         if not isinstance(x, Tensor) or x.ndim != 2 or x.shape[1] != width:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"{name} must have shape (batch, {width}), got {shape}")
+            raise FlowforceError(f"{name} must have shape (batch, {width}), got {shape}")
 
     # -- the two directions ------------------------------------------------------------------
     def to_latent(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -33,6 +33,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from ..errors import FlowforceError
+
 #: The install command that restores a working torch / openmm-torch pair.
 FIX_HINT = (
     'pip install "torch>=2.10,<2.13" acellera-openmmtorch-cu13==1.10 '
@@ -431,7 +433,7 @@ def run_doctor(
     else:
         unknown = [name for name in platforms if name not in found]
         if unknown:
-            raise ValueError(f"unknown OpenMM platform(s) {unknown}; available: {found}")
+            raise FlowforceError(f"unknown OpenMM platform(s) {unknown}; available: {found}")
         selected = list(platforms)
 
     report = DoctorReport(versions, found, failures, summarise_plugin_failures(failures))

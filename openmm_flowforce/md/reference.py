@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import FlowforceError
+
 __all__ = ["PLATFORM_ORDER", "SMALL_SYSTEM_ATOMS", "choose_platform", "derive_seeds", "run_reference_md"]
 
 #: Platforms in the order ``platform="auto"`` tries them (fastest first for real systems).
@@ -69,8 +71,8 @@ def choose_platform(system, platform: str = "auto") -> list[str]:
     available = _available_platforms()
     if platform != "auto":
         if platform not in available:
-            raise ValueError(f"platform {platform!r} is not available here; choose auto or one of "
-                             f"{', '.join(available)} (run `flowforce doctor` to see why others are missing)")
+            raise FlowforceError(f"platform {platform!r} is not available here; choose auto or one of "
+                                 f"{', '.join(available)} (run `flowforce doctor` to see why others are missing)")
         return [platform]
     order = list(PLATFORM_ORDER)
     if system.getNumParticles() <= SMALL_SYSTEM_ATOMS and not _has_generalized_born(system):
@@ -99,8 +101,8 @@ def _make_context(system, integrator_factory, platform: str):
 def _steps(what: str, duration_fs: float, timestep_fs: float) -> int:
     steps = duration_fs / timestep_fs
     if steps < 1 - 1e-9 or abs(steps - round(steps)) > 1e-6 * max(1.0, steps):
-        raise ValueError(f"{what} ({duration_fs:g} fs) must be a positive multiple of the time step "
-                         f"({timestep_fs:g} fs)")
+        raise FlowforceError(f"{what} ({duration_fs:g} fs) must be a positive multiple of the time step "
+                             f"({timestep_fs:g} fs)")
     return int(round(steps))
 
 
@@ -157,21 +159,21 @@ def run_reference_md(
     for name, value in (("temperature", temperature), ("time_ns", time_ns), ("save_every_ps", save_every_ps),
                         ("friction_per_ps", friction_per_ps)):
         if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be a positive number, got {value!r}")
+            raise FlowforceError(f"{name} must be a positive number, got {value!r}")
     if not (math.isfinite(equilibration_ps) and equilibration_ps >= 0):
-        raise ValueError(f"equilibration_ps must be zero or positive, got {equilibration_ps!r}")
+        raise FlowforceError(f"equilibration_ps must be zero or positive, got {equilibration_ps!r}")
     if timestep_fs is None:
         timestep_fs = 2.0 if system.getNumConstraints() > 0 else 1.0
     if not (math.isfinite(timestep_fs) and timestep_fs > 0):
-        raise ValueError(f"timestep_fs must be a positive number, got {timestep_fs!r}")
+        raise FlowforceError(f"timestep_fs must be a positive number, got {timestep_fs!r}")
     steps_per_frame = _steps("save_every_ps", save_every_ps * 1000.0, timestep_fs)
     n_frames = _steps("time_ns", time_ns * 1e6, save_every_ps * 1000.0)
     equilibration_steps = _steps("equilibration_ps", equilibration_ps * 1000.0, timestep_fs) if equilibration_ps else 0
     positions_nm = positions.value_in_unit(unit.nanometer) if unit.is_quantity(positions) else positions
     positions_nm = np.asarray(positions_nm, dtype=np.float64)
     if positions_nm.shape != (system.getNumParticles(), 3):
-        raise ValueError(f"positions have shape {positions_nm.shape}, the System has {system.getNumParticles()} "
-                         "particles: expected (particles, 3) in nm")
+        raise FlowforceError(f"positions have shape {positions_nm.shape}, the System has {system.getNumParticles()} "
+                             "particles: expected (particles, 3) in nm")
     integrator_seed, velocity_seed = derive_seeds(seed)
 
     def make_integrator():
@@ -186,8 +188,8 @@ def run_reference_md(
     openmm.LocalEnergyMinimizer.minimize(context)
     minimized = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
     if not math.isfinite(minimized):
-        raise ValueError(f"the potential energy is {minimized} after minimisation: the start structure or the "
-                         "System is broken (overlapping atoms, missing parameters, positions not in nm?)")
+        raise FlowforceError(f"the potential energy is {minimized} after minimisation: the start structure or the "
+                             "System is broken (overlapping atoms, missing parameters, positions not in nm?)")
     context.setVelocitiesToTemperature(temperature * unit.kelvin, velocity_seed)
 
     frames_pos: list[np.ndarray] = []

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 
 from ..conventions import kT
+from ..errors import BadFileError, FlowforceError
+from ..io import bad_file, check_outputs, require_input_file
 
 __all__ = ["PLATFORMS", "SimulationBlewUp", "SimulationResult", "StabilityReporter", "simulate"]
 
@@ -113,13 +115,13 @@ def _platform(name: str) -> Any:
     import openmm
 
     if name not in PLATFORMS:
-        raise ValueError(f"unknown platform {name!r}; valid: {', '.join(PLATFORMS)}")
+        raise FlowforceError(f"unknown platform {name!r}; valid: {', '.join(PLATFORMS)}")
     if name == "auto":
         return None
     available = [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
     if name not in available:
-        raise ValueError(f"OpenMM platform {name!r} is not available here; available: {', '.join(available)} "
-                         "(or use auto; `flowforce doctor` explains missing ones)")
+        raise FlowforceError(f"OpenMM platform {name!r} is not available here; available: {', '.join(available)} "
+                             "(or use auto; `flowforce doctor` explains missing ones)")
     return openmm.Platform.getPlatformByName(name)
 
 
@@ -149,6 +151,7 @@ def simulate(model: Any, topology_pdb: str | os.PathLike, steps: int, out: str |
         progress: show a tqdm progress bar (on a terminal).
 
     Raises:
+        OutputError: ``out`` or ``report`` is an input or cannot be written (checked first).
         ValueError: bad arguments, unknown platform, topology that does not match the model.
         SimulationBlewUp: the stability check failed (last good state saved as PDB).
     """
@@ -160,16 +163,23 @@ def simulate(model: Any, topology_pdb: str | os.PathLike, steps: int, out: str |
     from ..export.system import create_system
 
     if int(steps) < 1 or int(report_interval) < 1:
-        raise ValueError(f"steps and report_interval must be ≥ 1, got steps={steps}, report_interval={report_interval}")
+        raise FlowforceError(f"steps and report_interval must be ≥ 1, got steps={steps}, "
+                             f"report_interval={report_interval}")
     if not (timestep_fs > 0 and math.isfinite(timestep_fs)):
-        raise ValueError(f"timestep_fs must be a positive number of femtoseconds, got {timestep_fs}")
+        raise FlowforceError(f"timestep_fs must be a positive number of femtoseconds, got {timestep_fs}")
     if not 0 <= int(seed) < 2**31 - 1:
-        raise ValueError(f"seed must be in [0, 2^31 − 2], got {seed}")
+        raise FlowforceError(f"seed must be in [0, 2^31 − 2], got {seed}")
     platform_obj = _platform(platform)
-    topology_path = Path(topology_pdb)
-    if not topology_path.is_file():
-        raise FileNotFoundError(f"topology file {topology_path} does not exist")
-    pdb = app.PDBFile(str(topology_path))
+    inputs = {"topology_pdb": topology_pdb, **({"model": model} if isinstance(model, (str, os.PathLike)) else {})}
+    check_outputs({"out": out, "report": report}, inputs)
+    what = "a PDB file of the molecule (atoms in the model's order)"
+    topology_path = require_input_file(topology_pdb, what)
+    try:
+        pdb = app.PDBFile(str(topology_path))
+    except Exception as error:  # OpenMM's PDB reader raises several types for foreign files
+        raise bad_file(topology_path, what, error, "pass the PDB the model was trained on") from None
+    if pdb.topology.getNumAtoms() == 0:
+        raise BadFileError(f"{topology_path} has no atoms; expected {what}")
     source = resolve_potential(model, temperature)
     chosen = resolve_backend(backend, source)
     system = create_system(pdb.topology, source, backend=chosen.name)
@@ -185,8 +195,8 @@ def simulate(model: Any, topology_pdb: str | os.PathLike, steps: int, out: str |
     start = simulation.context.getState(getEnergy=True, getPositions=True)
     energy0 = start.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
     if not math.isfinite(energy0):
-        raise ValueError(f"the starting positions in {topology_path} have a non-finite energy ({energy0}); "
-                         "are they the molecule's atoms, in nm-sensible geometry?")
+        raise FlowforceError(f"the starting positions in {topology_path} have a non-finite energy ({energy0}); "
+                             "are they the molecule's atoms, in nm-sensible geometry?")
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

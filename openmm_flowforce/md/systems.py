@@ -32,6 +32,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..data import alanine_dipeptide_pdb
+from ..errors import FlowforceError
+from ..safety import check_forcefield_file
 
 __all__ = [
     "BUILTIN_SYSTEMS",
@@ -78,7 +80,7 @@ SOLVENTS: dict[str, Solvent] = {
 CONSTRAINTS: dict[str, str | None] = {"none": None, "hbonds": "HBonds"}
 
 
-class SystemInputError(ValueError):
+class SystemInputError(FlowforceError):
     """The input files or options cannot make a System; the message says how to fix it."""
 
 
@@ -155,10 +157,11 @@ def _openmm_forcefield(files: Sequence[str]):
     from openmm import app
 
     for name in files:
+        check_forcefield_file(name)  # before OpenMM runs the <Script>s a user's file may hold
         try:
             app.ForceField(name)
-        except ValueError as error:
-            if "Could not locate file" not in str(error):
+        except Exception as error:  # OpenMM raises ValueError, KeyError or a bare Exception for bad files
+            if not (isinstance(error, ValueError) and "Could not locate file" in str(error)):
                 raise SystemInputError(f"--forcefield {name}: not a valid force field file ({error})") from None
             shown = ", ".join(_bundled_forcefields())
             raise SystemInputError(

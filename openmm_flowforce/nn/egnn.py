@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .mlp import _ACTIVATIONS
+from ..errors import FlowforceError
 
 Tensor = torch.Tensor
 
@@ -114,10 +115,10 @@ class EGNN(nn.Module):
                  coord_range: float | None = 15.0):
         super().__init__()
         if activation not in _ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; valid names: {', '.join(sorted(_ACTIVATIONS))}")
+            raise FlowforceError(f"unknown activation {activation!r}; valid names: {', '.join(sorted(_ACTIVATIONS))}")
         if n_particles < 2 or spatial_dim < 1 or n_layers < 1 or hidden < 1 or n_conditions < 1:
-            raise ValueError(f"EGNN needs n_particles >= 2 and positive spatial_dim, n_layers, hidden, "
-                             f"n_conditions; got {n_particles}, {spatial_dim}, {n_layers}, {hidden}, {n_conditions}")
+            raise FlowforceError(f"EGNN needs n_particles >= 2 and positive spatial_dim, n_layers, hidden, "
+                                 f"n_conditions; got {n_particles}, {spatial_dim}, {n_layers}, {hidden}, {n_conditions}")
         self.n_particles, self.spatial_dim, self.n_conditions = int(n_particles), int(spatial_dim), int(n_conditions)
         self.embedding = nn.Linear(n_conditions, hidden)
         per_layer = None if coord_range is None else float(coord_range) / n_layers
@@ -131,7 +132,7 @@ class EGNN(nn.Module):
         p = p - p.mean(dim=1, keepdim=True)
         c = c.reshape(b, -1).to(p.dtype)
         if c.shape[1] != self.n_conditions:
-            raise ValueError(f"condition has {c.shape[1]} features, the EGNN was built for {self.n_conditions}")
+            raise FlowforceError(f"condition has {c.shape[1]} features, the EGNN was built for {self.n_conditions}")
         off_diagonal = self.off_diagonal.to(p.dtype)
         h = self.embedding(c)[:, None, :].expand(b, self.n_particles, -1)
         r2_input = (p[:, :, None, :] - p[:, None, :, :]).pow(2).sum(-1, keepdim=True)

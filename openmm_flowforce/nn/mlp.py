@@ -6,6 +6,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..errors import FlowforceError
+
 _ACTIVATIONS = {"silu": nn.SiLU, "tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
 
 
@@ -24,7 +26,7 @@ class MLP(nn.Sequential):
     def __init__(self, in_features: int, out_features: int, hidden: Sequence[int] = (64, 64),
                  activation: str = "silu", zero_last: bool = False):
         if activation not in _ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; valid names: {', '.join(sorted(_ACTIVATIONS))}")
+            raise FlowforceError(f"unknown activation {activation!r}; valid names: {', '.join(sorted(_ACTIVATIONS))}")
         widths = [in_features, *hidden, out_features]
         layers: list[nn.Module] = []
         for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):

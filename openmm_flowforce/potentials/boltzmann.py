@@ -22,7 +22,8 @@ from ..conventions import energy_from_log_prob
 from ..coordinates import InternalCoordinates
 from ..flows import CouplingFlow
 from ..data.dataset import topology_from_pdb_text, topology_to_pdb_text
-from ..io import CHECKPOINT_FORMAT, load_checkpoint
+from ..io import CHECKPOINT_FORMAT, bad_file, load_checkpoint
+from ..errors import BadFileError, FlowforceError
 
 Tensor = torch.Tensor
 MODEL_KIND = "boltzmann_generator"
@@ -40,7 +41,7 @@ class BoltzmannGenerator(nn.Module):
     def __init__(self, coordinates: InternalCoordinates, flow: CouplingFlow, topology_pdb: str = ""):
         super().__init__()
         if list(flow.config["periodic"]) != coordinates.periodic:
-            raise ValueError("the flow's periodic dimensions must be the coordinates' torsions")
+            raise FlowforceError("the flow's periodic dimensions must be the coordinates' torsions")
         self.coordinates = coordinates
         self.flow = flow
         self.topology_pdb = topology_pdb
@@ -85,7 +86,7 @@ class BoltzmannGenerator(nn.Module):
 def build_from_metadata(metadata: dict[str, Any]) -> BoltzmannGenerator:
     """An untrained model with the architecture recorded in ``metadata``."""
     if metadata.get("kind") != MODEL_KIND:
-        raise ValueError(f"not a Boltzmann generator model (kind {metadata.get('kind')!r})")
+        raise FlowforceError(f"not a Boltzmann generator model (kind {metadata.get('kind')!r})")
     topology = topology_from_pdb_text(metadata["topology_pdb"])
     ic = InternalCoordinates.from_topology(topology)
     # Which torsions are circles was decided by fitting to data; the flow config records it.
@@ -93,9 +94,26 @@ def build_from_metadata(metadata: dict[str, Any]) -> BoltzmannGenerator:
     return BoltzmannGenerator(ic, CouplingFlow(**metadata["flow"]), metadata["topology_pdb"])
 
 
+def model_from_checkpoint(state: dict[str, Any], path: str | Path) -> BoltzmannGenerator:
+    """The trained model held by ``state``, a checkpoint already loaded from ``path``.
+
+    Raises:
+        BadFileError: the checkpoint holds another kind of model, or its metadata and
+            weights do not make a model (an altered or incompatible file).
+    """
+    metadata = state.get("metadata", {})
+    kind = metadata.get("kind") if isinstance(metadata, dict) else None
+    if kind != MODEL_KIND:
+        raise BadFileError(f"{path} holds a {kind or 'model of unknown kind'}, not a Boltzmann generator "
+                           "(flowforce train writes those)")
+    try:
+        model = build_from_metadata(metadata)
+        model.load_state_dict(state["model"])
+    except (KeyError, TypeError, RuntimeError, IndexError) as error:  # the file's contents, not the code
+        raise bad_file(path, "a Boltzmann generator checkpoint", error, "re-create it with flowforce train") from None
+    return model
+
+
 def load_boltzmann_generator(path: str | Path) -> BoltzmannGenerator:
     """Load a trained Boltzmann generator from a trainer checkpoint (``weights_only``)."""
-    state = load_checkpoint(path, CHECKPOINT_FORMAT)
-    model = build_from_metadata(state.get("metadata", {}))
-    model.load_state_dict(state["model"])
-    return model
+    return model_from_checkpoint(load_checkpoint(path, CHECKPOINT_FORMAT, required=("model",)), path)

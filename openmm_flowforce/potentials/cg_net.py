@@ -30,6 +30,7 @@ from ..conventions import kT as thermal_energy
 from ..io import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from ..nn.mlp import MLP
 from .priors import PRIORS, BeadGraph, build_prior, cos_angles, dihedral_cos_sin, distances
+from ..errors import FlowforceError
 
 __all__ = ["CGEnergyNet", "CGFeatures", "DEFAULT_PRIORS", "MODEL_KIND", "cg_metadata", "load_cg_net",
            "net_from_metadata", "save_cg_net"]
@@ -78,11 +79,11 @@ class CGFeatures(nn.Module):
 
 def _normalise_priors(priors: Sequence[str] | Mapping[str, Mapping[str, Any] | None]) -> dict[str, dict[str, Any]]:
     if isinstance(priors, str):
-        raise ValueError(f"priors must be a list of names or a mapping name → options, got the string {priors!r}")
+        raise FlowforceError(f"priors must be a list of names or a mapping name → options, got the string {priors!r}")
     items = dict(priors) if isinstance(priors, Mapping) else {name: {} for name in priors}
     unknown = sorted(set(items) - set(PRIORS))
     if unknown:
-        raise ValueError(f"unknown prior(s) {', '.join(unknown)}; valid priors: {', '.join(PRIORS)}")
+        raise FlowforceError(f"unknown prior(s) {', '.join(unknown)}; valid priors: {', '.join(PRIORS)}")
     return {name: dict(options or {}) for name, options in items.items()}
 
 
@@ -106,7 +107,7 @@ class CGEnergyNet(nn.Module):
                  temperature: float = 300.0):
         super().__init__()
         if int(n_beads) < 2:
-            raise ValueError(f"a CG energy network needs at least 2 beads, got {n_beads}")
+            raise FlowforceError(f"a CG energy network needs at least 2 beads, got {n_beads}")
         graph = BeadGraph.from_bonds(int(n_beads), bonds)
         prior_options = _normalise_priors(priors)
         self._n_beads = int(n_beads)
@@ -138,18 +139,18 @@ class CGEnergyNet(nn.Module):
         """
         if isinstance(system, (int, np.integer)):
             if bonds is None:
-                raise ValueError("give bonds=[(i, j), ...] with a bead count, or pass a CGMapping")
+                raise FlowforceError("give bonds=[(i, j), ...] with a bead count, or pass a CGMapping")
             n_beads = int(system)
         else:
             if bonds is not None:
-                raise ValueError("bonds come from the mapping; do not pass bonds= with a CGMapping")
+                raise FlowforceError("bonds come from the mapping; do not pass bonds= with a CGMapping")
             n_beads, bonds = system.n_beads, system.bonds
         x = torch.as_tensor(np.asarray(positions) if not isinstance(positions, Tensor) else positions)
         if x.ndim != 3 or tuple(x.shape[1:]) != (n_beads, 3):
             hint = ""
             if not isinstance(system, (int, np.integer)) and x.ndim == 3 and x.shape[1] == system.n_atoms:
                 hint = "; these look like all-atom positions: pass mapping.map_positions(positions)"
-            raise ValueError(f"positions must be CG positions (T, {n_beads}, 3) nm, got {tuple(x.shape)}{hint}")
+            raise FlowforceError(f"positions must be CG positions (T, {n_beads}, 3) nm, got {tuple(x.shape)}{hint}")
         net = cls(n_beads, bonds, hidden=hidden, activation=activation, priors=priors, temperature=temperature)
         net.fit_priors(x, temperature)
         return net
@@ -162,8 +163,8 @@ class CGEnergyNet(nn.Module):
             ValueError: missing or unknown keys (named)."""
         missing, unknown = sorted(set(CONFIG_KEYS) - set(config)), sorted(set(config) - set(CONFIG_KEYS))
         if missing or unknown:
-            raise ValueError(f"CG energy net config: missing keys {missing}, unknown keys {unknown}; "
-                             f"a config has {', '.join(CONFIG_KEYS)}")
+            raise FlowforceError(f"CG energy net config: missing keys {missing}, unknown keys {unknown}; "
+                                 f"a config has {', '.join(CONFIG_KEYS)}")
         return cls(**dict(config))
 
     def config(self) -> dict[str, Any]:
@@ -232,7 +233,7 @@ def cg_metadata(net: CGEnergyNet, mapping: Any = None) -> dict[str, Any]:
 def net_from_metadata(metadata: Mapping[str, Any]) -> CGEnergyNet:
     """An unfitted network with the architecture recorded by :func:`cg_metadata`."""
     if metadata.get("kind") != MODEL_KIND:
-        raise ValueError(f"not a CG energy network model (kind {metadata.get('kind')!r})")
+        raise FlowforceError(f"not a CG energy network model (kind {metadata.get('kind')!r})")
     return CGEnergyNet.from_config(metadata["net"])
 
 

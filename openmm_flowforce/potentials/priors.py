@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..conventions import kT as thermal_energy
+from ..errors import FlowforceError
 
 __all__ = ["BeadGraph", "FourierDihedrals", "HarmonicAngles", "HarmonicBonds", "PRIORS", "Repulsion",
            "build_prior", "cos_angles", "dihedral_angles", "dihedral_cos_sin", "distances"]
@@ -101,11 +102,11 @@ class BeadGraph:
     def from_bonds(cls, n_beads: int, bonds: Sequence[Sequence[int]]) -> "BeadGraph":
         """Raises ValueError for a bond naming a bead outside ``[0, n_beads)`` or a self-bond."""
         if n_beads < 1:
-            raise ValueError(f"n_beads must be at least 1, got {n_beads}")
+            raise FlowforceError(f"n_beads must be at least 1, got {n_beads}")
         pairs = sorted({(min(int(i), int(j)), max(int(i), int(j))) for i, j in bonds})
         bad = [p for p in pairs if p[0] == p[1] or p[0] < 0 or p[1] >= n_beads]
         if bad:
-            raise ValueError(f"bonds {bad} do not join two different beads in [0, {n_beads})")
+            raise FlowforceError(f"bonds {bad} do not join two different beads in [0, {n_beads})")
         neighbours: list[list[int]] = [[] for _ in range(n_beads)]
         for i, j in pairs:
             neighbours[i].append(j)
@@ -136,7 +137,7 @@ def _as_positions(positions: Any, device: torch.device) -> Tensor:
     x = torch.as_tensor(np.asarray(positions) if not isinstance(positions, Tensor) else positions)
     x = x.detach().to(device=device, dtype=torch.float64)  # fit next to the buffers
     if x.ndim != 3 or x.shape[-1] != 3 or x.shape[0] < 2:
-        raise ValueError(f"positions to fit priors to must have shape (T ≥ 2, n, 3) nm, got {tuple(x.shape)}")
+        raise FlowforceError(f"positions to fit priors to must have shape (T ≥ 2, n, 3) nm, got {tuple(x.shape)}")
     return x
 
 
@@ -192,7 +193,7 @@ class Repulsion(nn.Module):
     def __init__(self, graph: BeadGraph, percentile: float = 1.0):
         super().__init__()
         if not 0.0 <= percentile <= 100.0:
-            raise ValueError(f"percentile must be in [0, 100], got {percentile}")
+            raise FlowforceError(f"percentile must be in [0, 100], got {percentile}")
         self.percentile = float(percentile)
         self.register_buffer("pairs", _index_buffer(graph.nonbonded, 2))
         self.register_buffer("sigma", torch.zeros(len(graph.nonbonded)))
@@ -223,7 +224,7 @@ class FourierDihedrals(nn.Module):
     def __init__(self, graph: BeadGraph, n_terms: int = 3):
         super().__init__()
         if int(n_terms) < 1:
-            raise ValueError(f"n_terms must be at least 1, got {n_terms}")
+            raise FlowforceError(f"n_terms must be at least 1, got {n_terms}")
         self.n_terms = int(n_terms)
         self.register_buffer("quads", _index_buffer(graph.dihedrals, 4))
         self.register_buffer("a", torch.zeros(len(graph.dihedrals), self.n_terms))
@@ -294,11 +295,11 @@ def build_prior(name: str, graph: BeadGraph, options: dict[str, Any] | None = No
         ValueError: unknown name or option (the message lists the valid ones).
     """
     if name not in PRIORS:
-        raise ValueError(f"unknown prior {name!r}; valid priors: {', '.join(PRIORS)}")
+        raise FlowforceError(f"unknown prior {name!r}; valid priors: {', '.join(PRIORS)}")
     cls = PRIORS[name]
     valid = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "graph")]
     unknown = sorted(set(options or {}) - set(valid))
     if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(unknown)} for prior {name!r}; valid: "
-                         f"{', '.join(valid) or 'none'}")
+        raise FlowforceError(f"unknown option(s) {', '.join(unknown)} for prior {name!r}; valid: "
+                             f"{', '.join(valid) or 'none'}")
     return cls(graph, **(options or {}))

@@ -41,6 +41,8 @@ from typing import Callable
 
 import torch
 
+from ..errors import FlowforceError
+
 Tensor = torch.Tensor
 #: ``x (B, D) -> (log π₀ (B,), log π₁ (B,), ∇log π₀ (B, D), ∇log π₁ (B, D))``
 LogDensities = Callable[[Tensor], tuple[Tensor, Tensor, Tensor, Tensor]]
@@ -65,13 +67,13 @@ def beta_schedule(n_levels: int, spacing: str = "geometric") -> Tensor:
         ValueError: n_levels < 1 or an unknown spacing (the message lists the valid ones).
     """
     if n_levels < 1:
-        raise ValueError(f"AIS needs at least 1 level (n_intermediate ≥ 0), got {n_levels}")
+        raise FlowforceError(f"AIS needs at least 1 level (n_intermediate ≥ 0), got {n_levels}")
     if spacing == "linear" or n_levels == 1:
         if spacing not in SPACINGS:
-            raise ValueError(f"unknown AIS spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
+            raise FlowforceError(f"unknown AIS spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
         return torch.linspace(0.0, 1.0, n_levels + 1, dtype=torch.float64)
     if spacing != "geometric":
-        raise ValueError(f"unknown AIS spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
+        raise FlowforceError(f"unknown AIS spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
     exponents = torch.linspace(math.log(GEOMETRIC_BETA_MIN), 0.0, n_levels, dtype=torch.float64)
     return torch.cat([torch.zeros(1, dtype=torch.float64), exponents.exp()])
 

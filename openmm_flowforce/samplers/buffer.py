@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from ..errors import FlowforceError
+
 Tensor = torch.Tensor
 
 
@@ -31,7 +33,7 @@ class PrioritisedBuffer:
 
     def __init__(self, dim: int, capacity: int, dtype: torch.dtype = torch.float64):
         if capacity < 1:
-            raise ValueError(f"buffer capacity must be at least 1, got {capacity}")
+            raise FlowforceError(f"buffer capacity must be at least 1, got {capacity}")
         self.capacity = int(capacity)
         self.x = torch.zeros(self.capacity, dim, dtype=dtype)
         self.log_w = torch.zeros(self.capacity, dtype=dtype)
@@ -66,8 +68,8 @@ class PrioritisedBuffer:
         log_w = self.log_w[:self.size]
         n_valid = int(torch.isfinite(log_w).sum())
         if n_valid < n:
-            raise ValueError(f"the buffer holds {n_valid} points with non-zero weight, fewer than the {n} "
-                             "requested; raise min_buffer or lower the batch size")
+            raise FlowforceError(f"the buffer holds {n_valid} points with non-zero weight, fewer than the {n} "
+                                 "requested; raise min_buffer or lower the batch size")
         gumbel = -torch.log(-torch.log(torch.rand_like(log_w).clamp_min(torch.finfo(log_w.dtype).tiny)))
         idx = torch.topk(log_w + gumbel, n).indices
         return idx, self.x[idx], self.log_q_old[idx]
@@ -87,8 +89,8 @@ class PrioritisedBuffer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["x"].shape != self.x.shape:
-            raise ValueError(f"buffer in the checkpoint has shape {tuple(state['x'].shape)}, this run expects "
-                             f"{tuple(self.x.shape)} (buffer_size or the target changed)")
+            raise FlowforceError(f"buffer in the checkpoint has shape {tuple(state['x'].shape)}, this run expects "
+                                 f"{tuple(self.x.shape)} (buffer_size or the target changed)")
         self.x.copy_(state["x"])
         self.log_w.copy_(state["log_w"])
         self.log_q_old.copy_(state["log_q_old"])

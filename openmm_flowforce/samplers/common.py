@@ -34,6 +34,7 @@ from ..io import load_checkpoint
 from ..targets.registry import get_target
 from ..reporters import JSONLinesReporter, TrainState
 from .registry import SamplerMethod, get_method
+from ..errors import FlowforceError
 
 #: Format tag of sampler checkpoints (see the module docstring for the keys).
 SAMPLER_CHECKPOINT_FORMAT = "openmm-flowforce/sampler-checkpoint/1"
@@ -84,8 +85,8 @@ def load_sampler(path: str | os.PathLike, target: Any = None) -> LoadedSampler:
     if target is None:
         spec = ckpt.get("target") or {}
         if spec.get("name") is None:
-            raise ValueError(f"{path} does not name its target (it was trained on a target not built with "
-                             "make_target); pass target= explicitly")
+            raise FlowforceError(f"{path} does not name its target (it was trained on a target not built with "
+                                 "make_target); pass target= explicitly")
         target = make_target(spec["name"], **spec.get("kwargs", {}))
     options = dict(ckpt["options"])
     model = method.build(target, options)

@@ -61,6 +61,7 @@ from .ais import annealed_importance_sampling, beta_schedule
 from .buffer import PrioritisedBuffer
 from .flow_training import COMMON_DEFAULTS, FlowSamplerMethod, TrainContext
 from .registry import register_method
+from ..errors import FlowforceError
 
 Tensor = torch.Tensor
 
@@ -113,7 +114,7 @@ class FABMethod(FlowSamplerMethod):
         for key, low in (("n_intermediate", 0), ("n_hmc", 1)):
             value = options[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"option {key} must be an integer ≥ {low}, got {value!r}")
+                raise FlowforceError(f"option {key} must be an integer ≥ {low}, got {value!r}")
         n_levels = int(options["n_intermediate"]) + 1
         extra: dict[str, Any] = {
             "betas": beta_schedule(n_levels, options["spacing"]),
@@ -122,11 +123,11 @@ class FABMethod(FlowSamplerMethod):
         }
         if options["buffer"]:
             if int(options["min_buffer"]) < int(options["batch_size"]):
-                raise ValueError(f"min_buffer ({options['min_buffer']}) must be at least batch_size "
-                                 f"({options['batch_size']})")
+                raise FlowforceError(f"min_buffer ({options['min_buffer']}) must be at least batch_size "
+                                     f"({options['batch_size']})")
             if int(options["buffer_size"]) < int(options["min_buffer"]):
-                raise ValueError(f"buffer_size ({options['buffer_size']}) must be at least min_buffer "
-                                 f"({options['min_buffer']})")
+                raise FlowforceError(f"buffer_size ({options['buffer_size']}) must be at least min_buffer "
+                                     f"({options['min_buffer']})")
             extra["buffer"] = PrioritisedBuffer(model.dim, int(options["buffer_size"]))
         return extra
 
@@ -136,11 +137,11 @@ class FABMethod(FlowSamplerMethod):
 
     def load_extra(self, extra: dict[str, Any], state: dict[str, Any]) -> None:
         if state["step_sizes"].shape != extra["step_sizes"].shape:
-            raise ValueError("the checkpoint has a different number of AIS levels (n_intermediate changed)")
+            raise FlowforceError("the checkpoint has a different number of AIS levels (n_intermediate changed)")
         extra["step_sizes"].copy_(state["step_sizes"])
         if extra["buffer"] is not None:
             if state["buffer"] is None:
-                raise ValueError("the checkpoint was trained without a buffer; keep buffer=False to resume it")
+                raise FlowforceError("the checkpoint was trained without a buffer; keep buffer=False to resume it")
             extra["buffer"].load_state_dict(state["buffer"])
 
     # -- AIS ---------------------------------------------------------------------------

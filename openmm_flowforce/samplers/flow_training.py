@@ -25,10 +25,11 @@ from typing import Any, Mapping
 import torch
 
 from ..flows import RealFlow
-from ..io import load_checkpoint, save_checkpoint
+from ..io import RESUME_FIX, load_checkpoint, save_checkpoint
 from ..reporters import ProgressReporter, TrainState
 from .common import SAMPLER_CHECKPOINT_FORMAT, SamplerLogReporter, particle_shape, target_spec
 from .registry import SamplerMethod
+from ..errors import FlowforceError
 
 Tensor = torch.Tensor
 
@@ -89,13 +90,13 @@ def resolve_options(options: Mapping[str, Any], target: Any) -> dict[str, Any]:
     opts = {k: (preset[k] if v is None and k in preset else v) for k, v in options.items()}
     for key in _POSITIVE_INTS:
         if key in opts and (isinstance(opts[key], bool) or not isinstance(opts[key], int) or opts[key] < 1):
-            raise ValueError(f"option {key} must be a positive integer, got {opts[key]!r}")
+            raise FlowforceError(f"option {key} must be a positive integer, got {opts[key]!r}")
     for key in ("scale", "lr", "step_size"):
         if key in opts and not (isinstance(opts[key], (int, float)) and opts[key] > 0):
-            raise ValueError(f"option {key} must be a positive number, got {opts[key]!r}")
+            raise FlowforceError(f"option {key} must be a positive number, got {opts[key]!r}")
     cut = opts.get("energy_cut")
     if cut is not None and (isinstance(cut, bool) or not isinstance(cut, (int, float)) or not math.isfinite(cut)):
-        raise ValueError(f"option energy_cut must be a finite number of kT or None, got {cut!r}")
+        raise FlowforceError(f"option energy_cut must be a finite number of kT or None, got {cut!r}")
     return opts
 
 
@@ -216,14 +217,14 @@ class FlowSamplerMethod(SamplerMethod):
         extra = self.init_extra(model, target, opts)
         step, wall, resumed_from = 0, 0.0, None
         if checkpoint.exists():
-            ckpt = load_checkpoint(checkpoint, expected_format=SAMPLER_CHECKPOINT_FORMAT)
+            ckpt = load_checkpoint(checkpoint, expected_format=SAMPLER_CHECKPOINT_FORMAT, fix=RESUME_FIX)
             if ckpt.get("method") != self.name:
-                raise ValueError(f"{checkpoint} is a {ckpt.get('method')!r} checkpoint, not {self.name!r}")
+                raise FlowforceError(f"{checkpoint} is a {ckpt.get('method')!r} checkpoint, not {self.name!r}")
             changed = sorted(k for k, v in ckpt["options"].items()
                              if k not in _RESUMABLE_CHANGES and opts.get(k) != v)
             if changed:
-                raise ValueError(f"cannot resume {checkpoint} with different options: {', '.join(changed)} (only "
-                                 f"{', '.join(_RESUMABLE_CHANGES)} may change); use another checkpoint path")
+                raise FlowforceError(f"cannot resume {checkpoint} with different options: {', '.join(changed)} (only "
+                                     f"{', '.join(_RESUMABLE_CHANGES)} may change); use another checkpoint path")
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["state"]["optimizer"])
             self.load_extra(extra, ckpt["state"]["extra"])

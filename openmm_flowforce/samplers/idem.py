@@ -45,11 +45,12 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from ..io import load_checkpoint, save_checkpoint
+from ..io import RESUME_FIX, load_checkpoint, save_checkpoint
 from ..nn.egnn import EGNN
 from ..nn.mlp import MLP
 from .common import (SAMPLER_CHECKPOINT_FORMAT, SamplerLogReporter, particle_shape, target_spec)
 from .registry import SamplerMethod, register_method
+from ..errors import FlowforceError
 
 Tensor = torch.Tensor
 Energy = Callable[[Tensor], Tensor]
@@ -68,7 +69,7 @@ class GeometricNoiseSchedule:
 
     def __init__(self, sigma_min: float, sigma_max: float):
         if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+            raise FlowforceError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self._log_r = math.log(self.sigma_max / self.sigma_min)
 
@@ -207,12 +208,12 @@ class IDEMModel(nn.Module):
         self.integration_steps = int(integration_steps)
         if network == "egnn":
             if particles is None:
-                raise ValueError("network 'egnn' needs a particle target (with n_particles and spatial_dim)")
+                raise FlowforceError("network 'egnn' needs a particle target (with n_particles and spatial_dim)")
             self.net = _TimeEGNN(particles, hidden, n_layers)
         elif network == "mlp":
             self.net = _TimeMLP(dim, hidden, n_layers)
         else:
-            raise ValueError(f"unknown network {network!r}; valid: egnn, mlp")
+            raise FlowforceError(f"unknown network {network!r}; valid: egnn, mlp")
 
     def score(self, z: Tensor, t: Tensor) -> Tensor:
         """s_θ(z, t) ≈ ∇_z log p_t(z), ``(B, dim)``."""
@@ -339,11 +340,11 @@ class IDEM(SamplerMethod):
         row = CPU_SETTINGS[_target_kind(target)]
         opts = {k: (row[k] if v is None and k in row else v) for k, v in opts.items()}
         if opts["weighting"] not in ("none", "variance"):
-            raise ValueError(f"unknown weighting {opts['weighting']!r}; valid: none, variance")
+            raise FlowforceError(f"unknown weighting {opts['weighting']!r}; valid: none, variance")
         for key in ("n_mc", "batch", "buffer_size", "n_generate", "integration_steps", "steps", "steps_per_outer",
                     "checkpoint_every", "log_every", "n_init"):
             if isinstance(opts[key], bool) or not isinstance(opts[key], int) or opts[key] < 1:
-                raise ValueError(f"option {key} must be a positive integer, got {opts[key]!r}")
+                raise FlowforceError(f"option {key} must be a positive integer, got {opts[key]!r}")
         return opts
 
     def build(self, target: Any, options: Mapping[str, Any]) -> IDEMModel:
@@ -411,14 +412,14 @@ class _Trainer:
         }, self.checkpoint)
 
     def load(self) -> None:
-        ckpt = load_checkpoint(self.checkpoint, expected_format=SAMPLER_CHECKPOINT_FORMAT)
+        ckpt = load_checkpoint(self.checkpoint, expected_format=SAMPLER_CHECKPOINT_FORMAT, fix=RESUME_FIX)
         if ckpt.get("method") != self.method.name:
-            raise ValueError(f"{self.checkpoint} is a {ckpt.get('method')!r} checkpoint, not {self.method.name!r}")
+            raise FlowforceError(f"{self.checkpoint} is a {ckpt.get('method')!r} checkpoint, not {self.method.name!r}")
         fixed = {k: v for k, v in ckpt["options"].items() if k not in ("steps", "checkpoint_every", "log_every")}
         changed = sorted(k for k, v in fixed.items() if self.opts.get(k) != v)
         if changed:
-            raise ValueError(f"cannot resume {self.checkpoint} with different options: {', '.join(changed)} "
-                             f"(only steps, checkpoint_every and log_every may change); use a new --out")
+            raise FlowforceError(f"cannot resume {self.checkpoint} with different options: {', '.join(changed)} "
+                                 f"(only steps, checkpoint_every and log_every may change); use a new --out")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["state"]["optimizer"])
         self.buffer.data = ckpt["state"]["buffer"].to(self.dtype)

@@ -6,12 +6,32 @@ checkpoints and metrics.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
+from ..errors import FlowforceError
+from ..options import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, Option, check_options
+
 Tensor = torch.Tensor
+
+
+#: Type and range of the options that methods share by name (``flowforce sampler train
+#: --config`` ``options:`` keys, ``--steps``, ``--seed``).
+SAMPLER_OPTIONS: dict[str, Option] = {
+    **{key: POSITIVE_INT for key in ("steps", "batch_size", "batch", "buffer_size", "n_mc", "n_init", "n_generate",
+                                     "integration_steps", "steps_per_outer", "n_layers", "hidden", "n_components",
+                                     "checkpoint_every", "log_every", "n_leapfrog", "n_hmc", "n_updates")},
+    **{key: POSITIVE for key in ("lr", "sigma_min", "sigma_max", "max_score_norm", "diffusion_scale", "data_scale",
+                                 "scale", "step_size", "w_adjust_clip")},
+    "n_intermediate": COUNT, "min_buffer": COUNT, "grad_clip": NON_NEGATIVE, "seed": SEED,
+    "target_accept": Option(float, minimum=0.0, maximum=1.0, open_minimum=True, open_maximum=True),
+    "energy_cut": Option(float), "network": Option(str, choices=("egnn", "mlp")),
+    "weighting": Option(str, choices=("none", "variance")), "spacing": Option(str, choices=("geometric", "linear")),
+    "transform": Option(str), "mean_free": Option(bool), "buffer": Option(bool),
+}
 
 
 class SamplerMethod:
@@ -27,14 +47,24 @@ class SamplerMethod:
     #: default options; ``options`` passed by users are validated against these keys
     defaults: Mapping[str, Any] = {}
 
-    def options(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
-        """Defaults overlaid with ``given``; unknown keys are rejected, naming the valid ones."""
-        given = dict(given or {})
-        unknown = sorted(set(given) - set(self.defaults))
-        if unknown:
-            raise ValueError(f"unknown option(s) for {self.name}: {', '.join(unknown)}; "
-                             f"valid: {', '.join(sorted(self.defaults))}")
-        return {**self.defaults, **given}
+    def option_schema(self) -> dict[str, Option]:
+        """The :class:`~openmm_flowforce.options.Option` of every option: the shared rule of
+        :data:`SAMPLER_OPTIONS` for its name, else the type of its default; an option whose
+        default is None ("the method decides") may be given as null."""
+        schema = {}
+        for key, default in self.defaults.items():
+            rule = SAMPLER_OPTIONS.get(key) or (Option(object) if default is None else Option(type(default)))
+            schema[key] = dataclasses.replace(rule, nullable=default is None)
+        return schema
+
+    def options(self, given: Mapping[str, Any] | None, where: str = "") -> dict[str, Any]:
+        """Defaults overlaid with ``given``, checked against :meth:`option_schema`.
+
+        Raises:
+            OptionError: an unknown key (listing the valid ones) or a bad value.
+        """
+        return {**self.defaults, **check_options(dict(given or {}), self.option_schema(), where,
+                                                 section="options")}
 
     def build(self, target, options: Mapping[str, Any]) -> torch.nn.Module:
         raise NotImplementedError
@@ -58,7 +88,7 @@ _METHODS: dict[str, Callable[[], SamplerMethod]] = {}
 
 def register_method(name: str, factory: Callable[[], SamplerMethod]) -> None:
     if name in _METHODS:
-        raise ValueError(f"sampler method {name!r} is already registered")
+        raise FlowforceError(f"sampler method {name!r} is already registered")
     _METHODS[name] = factory
 
 
@@ -71,4 +101,4 @@ def get_method(name: str) -> SamplerMethod:
     try:
         return _METHODS[name]()
     except KeyError:
-        raise ValueError(f"unknown sampler method {name!r}; valid names: {', '.join(method_names())}") from None
+        raise FlowforceError(f"unknown sampler method {name!r}; valid names: {', '.join(method_names())}") from None

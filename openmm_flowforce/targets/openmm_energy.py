@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..conventions import kT as thermal_energy
+from ..errors import FlowforceError
 
 if TYPE_CHECKING:
     import openmm
@@ -58,12 +59,12 @@ def _check_platform(platform: str, properties: Mapping[str, str]) -> None:
     openmm = _import_openmm()
     names = _platform_names(openmm)
     if platform not in names:
-        raise ValueError(f"unknown OpenMM platform {platform!r}; available: {', '.join(names)}")
+        raise FlowforceError(f"unknown OpenMM platform {platform!r}; available: {', '.join(names)}")
     valid = list(openmm.Platform.getPlatformByName(platform).getPropertyNames())
     for key in properties:
         if key not in valid:
-            raise ValueError(f"unknown property {key!r} for OpenMM platform {platform!r}; "
-                             f"valid: {', '.join(valid) or '(none)'}")
+            raise FlowforceError(f"unknown property {key!r} for OpenMM platform {platform!r}; "
+                                 f"valid: {', '.join(valid) or '(none)'}")
 
 
 class _ContextEvaluator:
@@ -127,8 +128,13 @@ def _serve(conn, system_xml: str, platform: str, properties: dict, parent_pid: i
     # Ctrl-C reaches the whole process group; the parent decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        openmm = _import_openmm()
-        evaluator = _ContextEvaluator(openmm.XmlSerializer.deserialize(system_xml), platform, properties)
+        from ..safety import deserialize_xml
+
+        _import_openmm()  # its error message names the missing package
+        # Trusted: the parent serialised this XML from a System object it already holds,
+        # so nothing in it can be new code (files are checked where they are read).
+        system = deserialize_xml(system_xml, "the System sent to an OpenMM worker", trust=True)
+        evaluator = _ContextEvaluator(system, platform, properties)
         conn.send(("ready", None))
     except Exception:
         try:
@@ -349,7 +355,7 @@ class OpenMMEnergy:
         if not isinstance(system, openmm.System):
             raise TypeError(f"system must be an openmm.System, got {type(system).__name__}")
         if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 0:
-            raise ValueError(f"n_workers must be an integer >= 0, got {n_workers!r}")
+            raise FlowforceError(f"n_workers must be an integer >= 0, got {n_workers!r}")
         properties = {str(k): str(v) for k, v in (platform_properties or {}).items()}
         _check_platform(platform, properties)
         self.temperature = float(temperature)
@@ -358,7 +364,7 @@ class OpenMMEnergy:
         self.platform = platform
         self.n_particles = system.getNumParticles()
         if self.n_particles == 0:
-            raise ValueError("the System has no particles")
+            raise FlowforceError("the System has no particles")
         self.uses_periodic_box = system.usesPeriodicBoundaryConditions()
         from openmm import unit
         self.default_box_vectors = np.array(
@@ -375,8 +381,8 @@ class OpenMMEnergy:
             try:
                 system_xml = openmm.XmlSerializer.serialize(system)
             except Exception as error:
-                raise ValueError("n_workers > 0 sends the System to the workers as XML, but it cannot be "
-                                 f"serialized ({error}); use n_workers=0") from error
+                raise FlowforceError("n_workers > 0 sends the System to the workers as XML, but it cannot be "
+                                     f"serialized ({error}); use n_workers=0") from error
             self._pool = _WorkerPool(system_xml, platform, properties, n_workers)
 
     @property
@@ -422,9 +428,9 @@ class OpenMMEnergy:
 
     def _check_shape(self, shape: tuple[int, ...]) -> None:
         if len(shape) != 3 or shape[2] != 3:
-            raise ValueError(f"positions must have shape (B, N, 3), got {shape}")
+            raise FlowforceError(f"positions must have shape (B, N, 3), got {shape}")
         if shape[1] != self.n_particles:
-            raise ValueError(f"positions have {shape[1]} particles but the System has {self.n_particles}")
+            raise FlowforceError(f"positions have {shape[1]} particles but the System has {self.n_particles}")
 
     def _boxes(self, box_vectors: Any, n_frames: int) -> np.ndarray | None:
         """Per-frame boxes (B, 3, 3) nm, or None for a non-periodic System."""
@@ -434,16 +440,16 @@ class OpenMMEnergy:
             # Always set a box: the Context keeps whatever an earlier call set.
             return np.broadcast_to(self.default_box_vectors, (n_frames, 3, 3))
         if not self.uses_periodic_box:
-            raise ValueError("box_vectors given, but the System does not use periodic boundary conditions")
+            raise FlowforceError("box_vectors given, but the System does not use periodic boundary conditions")
         if isinstance(box_vectors, torch.Tensor):
             box_vectors = box_vectors.detach().cpu()
         boxes = np.asarray(box_vectors, dtype=np.float64)
         if boxes.shape == (3, 3):
             boxes = np.broadcast_to(boxes, (n_frames, 3, 3))
         elif boxes.shape != (n_frames, 3, 3):
-            raise ValueError(f"box_vectors must have shape (3, 3) or ({n_frames}, 3, 3), got {boxes.shape}")
+            raise FlowforceError(f"box_vectors must have shape (3, 3) or ({n_frames}, 3, 3), got {boxes.shape}")
         if not np.isfinite(boxes).all():
-            raise ValueError("box_vectors are not finite")
+            raise FlowforceError("box_vectors are not finite")
         return boxes
 
     def _evaluate(self, positions: np.ndarray, box_vectors: Any,
@@ -455,8 +461,8 @@ class OpenMMEnergy:
         if not finite.all():
             bad = np.flatnonzero(~finite)
             listed = ", ".join(str(i) for i in bad[:10]) + (", ..." if len(bad) > 10 else "")
-            raise ValueError(f"positions of frame {bad[0]} are not finite (NaN or inf); "
-                             f"{len(bad)} such frame(s): {listed}")
+            raise FlowforceError(f"positions of frame {bad[0]} are not finite (NaN or inf); "
+                                 f"{len(bad)} such frame(s): {listed}")
         boxes = self._boxes(box_vectors, positions.shape[0])
         if positions.shape[0] == 0:
             energies, forces = np.zeros(0), (np.zeros((0, self.n_particles, 3)) if want_forces else None)

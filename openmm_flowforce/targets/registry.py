@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from ..errors import FlowforceError
+
 TargetFactory = Callable[..., Any]
 
 _TARGETS: dict[str, TargetFactory] = {}
@@ -21,11 +23,11 @@ def register_target(name: str, factory: TargetFactory, *, overwrite: bool = Fals
         TypeError: if the factory is not callable.
     """
     if not isinstance(name, str) or not name:
-        raise ValueError(f"a target name must be a non-empty string, got {name!r}")
+        raise FlowforceError(f"a target name must be a non-empty string, got {name!r}")
     if not callable(factory):
         raise TypeError(f"the factory for target {name!r} must be callable, got {type(factory).__name__}")
     if name in _TARGETS and not overwrite:
-        raise ValueError(f"target {name!r} is already registered; pass overwrite=True to replace it")
+        raise FlowforceError(f"target {name!r} is already registered; pass overwrite=True to replace it")
     _TARGETS[name] = factory
     return factory
 
@@ -44,7 +46,7 @@ def get_target(name: str, **kwargs: Any) -> Any:
     try:
         factory = _TARGETS[name]
     except KeyError:
-        raise ValueError(f"unknown target {name!r}; valid names: {', '.join(target_names())}") from None
+        raise FlowforceError(f"unknown target {name!r}; valid names: {', '.join(target_names())}") from None
     return factory(**kwargs)
 
 
@@ -77,8 +79,8 @@ def _lj(n_particles: int):
         from .toys import LennardJonesCluster
 
         if "n_particles" in kwargs:
-            raise ValueError(f"target 'lj{n_particles}' fixes n_particles={n_particles}; "
-                             "build LennardJonesCluster(n_particles=...) directly for other sizes")
+            raise FlowforceError(f"target 'lj{n_particles}' fixes n_particles={n_particles}; "
+                                 "build LennardJonesCluster(n_particles=...) directly for other sizes")
         return LennardJonesCluster(n_particles=n_particles, **{"spatial_dim": 3, **kwargs})
 
     factory.__doc__ = f"``LennardJonesCluster(n_particles={n_particles}, spatial_dim=3)``: LJ-{n_particles}."

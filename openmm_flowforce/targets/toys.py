@@ -20,6 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..errors import FlowforceError
+
 Tensor = torch.Tensor
 
 __all__ = ["GaussianMixture40", "MultiDoubleWell", "LennardJonesCluster", "pairwise_distances", "remove_mean"]
@@ -89,8 +91,8 @@ class _EnergyTarget:
         if not x.is_floating_point():
             raise TypeError(f"x must have a floating dtype, got {x.dtype}")
         if x.dim() != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"{type(self).__name__} takes flat positions of shape (B, {self.dim}), "
-                             f"got {tuple(x.shape)}")
+            raise FlowforceError(f"{type(self).__name__} takes flat positions of shape (B, {self.dim}), "
+                                 f"got {tuple(x.shape)}")
 
 
 class GaussianMixture40(_EnergyTarget):
@@ -149,7 +151,7 @@ class GaussianMixture40(_EnergyTarget):
                device: torch.device | str | None = None) -> Tensor:
         """Exact samples ``(n, 2)``: a uniform component, then its Gaussian."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be a non-negative integer, got {n!r}")
+            raise FlowforceError(f"n must be a non-negative integer, got {n!r}")
         k = torch.randint(self.n_components, (n,), generator=generator)
         noise = torch.randn((n, self.dim), generator=generator, dtype=torch.float64)
         return (self.means[k] + self.std * noise).to(device=device, dtype=dtype)
@@ -218,7 +220,7 @@ class LennardJonesCluster(_EnergyTarget):
     def __init__(self, n_particles: int = 13, spatial_dim: int = 3, softening: float = 1e-6,
                  oscillator_scale: float = 1.0):
         if n_particles < 2:
-            raise ValueError(f"a Lennard-Jones cluster needs at least 2 particles, got {n_particles}")
+            raise FlowforceError(f"a Lennard-Jones cluster needs at least 2 particles, got {n_particles}")
         self.n_particles = int(n_particles)
         self.spatial_dim = int(spatial_dim)
         self.dim = self.n_particles * self.spatial_dim

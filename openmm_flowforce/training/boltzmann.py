@@ -12,34 +12,44 @@ from ..conventions import kT
 from ..potentials import BoltzmannGenerator
 from ..reporters import JSONLinesReporter, ProgressReporter, Reporter
 from .trainer import TrainConfig, Trainer
+from ..errors import FlowforceError
+from ..options import POSITIVE, POSITIVE_INT, Option, check_options
 
 #: Flow architecture used when the caller does not say otherwise.
 FLOW_DEFAULTS: dict[str, Any] = {"transform": "smooth", "n_layers": 8, "hidden": [128, 128], "n_components": 8}
 
 
-def flow_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Defaults overlaid with ``options``; unknown keys are rejected, naming the valid ones."""
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(FLOW_DEFAULTS) - {"identity_init"})
-    if unknown:
-        raise ValueError(f"unknown flow option(s) {', '.join(unknown)}; valid: "
-                         f"{', '.join(sorted([*FLOW_DEFAULTS, 'identity_init']))}")
-    return {**FLOW_DEFAULTS, **options}
+#: Type and range of every flow option (YAML ``flow:`` keys); the transform's name is
+#: checked by the bijection registry, which lists the valid ones.
+FLOW_OPTIONS: dict[str, Option] = {
+    "transform": Option(str), "n_layers": POSITIVE_INT, "hidden": Option(list, item=POSITIVE_INT),
+    "n_components": POSITIVE_INT, "identity_init": Option(bool),
+}
+
+
+def flow_options(options: Mapping[str, Any] | None, where: str = "") -> dict[str, Any]:
+    """Defaults overlaid with ``options``, checked against :data:`FLOW_OPTIONS`.
+
+    Raises:
+        OptionError: an unknown key (listing the valid ones) or a bad value.
+    """
+    return {**FLOW_DEFAULTS, **check_options(dict(options or {}), FLOW_OPTIONS, where, section="flow")}
 
 
 def split_frames(n_frames: int, val_fraction: float) -> tuple[slice, slice]:
     """Train on the first frames and validate on the last ``val_fraction``: a contiguous
     block, because consecutive MD frames are correlated and a random split would leak."""
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise FlowforceError(f"val_fraction must be in [0, 1), got {val_fraction}")
     n_val = int(round(n_frames * val_fraction))
     if n_frames - n_val < 2:
-        raise ValueError(f"{n_frames} frames are too few to train on; record a longer trajectory")
+        raise FlowforceError(f"{n_frames} frames are too few to train on; record a longer trajectory")
     return slice(0, n_frames - n_val), slice(n_frames - n_val, n_frames)
 
 
 def steps_for_epochs(epochs: float, n_train: int, batch_size: int) -> int:
     """Optimiser steps that show every training frame ``epochs`` times on average."""
+    POSITIVE.check("epochs", epochs)
     return max(1, math.ceil(epochs * n_train / batch_size))
 
 
@@ -71,7 +81,7 @@ def train_boltzmann_generator(topology, positions_nm: np.ndarray, checkpoint: st
     """
     weights = dict(weights or {"nll": 1.0})
     if "force" in weights and forces_kj_mol_nm is None:
-        raise ValueError("the 'force' loss needs forces; the data file has none (re-run `flowforce md`)")
+        raise FlowforceError("the 'force' loss needs forces; the data file has none (re-run `flowforce md`)")
     config = config or TrainConfig()
     checkpoint = Path(checkpoint)
     resuming = checkpoint.exists()

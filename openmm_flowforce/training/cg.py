@@ -27,11 +27,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..io import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from ..io import CHECKPOINT_FORMAT, RESUME_FIX, load_checkpoint, save_checkpoint
 from ..potentials.cg_net import CGEnergyNet, cg_metadata
 from .boltzmann import split_frames
 from ..reporters import ProgressReporter, Reporter, TrainState
 from .trainer import TrainConfig
+from ..errors import BadFileError, FlowforceError
 
 Tensor = torch.Tensor
 
@@ -54,7 +55,7 @@ def force_matching_loss(net: CGEnergyNet, positions: Tensor, forces: Tensor, for
         force_scale: kJ/mol/nm, e.g. :func:`force_scale_of` of the training forces.
     """
     if positions.shape != forces.shape:
-        raise ValueError(f"positions {tuple(positions.shape)} and forces {tuple(forces.shape)} must have one shape")
+        raise FlowforceError(f"positions {tuple(positions.shape)} and forces {tuple(forces.shape)} must have one shape")
     _, predicted = net.energy_and_forces(positions)
     return ((predicted - forces) / force_scale).pow(2).mean()
 
@@ -124,13 +125,14 @@ def train_cg_net(net: CGEnergyNet, positions: Any, forces: Any, config: TrainCon
     """
     cfg = config or TrainConfig()
     if cfg.n_samples:
-        raise ValueError(f"n_samples={cfg.n_samples} is for the reverse-KL loss; force matching draws no samples")
+        raise FlowforceError(f"n_samples={cfg.n_samples} is for the reverse-KL loss; force matching draws no samples")
     parameter = next(net.parameters())
     x = torch.as_tensor(np.asarray(positions) if not isinstance(positions, Tensor) else positions)
     f = torch.as_tensor(np.asarray(forces) if not isinstance(forces, Tensor) else forces)
     x, f = x.to(parameter), f.to(parameter)
     if x.ndim != 3 or tuple(x.shape[1:]) != (net.n_beads, 3) or f.shape != x.shape:
-        raise ValueError(f"positions {tuple(x.shape)} and forces {tuple(f.shape)} must both be (T, {net.n_beads}, 3)")
+        raise FlowforceError(f"positions {tuple(x.shape)} and forces {tuple(f.shape)} must both be "
+                             f"(T, {net.n_beads}, 3)")
     train, val = split_frames(len(x), val_fraction)
     x_train, f_train, x_val, f_val = x[train], f[train], x[val], f[val]
     validate = len(x_val) > 0 and cfg.validate_every > 0
@@ -153,12 +155,19 @@ def train_cg_net(net: CGEnergyNet, positions: Any, forces: Any, config: TrainCon
 
     metadata = cg_metadata(net, mapping)
     if resume and path is not None and path.exists():
-        saved = load_checkpoint(path, CHECKPOINT_FORMAT)
+        saved = load_checkpoint(path, CHECKPOINT_FORMAT, fix=RESUME_FIX, required=(
+            "model", "optimizer", "scheduler", "rng_batch", "step", "best_val", "best_model", "bad_validations",
+            "stopped_early", "initial_val"))
         if mapping is None:  # a resumed run keeps the mapping the first run stored
             metadata["mapping"] = saved.get("metadata", {}).get("mapping")
-        net.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
+        try:
+            net.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as error:  # shapes of another architecture
+            first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            raise BadFileError(f"cannot resume from {path}: it holds a CG net with other options than these "
+                               f"({first}); {RESUME_FIX}") from None
         batch_rng.set_state(saved["rng_batch"])
         step, best_val, best_state = int(saved["step"]), float(saved["best_val"]), saved["best_model"]
         bad, stopped, initial_val = int(saved["bad_validations"]), bool(saved["stopped_early"]), saved["initial_val"]

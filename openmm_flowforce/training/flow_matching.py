@@ -44,10 +44,12 @@ from ..coordinates.cg_mapping import CGMapping
 from ..io import CHECKPOINT_FORMAT, atomic_write_npz, load_checkpoint, save_checkpoint
 from ..potentials.boltzmann import BoltzmannGenerator
 from ..potentials.cg_net import CGEnergyNet, cg_metadata
-from .boltzmann import split_frames, train_boltzmann_generator
+from .boltzmann import FLOW_OPTIONS, split_frames, train_boltzmann_generator
 from .cg import train_cg_net
 from .losses import flow_forces
-from .trainer import TrainConfig
+from .trainer import TRAIN_CONFIG_OPTIONS, TrainConfig
+from ..errors import FlowforceError
+from ..options import FRACTION, POSITIVE, POSITIVE_INT, SEED, Option, check_options
 
 Tensor = torch.Tensor
 
@@ -60,6 +62,17 @@ FORCE_OUTLIER_PERCENTILE = 99.9
 FORCE_OUTLIER_FACTOR = 3.0
 #: CG net options accepted by :func:`coarse_grain` (``net=...``).
 NET_OPTIONS = ("hidden", "activation", "priors")
+#: Types of the CG net options; the activation and prior names are checked by the net,
+#: which lists the valid ones.
+NET_OPTION_SCHEMA: dict[str, Option] = {"hidden": Option(list, item=POSITIVE_INT), "activation": Option(str),
+                                        "priors": Option(object)}
+#: Every coarse-graining option (``flowforce cg --config`` keys), with its sections.
+CG_OPTIONS: dict[str, Option] = {
+    "flow": Option(dict, fields=FLOW_OPTIONS), "flow_train": Option(dict, fields=TRAIN_CONFIG_OPTIONS),
+    "flow_samples": Option(int, minimum=2), "outlier_percentile": Option(float, minimum=0.0, maximum=100.0),
+    "outlier_factor": POSITIVE, "net": Option(dict, fields=NET_OPTION_SCHEMA),
+    "cg_train": Option(dict, fields=TRAIN_CONFIG_OPTIONS), "val_fraction": FRACTION, "seed": SEED,
+}
 
 
 # -- flow forces at flow samples ----------------------------------------------------------------
@@ -86,7 +99,7 @@ def sample_flow_forces(model: BoltzmannGenerator, n: int, temperature: float, ba
     from tqdm.auto import tqdm
 
     if int(n) < 1:
-        raise ValueError(f"the number of flow samples must be at least 1, got {n}")
+        raise FlowforceError(f"the number of flow samples must be at least 1, got {n}")
     model64 = copy.deepcopy(model).to(torch.float64).eval()
     model64.requires_grad_(False)
     torch.manual_seed(seed)
@@ -121,9 +134,9 @@ def force_outlier_threshold(reference_forces: Any, percentile: float = FORCE_OUT
         ValueError: a percentile outside [0, 100] or a factor ≤ 0.
     """
     if not 0.0 <= percentile <= 100.0:
-        raise ValueError(f"outlier percentile must be in [0, 100], got {percentile}")
+        raise FlowforceError(f"outlier percentile must be in [0, 100], got {percentile}")
     if not factor > 0:
-        raise ValueError(f"outlier factor must be positive, got {factor}")
+        raise FlowforceError(f"outlier factor must be positive, got {factor}")
     return float(factor * np.percentile(max_bead_force_norm(reference_forces), percentile))
 
 
@@ -174,9 +187,9 @@ class CGMethodResult:
 
 def _force_matching(inputs: CGMethodInputs) -> CGMethodResult:
     if inputs.forces is None:
-        raise ValueError("--method force-matching needs all-atom forces, but the data file has none; record them "
-                         "with `flowforce md` (it saves forces), or use --method flow-matching, which needs "
-                         "positions only")
+        raise FlowforceError("--method force-matching needs all-atom forces, but the data file has none; record them "
+                             "with `flowforce md` (it saves forces), or use --method flow-matching, which needs "
+                             "positions only")
     return CGMethodResult(inputs.positions, inputs.forces, {"training_frames": int(len(inputs.positions))})
 
 
@@ -203,9 +216,12 @@ def _flow_matching(inputs: CGMethodInputs) -> CGMethodResult:
     samples_file = _work_file(inputs, ".samples.npz")
     cached = None
     if samples_file is not None and samples_file.exists():
-        with np.load(samples_file, allow_pickle=False) as data:
-            if int(data["requested"]) == n and int(data["seed"]) == int(opts["seed"]):
-                cached = data["positions"], data["forces"]
+        try:
+            with np.load(samples_file, allow_pickle=False) as data:
+                if int(data["requested"]) == n and int(data["seed"]) == int(opts["seed"]):
+                    cached = np.asarray(data["positions"]), np.asarray(data["forces"])
+        except Exception:  # noqa: BLE001 - an unreadable cache is redrawn, not an error
+            cached = None
     if cached is None:
         x, f = sample_flow_forces(model, n, inputs.temperature, seed=int(opts["seed"]), progress=inputs.progress)
         if samples_file is not None:
@@ -221,8 +237,8 @@ def _flow_matching(inputs: CGMethodInputs) -> CGMethodResult:
     threshold = force_outlier_threshold(on_data, opts["outlier_percentile"], opts["outlier_factor"])
     x_kept, f_kept, kept = drop_force_outliers(x, f, threshold)
     if len(x_kept) < 2:
-        raise ValueError(f"only {len(x_kept)} of {n} flow samples pass the force threshold {threshold:.4g} "
-                         "kJ/mol/nm; train the flow longer or raise outlier_factor")
+        raise FlowforceError(f"only {len(x_kept)} of {n} flow samples pass the force threshold {threshold:.4g} "
+                             "kJ/mol/nm; train the flow longer or raise outlier_factor")
     info = {"flow_checkpoint": None if flow_ckpt is None else str(flow_ckpt),
             "flow_steps": int(trainer.step),
             "flow_best_val_nll": None if trainer.best_state is None else float(trainer.best_val),
@@ -287,24 +303,13 @@ def _options(options: Mapping[str, Any] | None) -> dict[str, Any]:
         "cg_train": {"steps": 2000, "batch_size": 256, "lr": 3e-3, "validate_every": 100},
         "val_fraction": 0.1, "seed": 0,
     }
-    given = dict(options or {})
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise ValueError(f"unknown coarse-graining option(s) {', '.join(unknown)}; valid: {', '.join(defaults)}")
-    out = {**defaults, **given}
+    out = {**defaults, **check_options(dict(options or {}), CG_OPTIONS)}
     for section in ("flow", "flow_train", "net", "cg_train"):
-        if not isinstance(out[section], Mapping):
-            raise ValueError(f"option {section!r} must be a mapping, got {out[section]!r}")
         out[section] = {**defaults[section], **dict(out[section])}
-    bad_net = sorted(set(out["net"]) - set(NET_OPTIONS))
-    if bad_net:
-        raise ValueError(f"unknown CG net option(s) {', '.join(bad_net)}; valid: {', '.join(NET_OPTIONS)}")
     for section in ("flow_train", "cg_train"):
         cfg = dict(out[section])
         cfg.setdefault("seed", int(out["seed"]))
-        out[section] = TrainConfig.from_dict(cfg)
-    if int(out["flow_samples"]) < 2:
-        raise ValueError(f"flow_samples must be at least 2, got {out['flow_samples']}")
+        out[section] = TrainConfig.from_dict(cfg, section=section)
     return out
 
 
@@ -336,7 +341,7 @@ def coarse_grain(positions: Any, topology: Any, temperature: float, out: str | P
         ValueError: unknown method, mapping or option; force-matching without forces.
     """
     if method not in CG_METHODS:
-        raise ValueError(f"unknown coarse-graining method {method!r}; valid: {', '.join(CG_METHODS)}")
+        raise FlowforceError(f"unknown coarse-graining method {method!r}; valid: {', '.join(CG_METHODS)}")
     if not isinstance(mapping, CGMapping):
         mapping = CGMapping.from_topology(topology, mapping)
     out = Path(out)

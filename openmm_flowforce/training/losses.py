@@ -6,9 +6,12 @@ cube and Boltzmann generators over Cartesian coordinates both qualify.
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
+
+from ..errors import FlowforceError, OptionError
+from ..options import NON_NEGATIVE
 
 Tensor = torch.Tensor
 
@@ -58,31 +61,42 @@ def reverse_kl_on_samples(model: DensityModel, reduced_energy: Callable[[Tensor]
 
 
 LOSS_NAMES = ("nll", "force", "reverse_kl")
+#: A loss weight: a finite number ≥ 0 (0 switches the term off).
+LOSS_WEIGHT = NON_NEGATIVE
 
 
-def parse_loss_weights(spec: str | Mapping[str, float]) -> dict[str, float]:
-    """``"nll=1,force=0.1"`` or a mapping → validated weights.
+def _number_or_text(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text  # the check below names it
+
+
+def parse_loss_weights(spec: str | Mapping[str, float], where: str = "") -> dict[str, float]:
+    """``"nll=1,force=0.1"`` or a mapping → validated weights (finite, ≥ 0).
 
     Raises:
-        ValueError: unknown loss names (listing the valid ones) or non-numeric weights.
+        OptionError: unknown loss names (listing the valid ones), weights that are not
+            numbers ≥ 0, or no non-zero weight.
     """
     if isinstance(spec, str):
-        items = {}
+        items: dict[str, Any] = {}
         for part in filter(None, (p.strip() for p in spec.split(","))):
             name, sep, value = part.partition("=")
             if not sep:
-                raise ValueError(f"loss term {part!r} needs a weight, e.g. 'nll=1,force=0.1'")
-            try:
-                items[name.strip()] = float(value)
-            except ValueError:
-                raise ValueError(f"weight of loss {name.strip()!r} is not a number: {value!r}") from None
+                raise OptionError(f"loss term {part!r} needs a weight, e.g. 'nll=1,force=0.1'")
+            items[name.strip()] = _number_or_text(value.strip())
+    elif isinstance(spec, Mapping):
+        items = {str(k): v for k, v in spec.items()}
     else:
-        items = {str(k): float(v) for k, v in spec.items()}
+        raise OptionError(f"{where + ': ' if where else ''}loss must be a mapping or 'nll=1,force=0.1', got {spec!r}")
+    for name, value in items.items():
+        items[name] = LOSS_WEIGHT.check(f"weight of loss {name!r}", value, where)
     unknown = sorted(set(items) - set(LOSS_NAMES))
     if unknown:
-        raise ValueError(f"unknown loss term(s) {', '.join(unknown)}; valid names: {', '.join(LOSS_NAMES)}")
+        raise OptionError(f"unknown loss term(s) {', '.join(unknown)}; valid names: {', '.join(LOSS_NAMES)}")
     if not items or all(w == 0 for w in items.values()):
-        raise ValueError("at least one loss term needs a non-zero weight, e.g. 'nll=1'")
+        raise OptionError("at least one loss term needs a non-zero weight, e.g. 'nll=1'")
     return {k: v for k, v in items.items() if v != 0}
 
 
@@ -96,11 +110,11 @@ def weighted_loss(model: DensityModel, weights: Mapping[str, float], x: Tensor |
         terms["nll"] = nll_on_data(model, x)
     if "force" in weights:
         if reduced_forces is None:
-            raise ValueError("the 'force' loss needs reference forces in the data set")
+            raise FlowforceError("the 'force' loss needs reference forces in the data set")
         terms["force"] = force_matching_on_data(model, x, reduced_forces)
     if "reverse_kl" in weights:
         if reduced_energy is None:
-            raise ValueError("the 'reverse_kl' loss needs an energy target")
+            raise FlowforceError("the 'reverse_kl' loss needs an energy target")
         terms["reverse_kl"] = reverse_kl_on_samples(model, reduced_energy, n_samples or len(x))
     total = sum(weights[k] * v for k, v in terms.items())
     return total, {k: float(v.detach()) for k, v in terms.items()}

@@ -5,15 +5,17 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..io import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from ..io import CHECKPOINT_FORMAT, RESUME_FIX, load_checkpoint, save_checkpoint
 from .losses import nll_on_data, weighted_loss
 from ..reporters import Reporter, TrainState
+from ..errors import BadFileError, FlowforceError
+from ..options import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, Option, check_options
 
 Tensor = torch.Tensor
 
@@ -49,21 +51,24 @@ class TrainConfig:
     seed: int = 0
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
-        known = {f.name: f.type for f in fields(cls)}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"unknown training option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
-        out = cls()
-        for key, value in values.items():
-            default = getattr(out, key)
-            try:
-                setattr(out, key, type(default)(value))
-            except (TypeError, ValueError):
-                raise ValueError(f"training option {key}={value!r} should be a {type(default).__name__}") from None
-        if out.steps < 1 or out.batch_size < 1 or not out.lr > 0:
-            raise ValueError("steps and batch_size must be ≥ 1 and lr > 0")
-        return out
+    def from_dict(cls, values: Mapping[str, Any], where: str = "", section: str = "") -> "TrainConfig":
+        """A config from a mapping checked against :data:`TRAIN_CONFIG_OPTIONS` (unknown keys
+        and bad values are rejected, naming ``where`` and ``section`` in the message)."""
+        return cls(**check_options(values, TRAIN_CONFIG_OPTIONS, where, section=section))
+
+
+#: Type and range of every :class:`TrainConfig` field (YAML ``train:`` keys, ``--lr`` ...).
+TRAIN_CONFIG_OPTIONS: dict[str, Option] = {
+    "steps": POSITIVE_INT, "batch_size": POSITIVE_INT, "lr": POSITIVE,
+    "lr_final_factor": Option(float, minimum=0.0, maximum=1.0), "weight_decay": NON_NEGATIVE,
+    "grad_clip": NON_NEGATIVE, "validate_every": COUNT, "patience": COUNT, "checkpoint_every": POSITIVE_INT,
+    "n_samples": COUNT, "seed": SEED,
+}
+
+
+#: What a checkpoint needs for :class:`Trainer` to resume from it.
+RESUME_KEYS = ("model", "optimizer", "scheduler", "rng_torch", "rng_batch", "step", "best_val", "best_model",
+               "bad_validations", "stopped_early")
 
 
 class Trainer:
@@ -100,12 +105,12 @@ class Trainer:
         self.reporters = list(reporters)
         self.metadata = dict(metadata or {})
         if any(k in self.weights for k in ("nll", "force")) and "x" not in self.data:
-            raise ValueError("the 'nll' and 'force' losses need training data (data={'x': ...})")
+            raise FlowforceError("the 'nll' and 'force' losses need training data (data={'x': ...})")
         if "x" in self.data:
             n = len(self.data["x"])
             for key, value in self.data.items():
                 if len(value) != n:
-                    raise ValueError(f"data[{key!r}] has {len(value)} rows but data['x'] has {n}")
+                    raise FlowforceError(f"data[{key!r}] has {len(value)} rows but data['x'] has {n}")
         torch.manual_seed(self.config.seed)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=self.config.lr,
                                           weight_decay=self.config.weight_decay)
@@ -120,7 +125,7 @@ class Trainer:
         self.bad_validations = 0
         self.stopped_early = False
         if resume and self.checkpoint is not None and self.checkpoint.exists():
-            self._restore(load_checkpoint(self.checkpoint, CHECKPOINT_FORMAT))
+            self._restore(load_checkpoint(self.checkpoint, CHECKPOINT_FORMAT, required=RESUME_KEYS, fix=RESUME_FIX))
 
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -135,9 +140,14 @@ class Trainer:
             save_checkpoint(self.state_dict(), self.checkpoint)
 
     def _restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as error:  # shapes of another architecture
+            first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            raise BadFileError(f"cannot resume from {self.checkpoint}: it holds a model with other options than "
+                               f"these ({first}); {RESUME_FIX}") from None
         torch.set_rng_state(state["rng_torch"])
         self.batch_rng.set_state(state["rng_batch"])
         self.step = int(state["step"])
