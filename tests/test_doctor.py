@@ -35,10 +35,20 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def _backend_checks(report):
+    """The per-platform backend rows (the native plugin's load check has platform '-')."""
+    return [c for c in report.checks if c.name != "native-plugin"]
+
+
 def test_every_check_passes_on_reference_and_cpu():
+    from openmm_flowforce.export.native import native_build_info
+
     report = doctor.run_doctor(platforms=CPU_PLATFORMS)
-    rows = {(c.name, c.platform): c for c in report.checks}
+    rows = {(c.name, c.platform): c for c in _backend_checks(report)}
     assert set(rows) == {(name, p) for name in ("torchforce", "pythonforce") for p in CPU_PLATFORMS}
+    # A plugin that was built must load; one that was not built is information, not a row.
+    plugin = [c for c in report.checks if c.name == "native-plugin"]
+    assert len(plugin) == (1 if native_build_info().get("status") == "built" else 0)
     failed = [f"{c.name}/{c.platform}: {c.detail}" for c in report.checks if not c.passed]
     assert not failed, failed
     assert report.ok
@@ -49,9 +59,10 @@ def test_wrong_expected_energy_is_reported_as_fail():
         return 2.0 * doctor.toy_energy(positions)
 
     report = doctor.run_doctor(platforms=["Reference"], expected_energy=doubled)
-    assert len(report.checks) == 2
-    assert all(not c.passed for c in report.checks)
-    assert all("energy" in c.detail for c in report.checks)
+    checks = _backend_checks(report)
+    assert len(checks) == 2
+    assert all(not c.passed for c in checks)
+    assert all("energy" in c.detail for c in checks)
     assert not report.ok
     assert "FAIL" in doctor.format_report(report)
 
@@ -59,8 +70,9 @@ def test_wrong_expected_energy_is_reported_as_fail():
 def test_wrong_expected_forces_is_reported_as_fail():
     # The sign convention matters: F = −∇E; +2r is the gradient, not the force.
     report = doctor.run_doctor(platforms=["Reference"], expected_forces=lambda r: 2.0 * r)
-    assert [c.passed for c in report.checks] == [False, False]
-    assert all("forces differ" in c.detail for c in report.checks)
+    checks = _backend_checks(report)
+    assert [c.passed for c in checks] == [False, False]
+    assert all("forces differ" in c.detail for c in checks)
 
 
 def test_missing_openmmtorch_fails_torchforce_only(monkeypatch):
@@ -112,7 +124,7 @@ def test_cli_doctor_json_is_machine_readable():
     assert result.returncode == 0, result.stdout + result.stderr
     data = json.loads(result.stdout)
     assert data["ok"] is True
-    assert {c["name"] for c in data["checks"]} == {"torchforce", "pythonforce"}
+    assert {c["name"] for c in data["checks"]} - {"native-plugin"} == {"torchforce", "pythonforce"}
     assert all(c["status"] == "PASS" for c in data["checks"])
 
 

@@ -127,8 +127,11 @@ def compiled_potential_force(package_path: str | os.PathLike, n_atoms: int, dtyp
            f'sha256="{file_sha256(path)}" numModelParticles="{int(n_atoms)}" dtype={quoteattr(dtype)} '
            f'device={quoteattr(device)} forceGroup="0" name="{NATIVE_FORCE_TYPE}"><Particles>{children}'
            '</Particles></Force>')
+    from ..safety import deserialize_xml
+
     try:
-        return openmm.XmlSerializer.deserialize(xml)
+        # Trusted: the text is built here from the caller's arguments, not read from a file.
+        return deserialize_xml(xml, source="the CompiledPotentialForce description", trust=True)
     except openmm.OpenMMException as error:
         raise ValueError(str(error)) from None
 
