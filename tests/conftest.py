@@ -109,3 +109,49 @@ def _default_dtype_float32():
 
     torch.set_default_dtype(torch.float32)
     yield
+
+
+# -- tiny learned potentials shared by the export, compiled-package and native-plugin tests ------------
+@pytest.fixture(scope="session")
+def flow(alanine_md):
+    """A tiny, non-identity flow on alanine dipeptide, fitted to MD (narrow and periodic torsions), float64."""
+    import torch
+
+    from openmm_flowforce.potentials import BoltzmannGenerator
+    from potential_checks import default_dtype
+
+    torch.manual_seed(0)
+    with default_dtype(torch.float64):
+        model = BoltzmannGenerator.from_topology(alanine_md["topology"], alanine_md["positions"][:1200], n_layers=2,
+                                                 hidden=8, n_components=2, identity_init=False)
+    periodic = model.coordinates.torsion_periodic
+    assert 0 < int(periodic.sum()) < len(periodic)  # both torsion branches are exercised
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def cg(alanine_md):
+    """``(net, mapping, topology_pdb)``: a 5-bead CG net with every prior and a non-zero MLP, float64."""
+    import torch
+
+    from openmm_flowforce.coordinates.cg_mapping import CGMapping
+    from openmm_flowforce.potentials.cg_net import CGEnergyNet
+
+    mapping = CGMapping.from_topology(alanine_md["topology"], "backbone")
+    beads = mapping.map_positions(alanine_md["positions"])
+    torch.manual_seed(0)
+    net = CGEnergyNet.from_data(mapping, beads[:1200], 300.0, hidden=(8, 8),
+                                priors={"bonds": {}, "angles": {}, "repulsion": {}, "dihedrals": {"n_terms": 2}})
+    net = net.double()
+    torch.nn.init.normal_(net.network[-1].weight, std=0.5)
+    return net.eval(), mapping, mapping.pdb_text(beads[0])
+
+
+@pytest.fixture(scope="session")
+def cg_package(cg, tmp_path_factory):
+    """The float64 AOTInductor package of :func:`cg` (compiled once per session: about a minute)."""
+    import torch
+
+    from openmm_flowforce.export.compiled import compile_package
+
+    return compile_package(cg, tmp_path_factory.mktemp("cg") / "cg.pt2", dtype=torch.float64)

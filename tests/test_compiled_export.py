@@ -35,64 +35,7 @@ from openmm_flowforce.export.models import CGEnergy, FlowEnergy, energy_module, 
 from openmm_flowforce.potentials import BoltzmannGenerator  # noqa: E402
 from openmm_flowforce.potentials.cg_net import CGEnergyNet  # noqa: E402
 
-FLOAT32_FORCE_RTOL = 1e-4
-FLOAT64_RTOL = 1e-9
-
-
-class _default_dtype:
-    def __init__(self, dtype):
-        self.dtype = dtype
-
-    def __enter__(self):
-        self.old = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
-
-    def __exit__(self, *exc):
-        torch.set_default_dtype(self.old)
-
-
-@pytest.fixture(scope="module")
-def flow(alanine_md):
-    """A tiny, non-identity flow on alanine dipeptide, fitted to MD (narrow and periodic torsions)."""
-    torch.manual_seed(0)
-    with _default_dtype(torch.float64):
-        model = BoltzmannGenerator.from_topology(alanine_md["topology"], alanine_md["positions"][:1200], n_layers=2,
-                                                 hidden=8, n_components=2, identity_init=False)
-    periodic = model.coordinates.torsion_periodic
-    assert 0 < int(periodic.sum()) < len(periodic)  # both torsion branches are exercised
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def cg(alanine_md):
-    """``(net, mapping, topology_pdb)``: a 5-bead CG net with every prior and a non-zero MLP, float64."""
-    mapping = CGMapping.from_topology(alanine_md["topology"], "backbone")
-    beads = mapping.map_positions(alanine_md["positions"])
-    torch.manual_seed(0)
-    net = CGEnergyNet.from_data(mapping, beads[:1200], 300.0, hidden=(8, 8),
-                                priors={"bonds": {}, "angles": {}, "repulsion": {}, "dihedrals": {"n_terms": 2}})
-    net = net.double()
-    torch.nn.init.normal_(net.network[-1].weight, std=0.5)
-    return net.eval(), mapping, mapping.pdb_text(beads[0])
-
-
-def _eager_flow(model, positions, temperature=300.0):
-    x = torch.as_tensor(positions, dtype=torch.float64)[None].requires_grad_(True)
-    energy = model.energy(x, temperature)
-    (grad,) = torch.autograd.grad(energy.sum(), x)
-    return float(energy.detach()), -grad[0].numpy()
-
-
-def _eager_cg(net, beads):
-    energy, forces = net.energy_and_forces(torch.as_tensor(beads, dtype=torch.float64)[None])
-    return float(energy.detach()), forces[0].detach().numpy()
-
-
-def _assert_close(energy, forces, want_energy, want_forces, rtol):
-    energy, forces = float(energy), np.asarray(forces, dtype=np.float64)
-    assert abs(energy - want_energy) <= rtol * (abs(want_energy) + 1.0), (energy, want_energy)
-    scale = float(np.abs(want_forces).max()) + 1.0
-    assert np.abs(forces - want_forces).max() <= rtol * scale, np.abs(forces - want_forces).max() / scale
+from potential_checks import FLOAT32_FORCE_RTOL, FLOAT64_RTOL, assert_close, eager_cg, eager_flow  # noqa: E402
 
 
 # -- the coordinates decide narrow torsions once ------------------------------------------------------
@@ -161,11 +104,11 @@ def test_strict_export_of_flow_and_cg_energy_and_forces(flow, cg, alanine_md):
         positions = alanine_md["positions"][frame]
         energy, forces = exports["flow"](torch.as_tensor(positions))
         assert energy.shape == () and forces.shape == (22, 3) and energy.dtype == torch.float64
-        _assert_close(energy, forces, *_eager_flow(flow, positions), FLOAT64_RTOL)
+        assert_close(energy, forces, *eager_flow(flow, positions), FLOAT64_RTOL)
         beads = cg[1].map_positions(positions)
         energy, forces = exports["cg"](torch.as_tensor(beads))
         assert energy.shape == () and forces.shape == (5, 3)
-        _assert_close(energy, forces, *_eager_cg(cg[0], beads), FLOAT64_RTOL)
+        assert_close(energy, forces, *eager_cg(cg[0], beads), FLOAT64_RTOL)
 
 
 def test_batched_graph_has_a_dynamic_batch(cg, alanine_md):
@@ -218,14 +161,14 @@ def test_torchforce_takes_forces_from_the_module(flow, cg, alanine_md, tmp_path)
     context = _reference_context(_system_with(force, [1.0] * 22))
     for frame in (5, 1450):
         positions = alanine_md["positions"][frame]
-        _assert_close(*_state(context, positions), *_eager_flow(flow, positions), 1e-10)
+        assert_close(*_state(context, positions), *eager_flow(flow, positions), 1e-10)
     net, mapping, pdb = cg
     pt = export_cg_potential((net, mapping, pdb), tmp_path / "cg.pt")
     force = make_force(pt, backend="torchforce")
     assert force.getOutputsForces()
     context = _reference_context(_system_with(force, mapping.masses))
     beads = mapping.map_positions(alanine_md["positions"][1450])
-    _assert_close(*_state(context, beads), *_eager_cg(net, beads), 1e-10)
+    assert_close(*_state(context, beads), *eager_cg(net, beads), 1e-10)
 
 
 # -- packages without compiling ------------------------------------------------------------------------------
@@ -269,13 +212,6 @@ def test_cli_compile_options_need_compile(flow, tmp_path, capsys):
 
 
 # -- compiled packages (AOTInductor: C++ compilation) -----------------------------------------------------------
-@pytest.fixture(scope="module")
-def cg_package(cg, tmp_path_factory):
-    path = tmp_path_factory.mktemp("cg") / "cg.pt2"
-    return compile_package(cg, path, dtype=torch.float64)
-
-
-@pytest.mark.slow
 def test_cg_package_matches_eager_and_finite_differences(cg, cg_package, alanine_md):
     net, mapping, pdb = cg
     meta = read_package_metadata(cg_package)
@@ -291,7 +227,7 @@ def test_cg_package_matches_eager_and_finite_differences(cg, cg_package, alanine
     beads = mapping.map_positions(alanine_md["positions"][1460])
     energy, forces = runner(torch.as_tensor(beads))
     assert energy.shape == () and forces.shape == (5, 3) and forces.dtype == torch.float64
-    _assert_close(energy, forces, *_eager_cg(net, beads), FLOAT64_RTOL)
+    assert_close(energy, forces, *eager_cg(net, beads), FLOAT64_RTOL)
     # Directional finite differences of the package's own energy: ΔU along F̂ ≈ −|F|·2h.
     package = load_package(cg_package)
     h = 1e-6  # nm: truncation ~h², rounding ~1e-16·|U|/h
@@ -305,7 +241,6 @@ def test_cg_package_matches_eager_and_finite_differences(cg, cg_package, alanine
         assert numeric == pytest.approx(-float((forces.numpy() * direction).sum()), rel=1e-6, abs=1e-6)
 
 
-@pytest.mark.slow
 def test_loaded_package_checks_shapes_and_pickles(cg_package, alanine_md, cg):
     net, mapping, _ = cg
     package = load_package(cg_package)
@@ -320,7 +255,6 @@ def test_loaded_package_checks_shapes_and_pickles(cg_package, alanine_md, cg):
     torch.testing.assert_close(again(beads)[1], forces, rtol=0, atol=0)
 
 
-@pytest.mark.slow
 def test_pythonforce_runs_a_package_in_a_context(cg, cg_package, alanine_md):
     from openmm_flowforce.export.backends import make_force, resolve_potential
 
@@ -331,12 +265,12 @@ def test_pythonforce_runs_a_package_in_a_context(cg, cg_package, alanine_md):
         make_force(cg_package, backend="torchforce")
     with pytest.raises(ValueError, match="fixed"):
         make_force(cg_package, temperature=350.0)
-    force = make_force(cg_package)  # auto → pythonforce for a package
+    force = make_force(cg_package, backend="pythonforce")  # auto prefers the native plugin (test_native_models)
     assert type(force).__name__ == "PythonForce"
     context = _reference_context(_system_with(force, mapping.masses))
     for frame in (10, 1490):
         beads = mapping.map_positions(alanine_md["positions"][frame])
-        _assert_close(*_state(context, beads), *_eager_cg(net, beads), FLOAT64_RTOL)
+        assert_close(*_state(context, beads), *eager_cg(net, beads), FLOAT64_RTOL)
 
 
 @pytest.mark.slow
@@ -374,15 +308,15 @@ def test_flow_packages_float64_and_float32(flow, alanine_md, tmp_path):
     run64, run32 = (torch._inductor.aoti_load_package(str(p)) for p in (path64, path32))
     for frame in (0, 1499):
         positions = alanine_md["positions"][frame]
-        want = _eager_flow(flow, positions, 310.0)
-        _assert_close(*run64(torch.as_tensor(positions)), *want, FLOAT64_RTOL)
+        want = eager_flow(flow, positions, 310.0)
+        assert_close(*run64(torch.as_tensor(positions)), *want, FLOAT64_RTOL)
         energy, forces = run32(torch.as_tensor(positions, dtype=torch.float32))
         assert energy.dtype == forces.dtype == torch.float32
         assert abs(float(energy) - want[0]) <= 1e-5 * (abs(want[0]) + 1.0)
         assert np.abs(forces.double().numpy() - want[1]).max() <= FLOAT32_FORCE_RTOL * np.abs(want[1]).max()
     context = _reference_context(_system_with(make_force(path64), [1.0] * 22))
     positions = alanine_md["positions"][1480]
-    _assert_close(*_state(context, positions), *_eager_flow(flow, positions, 310.0), FLOAT64_RTOL)
+    assert_close(*_state(context, positions), *eager_flow(flow, positions, 310.0), FLOAT64_RTOL)
 
 
 @pytest.mark.slow
