@@ -154,22 +154,21 @@ def _interrupted(files: CommandFiles, started: float) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``), run the subcommand, return its exit code
     (0 done, 1 failed, 2 bad input, 130 interrupted)."""
-    parser = build_parser()
+    name, files, started = "flowforce", CommandFiles(), time.time()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as stop:  # --help, --version, or a bad flag (already reported)
-        return stop.code if isinstance(stop.code, int) else 2
-    if args.command is None:
-        parser.print_help()
-        return 2
-    command = SUBCOMMANDS[args.command]
-    name = " ".join(filter(None, ("flowforce", args.command, getattr(args, "sampler_command", None))))
-    from openmm_flowforce.io import check_outputs
-    from openmm_flowforce.safety import trusted_files
+        parser = build_parser()  # imports torch: Ctrl-C may come already here
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as stop:  # --help, --version, or a bad flag (already reported)
+            return stop.code if isinstance(stop.code, int) else 2
+        if args.command is None:
+            parser.print_help()
+            return 2
+        command = SUBCOMMANDS[args.command]
+        name = " ".join(filter(None, ("flowforce", args.command, getattr(args, "sampler_command", None))))
+        from openmm_flowforce.io import check_outputs
+        from openmm_flowforce.safety import trusted_files
 
-    started = time.time()
-    files = CommandFiles()
-    try:
         files = command.files(args)
         with trusted_files(getattr(args, "trust", False)):
             check_outputs(files.outputs, files.inputs, files.folders)
