@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--platforms", nargs="+", default=["Reference", "CPU"])
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--package-device", choices=["cpu", "cuda"], default="cpu",
+                        help="device the .pt2 packages are compiled for (cuda: on the machine with the GPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.torch_threads)
 
@@ -125,10 +127,10 @@ def main() -> None:
         net = CGEnergyNet.from_data(mapping, beads, 300.0, hidden=(64, 64)).double().eval()
         cg_model = (net, mapping, mapping.pdb_text(beads[0]))
         cg_pt = export_potential(cg_model, tmp / "cg.pt")
-        cg_pt2 = compile_package(cg_model, tmp / "cg.pt2")
+        cg_pt2 = compile_package(cg_model, tmp / "cg.pt2", device=args.package_device)
         bg = BoltzmannGenerator.from_topology(pdb.topology, frames, **FLOW_DEFAULTS)
         flow_pt = export_potential(bg, tmp / "flow.pt")
-        flow_pt2 = compile_package(bg, tmp / "flow.pt2")
+        flow_pt2 = compile_package(bg, tmp / "flow.pt2", device=args.package_device)
         for label, pt, pt2, masses, start in (("CG net (5 beads)", cg_pt, cg_pt2, mapping.masses, beads[0]),
                                               ("flow potential (22 atoms)", flow_pt, flow_pt2, atom_masses, frames[0])):
             for backend in backends:
@@ -144,7 +146,7 @@ def main() -> None:
                              "us_per_step": 1e6 / rate, "ns_per_day_1fs": rate * 0.0864, "steps": steps})
                 print(f"{name:<42} {plat:<10} {rate:>10.0f} steps/s {1e6 / rate:>9.1f} µs/step", flush=True)
     meta = {"torch": torch.__version__, "openmm": openmm.__version__, "machine": host.machine(),
-            "torch_threads": args.torch_threads}
+            "torch_threads": args.torch_threads, "package_device": args.package_device}
     print(json.dumps(meta))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
