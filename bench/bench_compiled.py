@@ -17,8 +17,9 @@ Rows (one configuration, kJ/mol and kJ/mol/nm, CPU):
 * AOTI package float32 / float64, called from Python;
 * OpenMM Reference steps: TorchForce (energy-only file; file with forces and
   setOutputsForces(True)) and PythonForce calling the float32 package.
-Batched (positions (B, N, 3)): eager float64, torch.compile of the batched graph, and the
-batched AOTI package, per configuration at B = 1, 64, 1024.
+Batched (positions (B, N, 3)): eager float64, torch.compile of the batched graph
+(export.batched.compile_batched, its `evaluate`: no float64 copy of the outputs), and
+the batched AOTI package (its runner), per configuration at B = 1, 64, 1024.
 
 Times are medians over --repeats rounds in which the methods are interleaved (the machine is
 shared; absolute times swing by ±50 %). Packages are compiled once into --workdir and
@@ -178,28 +179,25 @@ def _system(force, masses) -> Any:
     return system
 
 
-def energy_only_torchscript(exportable, path: Path) -> Path:
-    """A TorchScript file like those written before forces moved into the module."""
-    from openmm_flowforce.export.models import energy_module
-    from openmm_flowforce.export.torchscript import EXPORT_FORMAT, save_exported
+def energy_only_torchscript(exported: Path, path: Path) -> Path:
+    """A TorchScript file like those written before forces moved into the module: the same
+    core as ``exported`` (traced flow, scripted CG net), returning the energy only."""
+    from openmm_flowforce.export.torchscript import _quiet_jit, load_exported, read_export_metadata, save_exported
 
     class EnergyOnly(torch.nn.Module):
-        def __init__(self, core: torch.nn.Module, n: int):
+        def __init__(self, core: torch.nn.Module):
             super().__init__()
             self.core = core
-            self.n = n
 
         def forward(self, positions: torch.Tensor) -> torch.Tensor:
             return self.core(positions.to(torch.float64).unsqueeze(0)).reshape(()).to(positions.dtype)
 
-    core = energy_module(exportable, torch.float64)
-    example = torch.zeros(1, exportable.n_atoms, 3, dtype=torch.float64) + torch.randn(1, exportable.n_atoms, 3,
-                                                                                        dtype=torch.float64)
-    traced = torch.jit.trace(core, example, check_trace=False)
-    metadata = {"format": EXPORT_FORMAT, "temperature": exportable.temperature, "n_atoms": exportable.n_atoms,
-                "torch_version": torch.__version__}
-    return save_exported(torch.jit.script(EnergyOnly(traced, exportable.n_atoms)), metadata, exportable.topology_pdb,
-                         path)
+    metadata = read_export_metadata(exported)
+    topology_pdb = metadata.pop("topology_pdb")
+    metadata.pop("outputs")
+    with _quiet_jit():
+        module = torch.jit.script(EnergyOnly(load_exported(exported).module.core))
+    return save_exported(module, metadata, topology_pdb, path)
 
 
 def main() -> None:
@@ -215,8 +213,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
 
+    from openmm_flowforce.export.batched import compile_batched
     from openmm_flowforce.export.compiled import compile_package, load_package
-    from openmm_flowforce.export.graph import EnergyAndForces, trace_energy_and_forces
+    from openmm_flowforce.export.graph import EnergyAndForces
     from openmm_flowforce.export.models import CGEnergy, FlowEnergy, energy_module, resolve_exportable
     from openmm_flowforce.export.torchscript import export_potential, load_exported
 
@@ -283,7 +282,7 @@ def main() -> None:
     for name, model, positions in (("flow", flow, frames[450]), ("cg", cg, beads[450])):
         exportable = resolve_exportable(model)
         pt = export_potential(model, args.workdir / f"{name}.pt")
-        old_pt = energy_only_torchscript(exportable, args.workdir / f"{name}_energy_only.pt")
+        old_pt = energy_only_torchscript(pt, args.workdir / f"{name}_energy_only.pt")
         with_forces = load_exported(pt).module
         energy_only = load_exported(old_pt).module
         eager = EnergyAndForces(energy_module(exportable, torch.float64))
@@ -328,16 +327,14 @@ def main() -> None:
     for name, model, data in (("flow", flow, frames), ("cg", cg, beads)):
         exportable = resolve_exportable(model)
         eager64 = EnergyAndForces(energy_module(exportable, torch.float64), batched=True)
-        energy32 = energy_module(exportable, torch.float32)
-        example = torch.as_tensor(data[:4], dtype=torch.float32)
-        compiled = torch.compile(trace_energy_and_forces(energy32, example, batched=True), dynamic=True)
+        compiled = compile_batched(model)
         runner = packages[f"{name}32_batch"].runner
         for b in args.batches:
             idx = np.arange(b) % len(data)
             xb64 = torch.as_tensor(data[idx], dtype=torch.float64)
             xb32 = xb64.float()
             methods = {"eager float64": lambda: eager64(xb64),
-                       "torch.compile float32": lambda: compiled(xb32),
+                       "torch.compile float32": lambda: compiled.evaluate(xb32),
                        "AOTI package float32": lambda: runner(xb32)}
             for label, seconds in interleaved(methods, args.repeats).items():
                 batched.setdefault(name, {}).setdefault(label, {})[b] = seconds / b

@@ -332,3 +332,20 @@ def test_cli_export_compile_writes_the_package_beside(cg, tmp_path, capsys):
     assert "compiling" in captured.err and "wrote" in captured.out
     assert read_package_metadata(tmp_path / "cg.pt2")["dtype"] == "float64"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cg.ckpt", "cg.pt", "cg.pt2"]
+
+
+@pytest.mark.slow
+def test_compile_batched_in_process(cg, alanine_md):
+    from openmm_flowforce.export.batched import compile_batched
+
+    net, mapping, _ = cg
+    evaluate = compile_batched(cg)
+    beads = mapping.map_positions(alanine_md["positions"])
+    for batch in (1, 5, 300):
+        energy, forces = evaluate(beads[:batch])  # numpy float64 in, cast to float32 inside
+        assert energy.shape == (batch,) and forces.shape == (batch, 5, 3) and energy.dtype == torch.float64
+        want_energy, want_forces = net.energy_and_forces(torch.as_tensor(beads[:batch]))
+        np.testing.assert_allclose(energy.numpy(), want_energy.detach().numpy(), rtol=1e-5, atol=1e-5)
+        assert float((forces - want_forces).abs().max()) <= FLOAT32_FORCE_RTOL * float(want_forces.abs().max())
+    with pytest.raises(ValueError, match="positions have 6 atoms, but the model has 5"):
+        evaluate(np.zeros((2, 6, 3)))

@@ -75,8 +75,19 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.flo
 #: reassociate sums). float32: 25× the worst error measured on a trained flow (4e-5, see
 #: :mod:`.models`), since a stiffer model amplifies float32 rounding more.
 CHECK_RTOL: dict[torch.dtype, float] = {torch.float64: 1e-9, torch.float32: 1e-3}
-#: Batch size of the example a batched program is traced with (a dynamic dimension needs ≥ 2).
-_TRACE_BATCH = 4
+
+def trace_batch_size(n_atoms: int) -> int:
+    """Batch size of the example a batched program is traced with: ≥ 2 (0 and 1 are
+    specialised) and unequal to the other sizes of the input (N and 3), which the tracer
+    would otherwise assume equal to it ("duck sizing")."""
+    return next(b for b in (4, 5, 6) if b not in (n_atoms, 3))
+
+
+def batch_example(example: Tensor) -> Tensor:
+    """``(B, N, 3)`` copies of ``example`` ``(N, 3)`` with 0.002 nm of noise, B from :func:`trace_batch_size`."""
+    noise = torch.randn((trace_batch_size(example.shape[0]), *example.shape),
+                        generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return example + (0.002 * noise).to(example)
 #: Largest batch a batched package accepts.
 MAX_BATCH = 1 << 20
 
@@ -205,9 +216,7 @@ def compile_package(model_or_path: Any, out_path: str | os.PathLike, temperature
     reference = energy if dtype == torch.float64 else energy_module(exportable, torch.float64).to(device)
     example = _example_positions(exportable).to(device=device, dtype=dtype)
     if batch:
-        noise = torch.randn((_TRACE_BATCH, *example.shape), generator=torch.Generator().manual_seed(0),
-                            dtype=torch.float64)
-        example = example + (0.002 * noise).to(example)
+        example = batch_example(example)
     rtol = CHECK_RTOL[dtype]
     say(f"tracing energy and forces ({exportable.kind}, {exportable.n_atoms} particles, {_dtype_name(dtype)})")
     graph = trace_energy_and_forces(energy, example, batched=batch)
