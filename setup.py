@@ -123,8 +123,13 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-timeout"],
         "bench": ["zuko"],
+        # MLPotential("flowforce", modelFile=...) through openmm-ml's entry point below.
+        "openmmml": ["openmmml"],
     },
-    entry_points={"console_scripts": ["flowforce = openmm_flowforce.cli.main:main"]},
+    entry_points={
+        "console_scripts": ["flowforce = openmm_flowforce.cli.main:main"],
+        "openmmml.potentials": ["flowforce = openmm_flowforce.openmmml_adapter:FlowForcePotentialImplFactory"],
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Chemistry",

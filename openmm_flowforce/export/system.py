@@ -55,6 +55,36 @@ def _check_topology(topology: Any, n_atoms: int, topology_pdb: str) -> list[floa
     return masses
 
 
+def check_model_atoms(topology: Any, particles: list[int], source: Any) -> None:
+    """Check that the topology's atoms at ``particles`` are the model's atoms, in its order.
+
+    Args:
+        topology: ``openmm.app.Topology`` of the whole System.
+        particles: indices of the model's atoms in ``topology``, in the model's order.
+        source: the :class:`~.backends.PotentialSource`.
+
+    Raises:
+        FlowforceError: a different atom count, or an element that differs from the model's.
+    """
+    atoms = list(topology.atoms())
+    if len(particles) != source.n_atoms:
+        raise FlowforceError(f"the potential is asked to act on {len(particles)} atoms but the model describes "
+                             f"{source.n_atoms}; select exactly the model's atoms, in the model's order")
+    bad = [p for p in particles if not 0 <= p < len(atoms)]
+    if bad:
+        raise FlowforceError(f"atom indices {bad} are not in the topology ({len(atoms)} atoms)")
+    if source.masses is not None or not source.topology_pdb:
+        return  # CG beads: no elements to compare
+    from ..data.dataset import topology_from_pdb_text
+
+    for k, (index, theirs) in enumerate(zip(particles, topology_from_pdb_text(source.topology_pdb).atoms())):
+        mine = atoms[index]
+        if mine.element is not None and theirs.element is not None and mine.element != theirs.element:
+            raise FlowforceError(f"atom {index} ({mine.residue.name}{mine.residue.index + 1}:{mine.name}) is "
+                                 f"{mine.element.symbol} but model atom {k} ({theirs.residue.name}:{theirs.name}) is "
+                                 f"{theirs.element.symbol}: the atoms must be the model's, in the model's order")
+
+
 def create_system(topology: Any, model: Any, backend: str = "auto", temperature: float | None = None,
                   cuda_graphs: bool = False) -> Any:
     """A System of the molecule with the learned force as its only force.
