@@ -41,7 +41,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..conventions import kT
+from ..conventions import in_openmm_units, kT
 from ..md.doctor import quiet_openmmtorch_logging
 from ..potentials.boltzmann import BoltzmannGenerator
 from .compiled import CompiledPotential, is_package_file, load_package, read_package_metadata
@@ -86,14 +86,14 @@ class PotentialSource:
 CHECKPOINTS_TO_EXPORT: dict[str, str] = {"cg_energy_net": "`flowforce export CG.ckpt --out CG.pt`"}
 
 
-def resolve_potential(model_or_path: Any, temperature: float | None = None) -> PotentialSource:
+def resolve_potential(model_or_path: Any, temperature: Any = None) -> PotentialSource:
     """A :class:`PotentialSource` from a model, a checkpoint path or an exported file path.
 
     Args:
         model_or_path: ``BoltzmannGenerator``, checkpoint path (``.ckpt``), exported
             TorchScript path (``.pt`` from ``flowforce export``), compiled package path
             (``.pt2``, recognised by its metadata), or a ``PotentialSource``.
-        temperature: K. Default: 300 K for models and checkpoints, the stored one for
+        temperature: K (float or ``openmm.unit`` Quantity). Default: 300 K for models and checkpoints, the stored one for
             exported files and packages (which cannot be re-scaled: a different value is an
             error).
 
@@ -102,6 +102,7 @@ def resolve_potential(model_or_path: Any, temperature: float | None = None) -> P
         ValueError: not a model file, or a temperature that contradicts the exported file.
         TypeError: anything else.
     """
+    temperature = in_openmm_units(temperature, "temperature", "temperature")
     if isinstance(model_or_path, PotentialSource):
         if temperature is not None and not math.isclose(float(temperature), model_or_path.temperature):
             raise ValueError(f"temperature {temperature} K differs from the potential's {model_or_path.temperature} K")

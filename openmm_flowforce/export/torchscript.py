@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..conventions import kT
+from ..conventions import in_openmm_units, kT
 from ..io import atomic_write_bytes
 from ..potentials.boltzmann import BoltzmannGenerator, load_boltzmann_generator
 
@@ -277,6 +277,7 @@ def export_potential(model: BoltzmannGenerator | str | os.PathLike, out_path: st
         >>> export_potential("model.ckpt", "model.pt", temperature=300.0)   # doctest: +SKIP
         >>> import openmmtorch; force = openmmtorch.TorchForce("model.pt")  # doctest: +SKIP
     """
+    temperature = in_openmm_units(temperature, "temperature", "temperature")
     exporter = EXPORTERS.get(model_kind(model))
     if exporter is not None:
         return exporter(model, out_path, temperature)
