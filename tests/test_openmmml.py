@@ -191,3 +191,19 @@ def test_a_broken_flowforce_never_breaks_import_openmmml(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "creation failed: True" in result.stdout
+
+
+@pytest.mark.slow
+def test_native_mixed_system_term_by_term(flow_file, two_copies, tmp_path):
+    """The C++ plugin's force on System indices 22..43 (compiling the float64 package: ~1-2 min)."""
+    from openmm_flowforce.export.compiled import compile_package
+    from openmm_flowforce.export.native import native_unavailable
+
+    if native_unavailable() is not None:
+        pytest.skip(f"native plugin: {native_unavailable()}")
+    model, _ = flow_file
+    package = compile_package(model, tmp_path / "ala.pt2", dtype=torch.float64)
+    topology, _, mm, _ = two_copies
+    mixed = MLPotential("flowforce", modelFile=str(package), backend="native").createMixedSystem(
+        topology, mm, ML_ATOMS, forceGroup=1)
+    _check_mixed(mixed, model, two_copies)
