@@ -79,8 +79,9 @@ class FlowForcePotentialImpl:
                   **args: Any) -> None:
         """Add the learned force acting on ``atoms`` (None: every atom) to ``system``.
 
-        Particles of mass 0 among ``atoms`` (openmm-ml gives element-less atoms, such as CG
-        beads, mass 0) get the masses stored in the model file, where it stores them.
+        Where the model file stores masses (CG models: bead masses), the particles get
+        them: openmm-ml takes masses from elements, 0 for element-less atoms, neither of
+        which is a bead's mass.
 
         Raises:
             FlowforceError: the atoms do not match the model (count, elements, order).
@@ -102,10 +103,11 @@ class FlowForcePotentialImpl:
                                  "atoms to cap them); a flowforce potential describes whole molecules: select "
                                  "every atom of the molecule the model was trained on")
         check_model_atoms(topology, particles, self.source)
-        if self.source.masses is not None:
+        if self.source.masses is not None and system.getNumParticles() > 0:
+            # CG models store their bead masses; openmm-ml took masses from elements (0 where
+            # there is none), which for a bead is not its mass.
             for index, mass in zip(particles, self.source.masses):
-                if index < system.getNumParticles() and system.getParticleMass(index)._value == 0:
-                    system.setParticleMass(index, mass)
+                system.setParticleMass(index, mass)
         force = make_force(self.source, backend=self._copyable_backend(system), cuda_graphs=self.cuda_graphs,
                            particles=None if particles == list(range(system.getNumParticles())) else particles)
         force.setForceGroup(int(forceGroup))

@@ -207,3 +207,35 @@ def test_native_mixed_system_term_by_term(flow_file, two_copies, tmp_path):
     mixed = MLPotential("flowforce", modelFile=str(package), backend="native").createMixedSystem(
         topology, mm, ML_ATOMS, forceGroup=1)
     _check_mixed(mixed, model, two_copies)
+
+
+def test_cg_model_gets_its_bead_masses(alanine_md, tmp_path):
+    """A CG export stores bead masses; openmm-ml's createSystem gives element masses (or 0
+    for element-less atoms), which the adapter replaces. Energies equal create_system's."""
+    from openmm_flowforce.coordinates.cg_mapping import CGMapping
+    from openmm_flowforce.export.cg import export_cg_potential
+    from openmm_flowforce.export.torchscript import read_export_metadata, read_pdb_text
+    from openmm_flowforce.openmm import create_system
+    from openmm_flowforce.potentials.cg_net import CGEnergyNet
+
+    mapping = CGMapping.from_topology(alanine_md["topology"], "backbone")
+    beads = mapping.map_positions(alanine_md["positions"])
+    torch.manual_seed(0)
+    net = CGEnergyNet.from_data(mapping, beads[:600], 300.0, hidden=(8, 8), priors={"bonds": {}, "angles": {}})
+    path = export_cg_potential((net.double().eval(), mapping, mapping.pdb_text(beads[0])), tmp_path / "cg.pt")
+    topology, _ = read_pdb_text(mapping.pdb_text(beads[0]))
+    reference = create_system(topology, str(path))
+    stored = read_export_metadata(path)["masses"]
+    # The same beads without elements, as a CG topology from elsewhere may have them.
+    bare = app.Topology()
+    residue = bare.addResidue("CG", bare.addChain())
+    for atom in topology.atoms():
+        bare.addAtom(atom.name, None, residue)
+    for top in (topology, bare):
+        system = MLPotential("flowforce", modelFile=str(path)).createSystem(top, removeCMMotion=False)
+        masses = [system.getParticleMass(i)._value for i in range(system.getNumParticles())]
+        assert masses == pytest.approx(stored, rel=1e-15) and min(masses) > 0
+    energy, forces = _energy_forces(system, beads[5])
+    expected_energy, expected_forces = _energy_forces(reference, beads[5])
+    assert energy == pytest.approx(expected_energy, rel=1e-12)
+    np.testing.assert_allclose(forces, expected_forces, rtol=1e-12, atol=1e-12)
