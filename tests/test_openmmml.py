@@ -239,3 +239,46 @@ def test_cg_model_gets_its_bead_masses(alanine_md, tmp_path):
     expected_energy, expected_forces = _energy_forces(reference, beads[5])
     assert energy == pytest.approx(expected_energy, rel=1e-12)
     np.testing.assert_allclose(forces, expected_forces, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["torchforce", "pythonforce"])
+def test_make_force_on_particles_in_any_order(flow_file, alanine_md, backend):
+    """``make_force(particles=...)``: the model's atom k is System particle particles[k]; the
+    other particles feel nothing. Here a 30-particle System holds the molecule backwards."""
+    from openmm_flowforce.openmm import make_force
+
+    model, path = flow_file
+    particles = list(range(29, 7, -1))
+    system = openmm.System()
+    for _ in range(30):
+        system.addParticle(1.0)
+    system.addForce(make_force(path, backend=backend, particles=particles))
+    positions = np.random.default_rng(1).normal(size=(30, 3))
+    positions[particles] = alanine_md["positions"][42]
+    energy, forces = _energy_forces(system, positions)
+    expected_energy, expected_forces = _eager(model, alanine_md["positions"][42])
+    assert energy == pytest.approx(expected_energy, rel=1e-9)
+    np.testing.assert_allclose(forces[particles], expected_forces, rtol=0, atol=1e-9 * np.abs(expected_forces).max())
+    assert np.all(forces[:8] == 0)
+    with pytest.raises(FlowforceError, match="particles has 21 indices but the model has 22"):
+        make_force(path, backend=backend, particles=particles[1:])
+    with pytest.raises(FlowforceError, match=r"repeats the System indices \[29\]"):
+        make_force(path, backend=backend, particles=[29] + particles[:-1])
+
+
+@pytest.mark.parametrize("backend", ["torchforce", "pythonforce"])
+def test_save_and_load_a_mixed_system(flow_file, two_copies, tmp_path, backend):
+    """save_system records which particles the learned force acts on; load_system restores it."""
+    from openmm_flowforce.openmm import load_system, save_system
+
+    model, path = flow_file
+    topology, positions, mm, _ = two_copies
+    mixed = MLPotential("flowforce", modelFile=str(path), backend=backend).createMixedSystem(
+        topology, mm, ML_ATOMS, forceGroup=1)
+    save_system(mixed, tmp_path / "mixed.xml")
+    loaded = load_system(tmp_path / "mixed.xml", path, backend=backend)
+    for groups in ({0}, {1}):
+        energy, forces = _energy_forces(loaded, positions, groups=groups)
+        expected_energy, expected_forces = _energy_forces(mixed, positions, groups=groups)
+        assert energy == pytest.approx(expected_energy, rel=1e-12, abs=1e-9)
+        np.testing.assert_allclose(forces, expected_forces, rtol=1e-12, atol=1e-9)

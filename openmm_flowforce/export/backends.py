@@ -47,7 +47,7 @@ from ..potentials.boltzmann import BoltzmannGenerator
 from .compiled import CompiledPotential, is_package_file, load_package, read_package_metadata
 from ..errors import FlowforceError, OptionError
 from .models import DEFAULT_TEMPERATURE
-from .subset import check_particles, gather_scatter
+from .subset import check_particles
 from .torchscript import (_quiet_jit, export_potential, is_exported_file, load_exported, load_model_float64,
                           model_kind, outputs_forces, read_export_metadata)
 
@@ -229,21 +229,16 @@ class PotentialComputation:
         temperature: K, for the eager model.
         module: TorchScript ``(N, 3) -> (energy, forces)`` or ``-> energy``, or None.
         package: a loaded compiled package, or None.
-        particles: System indices of the model's atoms in the model's order (the callback
-            reads those positions and returns forces for every particle); None: the System
-            has exactly the model's atoms.
     """
 
     def __init__(self, model: BoltzmannGenerator | None = None, temperature: float = DEFAULT_TEMPERATURE,
-                 module: torch.jit.ScriptModule | None = None, package: CompiledPotential | None = None,
-                 particles: list[int] | None = None):
+                 module: torch.jit.ScriptModule | None = None, package: CompiledPotential | None = None):
         if sum(x is not None for x in (model, module, package)) != 1:
             raise ValueError("give exactly one of model, module and package")
         if model is not None:
             model = copy.deepcopy(model).to(torch.float64).eval()
             model.requires_grad_(False)
         self.model, self.module, self.package, self.temperature = model, module, package, float(temperature)
-        self.particles = None if particles is None else [int(p) for p in particles]
 
     def energy(self, x: torch.Tensor) -> torch.Tensor:
         """U (0-dim, kJ/mol) of positions ``(N, 3)`` nm, float64."""
@@ -263,9 +258,8 @@ class PotentialComputation:
 
     def __call__(self, state: Any) -> tuple[float, np.ndarray]:
         positions = np.asarray(state.getPositions(asNumpy=True)._value, dtype=np.float64)  # nm
-        mine, scatter = gather_scatter(getattr(self, "particles", None), positions)
-        energy, forces = self.energy_and_forces(torch.from_numpy(np.ascontiguousarray(mine)))
-        return float(energy), scatter(forces.detach().numpy())
+        energy, forces = self.energy_and_forces(torch.from_numpy(positions))
+        return float(energy), forces.detach().numpy()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -293,12 +287,16 @@ def _make_pythonforce(source: PotentialSource, cuda_graphs: bool, particles: lis
         if package.batched:
             raise ValueError(f"{source.package_path} is a batched package ((B, N, 3) positions); an OpenMM force needs "
                              "a single-configuration one: compile it without batch=True (without --batch)")
-        computation = PotentialComputation(package=package, particles=particles)
+        computation = PotentialComputation(package=package)
     elif source.exported_path is not None:
-        computation = PotentialComputation(module=load_exported(source.exported_path).module, particles=particles)
+        computation = PotentialComputation(module=load_exported(source.exported_path).module)
     else:
-        computation = PotentialComputation(model=source.model, temperature=source.temperature, particles=particles)
+        computation = PotentialComputation(model=source.model, temperature=source.temperature)
     force = openmm.PythonForce(computation)
+    if particles is not None:
+        # OpenMM then hands the computation those particles' positions, in this order, and
+        # takes their forces back.
+        force.setParticles(particles)
     force.setUsesPeriodicBoundaryConditions(False)
     return force
 

@@ -10,7 +10,8 @@ positions in nm, U in kJ/mol, F in kJ/mol/nm, F of shape ``(M, 3)``:
 
 * ``torchforce``: :class:`SubsetPotential` wraps the exported module; TorchForce hands it
   the whole System's positions ``(M, 3)`` and reads forces ``(M, 3)``;
-* ``pythonforce``: the callback indexes the state's positions and scatters its forces;
+* ``pythonforce``: ``openmm.PythonForce.setParticles`` (OpenMM passes those particles'
+  positions to the callback, in that order, and takes their forces back);
 * ``native``: the plugin's ``CompiledPotentialForce`` takes the indices itself.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 
 from ..errors import OptionError
 
-__all__ = ["SubsetPotential", "check_particles", "gather_scatter", "write_subset_module"]
+__all__ = ["SubsetPotential", "check_particles", "learned_force_particles", "write_subset_module"]
 
 
 def check_particles(particles: Sequence[int] | None, n_atoms: int, n_system: int | None = None) -> list[int] | None:
@@ -92,18 +93,24 @@ def write_subset_module(module: torch.jit.ScriptModule, particles: Sequence[int]
     return Path(out_path)
 
 
-def gather_scatter(particles: list[int] | None, positions: Any) -> tuple[Any, Any]:
-    """``(positions[particles], scatter)``, where ``scatter(forces (N, 3)) -> (M, 3)`` numpy;
-    identity when ``particles`` is None."""
-    import numpy as np
+def learned_force_particles(force: Any) -> list[int] | None:
+    """The System indices a learned force acts on (model order), or None when it acts on the
+    System's particles as they are; how :func:`~.system.save_system` records them."""
+    import openmm
 
-    if particles is None:
-        return positions, lambda forces: forces
-    index = np.asarray(particles, dtype=np.int64)
+    if isinstance(force, openmm.PythonForce):
+        return [int(p) for p in force.getParticles()] or None
+    from ..md.doctor import quiet_openmmtorch_logging
 
-    def scatter(forces: Any) -> Any:
-        out = np.zeros((positions.shape[0], 3), dtype=np.float64)
-        out[index] = forces
-        return out
+    try:
+        with quiet_openmmtorch_logging():
+            import openmmtorch
+    except Exception:  # noqa: BLE001 - without openmm-torch there is no TorchForce to ask
+        openmmtorch = None
+    if openmmtorch is not None and openmmtorch.TorchForce.isinstance(force):
+        particles = getattr(openmmtorch.TorchForce.cast(force).getModule(), "particles", None)
+        return None if particles is None else [int(p) for p in particles.tolist()]
+    from .native import compiled_force_info
 
-    return positions[index], scatter
+    info = compiled_force_info(force)
+    return (info["particles"] or None) if info is not None else None

@@ -19,6 +19,7 @@ from typing import Any
 from ..io import atomic_write_bytes, bad_file, require_input_file
 from ..safety import check_xml, deserialize_xml
 from .backends import LEARNED_FORCE_NAME, make_force, resolve_potential
+from .subset import check_particles
 from ..errors import FlowforceError
 
 __all__ = ["NOTE_TAG", "create_system", "load_system", "save_system"]
@@ -146,8 +147,10 @@ def save_system(system: Any, xml_path: str | os.PathLike) -> Path:
     container = root.find("Forces")
     assert container is not None and len(container) == len(forces)
     elements = list(container)
-    note = {"removed_forces": [{"type": elements[i].get("type"), "force_group": forces[i].getForceGroup()}
-                               for i in learned],
+    from .subset import learned_force_particles
+
+    note = {"removed_forces": [{"type": elements[i].get("type"), "force_group": forces[i].getForceGroup(),
+                                "particles": learned_force_particles(forces[i])} for i in learned],
             "restore": "openmm_flowforce.openmm.load_system(xml_path, model_path)"}
     for i in learned:
         container.remove(elements[i])
@@ -197,17 +200,21 @@ def load_system(xml_path: str | os.PathLike, model_path: Any, backend: str = "au
                              "learned force out")
     match = _NOTE.search(text)
     try:
-        groups = [int(f["force_group"]) for f in json.loads(match.group(1))["removed_forces"]] if match else [0]
+        removed = json.loads(match.group(1))["removed_forces"] if match else [{"force_group": 0}]
+        groups = [(int(f["force_group"]), None if f.get("particles") is None else [int(p) for p in f["particles"]])
+                  for f in removed]
     except (ValueError, KeyError, TypeError) as error:
         raise bad_file(path, "a System written by save_system", f"its {NOTE_TAG} comment is damaged: {error}",
                        "write it again with save_system") from None
     system = deserialize_xml(text, str(path), trust=True, expected="System")  # checked above
     source = resolve_potential(model_path, temperature)
-    if system.getNumParticles() != source.n_atoms:
-        raise FlowforceError(f"{xml_path} has {system.getNumParticles()} particles but the model has "
-                             f"{source.n_atoms} atoms")
-    for group in groups:
-        force = make_force(source, backend=backend, cuda_graphs=cuda_graphs)
+    for group, particles in groups:
+        if particles is None and system.getNumParticles() != source.n_atoms:
+            raise FlowforceError(f"{xml_path} has {system.getNumParticles()} particles but the model has "
+                                 f"{source.n_atoms} atoms")
+        if particles is not None:
+            check_particles(particles, source.n_atoms, system.getNumParticles())
+        force = make_force(source, backend=backend, cuda_graphs=cuda_graphs, particles=particles)
         force.setForceGroup(int(group))
         system.addForce(force)
     return system
