@@ -109,3 +109,15 @@ def test_create_simulation_from_a_pdb_path_uses_its_positions(exported, tmp_path
     simulation = create_simulation(str(pdb), path, platform="Reference")
     x = simulation.context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
     np.testing.assert_allclose(x, alanine_md["positions"][10], atol=1e-4)  # PDB precision: 0.001 Å
+
+
+def test_exported_potential_takes_positions_as_quantities(exported, alanine_md):
+    from openmm_flowforce.export.torchscript import load_exported
+
+    potential = load_exported(exported[1])
+    x = alanine_md["positions"][7]
+    in_nm = potential.energy(x)
+    assert potential.energy(x * 10 * unit.angstrom) == pytest.approx(in_nm, rel=1e-12)
+    assert potential.energy([openmm.Vec3(*row) for row in x] * unit.nanometer) == pytest.approx(in_nm, rel=1e-12)
+    with pytest.raises(OptionError, match="positions must be a length"):
+        potential.energy(x * unit.kelvin)

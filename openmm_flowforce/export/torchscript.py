@@ -157,12 +157,15 @@ class ExportedPotential:
         return read_pdb_text(self.topology_pdb)
 
     def energy(self, positions: Any) -> float:
-        """Energy in kJ/mol of positions ``(N, 3)`` nm (numpy or torch)."""
+        """Energy in kJ/mol of positions ``(N, 3)`` nm (numpy, torch or Quantity)."""
         return float(self.energy_and_forces(positions)[0])
 
     def energy_and_forces(self, positions: Any) -> tuple[Tensor, Tensor]:
         """Energy (0-dim, kJ/mol) and forces ``(N, 3)`` kJ/mol/nm, float64, of positions
-        ``(N, 3)`` nm (numpy or torch), for files of either output kind."""
+        ``(N, 3)`` nm (numpy, torch, or an ``openmm.unit`` Quantity), for files of either output kind."""
+        positions = in_openmm_units(positions, "length", "positions")
+        if isinstance(positions, Tensor):
+            positions = positions.detach().cpu().numpy()
         x = torch.as_tensor(np.asarray(positions, dtype=np.float64))
         if self.outputs_forces:
             energy, forces = self.module(x)
