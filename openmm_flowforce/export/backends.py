@@ -42,10 +42,10 @@ import numpy as np
 import torch
 
 from ..conventions import in_openmm_units, kT
+from ..errors import FlowforceError, OptionError
 from ..md.doctor import quiet_openmmtorch_logging
 from ..potentials.boltzmann import BoltzmannGenerator
 from .compiled import CompiledPotential, is_package_file, load_package, read_package_metadata
-from ..errors import FlowforceError, OptionError
 from .models import DEFAULT_TEMPERATURE
 from .subset import check_particles
 from .torchscript import (_quiet_jit, export_potential, is_exported_file, load_exported, load_model_float64,
@@ -93,9 +93,9 @@ def resolve_potential(model_or_path: Any, temperature: Any = None) -> PotentialS
         model_or_path: ``BoltzmannGenerator``, checkpoint path (``.ckpt``), exported
             TorchScript path (``.pt`` from ``flowforce export``), compiled package path
             (``.pt2``, recognised by its metadata), or a ``PotentialSource``.
-        temperature: K (float or ``openmm.unit`` Quantity). Default: 300 K for models and checkpoints, the stored one for
-            exported files and packages (which cannot be re-scaled: a different value is an
-            error).
+        temperature: K (a number or an ``openmm.unit`` Quantity). Default: 300 K for models
+            and checkpoints, the stored one for exported files and packages (which cannot be
+            re-scaled: a different value is an error).
 
     Raises:
         FileNotFoundError: the path does not exist.

@@ -1,7 +1,8 @@
 """Langevin MD with a flow potential, with a check that the run has not blown up.
 
-:func:`simulate` builds the System (:func:`openmm_flowforce.openmm.create_system`), runs a
-``LangevinMiddleIntegrator`` from the topology file's positions, writes the trajectory with
+:func:`simulate` builds the ``app.Simulation`` with
+:func:`~openmm_flowforce.md.simulation.create_simulation` (a ``LangevinMiddleIntegrator``),
+runs it from the topology file's positions, writes the trajectory with
 OpenMM's own ``DCDReporter`` and, optionally, a CSV log with its ``StateDataReporter``.
 
 Every report interval a :class:`StabilityReporter` checks that the energies and positions
@@ -142,7 +143,6 @@ def simulate(model: Any, topology_pdb: str | os.PathLike, steps: int, out: str |
         ValueError: bad arguments, unknown platform, topology that does not match the model.
         SimulationBlewUp: the stability check failed (last good state saved as PDB).
     """
-    import openmm
     from openmm import app, unit
     from tqdm.auto import tqdm
 
