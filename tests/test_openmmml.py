@@ -207,6 +207,11 @@ def test_native_mixed_system_term_by_term(flow_file, two_copies, tmp_path):
     mixed = MLPotential("flowforce", modelFile=str(package), backend="native").createMixedSystem(
         topology, mm, ML_ATOMS, forceGroup=1)
     _check_mixed(mixed, model, two_copies)
+    # save_system records the plugin force's particles; load_system restores them.
+    from openmm_flowforce.openmm import load_system, save_system
+
+    save_system(mixed, tmp_path / "mixed.xml")
+    _check_mixed(load_system(tmp_path / "mixed.xml", package, backend="native"), model, two_copies)
 
 
 def test_cg_model_gets_its_bead_masses(alanine_md, tmp_path):
