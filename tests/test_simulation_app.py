@@ -11,6 +11,7 @@ openmm = pytest.importorskip("openmm")
 from openmm import app, unit  # noqa: E402
 
 from openmm_flowforce.conventions import in_openmm_units, kT  # noqa: E402
+from openmm_flowforce.data import alanine_dipeptide_pdb  # noqa: E402
 from openmm_flowforce.errors import OptionError  # noqa: E402
 from openmm_flowforce.export.torchscript import export_potential, read_export_metadata  # noqa: E402
 from openmm_flowforce.md.simulation import create_simulation  # noqa: E402
@@ -53,6 +54,12 @@ def test_exported_and_forced_temperatures_accept_quantities(exported):
     assert make_force(path, temperature=310 * unit.kelvin).getName() == "FlowForce"
     with pytest.raises(OptionError, match="temperature must be a temperature"):
         make_force(path, temperature=310 * unit.nanometer)
+    from openmm_flowforce.openmm import create_system
+
+    topology = app.PDBFile(alanine_dipeptide_pdb()).topology
+    assert create_system(topology, path, temperature=310 * unit.kelvin).getNumParticles() == 22
+    with pytest.raises(ValueError, match="exported at 310 K"):
+        create_system(topology, path, temperature=(300 * unit.kelvin))
 
 
 def test_create_simulation_takes_quantities_or_floats(exported, alanine_md):

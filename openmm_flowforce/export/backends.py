@@ -378,8 +378,9 @@ def make_force(model_or_path: Any, backend: str = "auto", temperature: Any = Non
             TorchScript path (``flowforce export``), or compiled package path (``.pt2``,
             ``flowforce export --compile``).
         backend: ``"auto"``, ``"torchforce"``, ``"pythonforce"`` or ``"native"`` (module docstring).
-        temperature: K; default 300 K for models/checkpoints, the stored T for exported
-            files (a different value for an exported file is an error: re-export).
+        temperature: K or an ``openmm.unit`` Quantity; default 300 K for models/checkpoints,
+            the stored T for exported files (a different value for an exported file is an
+            error: re-export).
         cuda_graphs: ask TorchForce to capture CUDA graphs (only meaningful on the CUDA
             platform; an error with ``pythonforce``).
         particles: System indices of the model's N atoms, in the model's order, for a force

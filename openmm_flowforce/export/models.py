@@ -81,7 +81,7 @@ class ExportableModel:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_exportable(model_or_path: Any, temperature: float | None = None) -> ExportableModel:
+def resolve_exportable(model_or_path: Any, temperature: Any = None) -> ExportableModel:
     """An :class:`ExportableModel` from a model object, a checkpoint/model file, or a CG tuple.
 
     Args:

@@ -86,7 +86,7 @@ def check_model_atoms(topology: Any, particles: list[int], source: Any) -> None:
                                  f"{theirs.element.symbol}: the atoms must be the model's, in the model's order")
 
 
-def create_system(topology: Any, model: Any, backend: str = "auto", temperature: float | None = None,
+def create_system(topology: Any, model: Any, backend: str = "auto", temperature: Any = None,
                   cuda_graphs: bool = False) -> Any:
     """A System of the molecule with the learned force as its only force.
 
@@ -94,8 +94,8 @@ def create_system(topology: Any, model: Any, backend: str = "auto", temperature:
         topology: ``openmm.app.Topology`` of the molecule, atoms in the model's order.
         model: ``BoltzmannGenerator``, checkpoint path, exported ``.pt`` path, or compiled
             ``.pt2`` package path.
-        backend: ``auto``, ``torchforce`` or ``pythonforce`` (see :func:`make_force`).
-        temperature: K (see :func:`make_force`).
+        backend: ``auto``, ``torchforce``, ``pythonforce`` or ``native`` (see :func:`make_force`).
+        temperature: K or an ``openmm.unit`` Quantity (see :func:`make_force`).
         cuda_graphs: TorchForce CUDA graphs (CUDA platform only).
 
     Returns:
@@ -165,7 +165,7 @@ def save_system(system: Any, xml_path: str | os.PathLike) -> Path:
 
 
 def load_system(xml_path: str | os.PathLike, model_path: Any, backend: str = "auto",
-                temperature: float | None = None, cuda_graphs: bool = False, trust: bool | None = None) -> Any:
+                temperature: Any = None, cuda_graphs: bool = False, trust: bool | None = None) -> Any:
     """Read a System written by :func:`save_system` and add the learned force back.
 
     Args:

@@ -233,7 +233,7 @@ def _check_trace(core: nn.Module, traced: nn.Module, example: Tensor, n_checks: 
                                "has input-dependent Python control flow that tracing cannot record")
 
 
-def build_exported_module(model: BoltzmannGenerator, temperature: float = 300.0,
+def build_exported_module(model: BoltzmannGenerator, temperature: Any = 300.0,
                           example_positions: Tensor | None = None) -> torch.jit.ScriptModule:
     """The scripted :class:`FlowPotential` of ``model`` (not written anywhere).
 
@@ -247,6 +247,7 @@ def build_exported_module(model: BoltzmannGenerator, temperature: float = 300.0,
         ValueError: bad temperature or example shape.
         RuntimeError: the traced graph does not reproduce the eager model.
     """
+    temperature = float(in_openmm_units(temperature, "temperature", "temperature"))
     kT(temperature)  # validates the temperature
     core = _EnergyCore(copy.deepcopy(model).to(torch.float64).eval(), temperature)
     core.requires_grad_(False)  # only ∂U/∂x is ever needed: skip parameter gradients
@@ -264,13 +265,13 @@ def build_exported_module(model: BoltzmannGenerator, temperature: float = 300.0,
 
 
 def export_potential(model: BoltzmannGenerator | str | os.PathLike, out_path: str | os.PathLike,
-                     temperature: float = 300.0, example_positions: Tensor | None = None) -> Path:
+                     temperature: Any = 300.0, example_positions: Tensor | None = None) -> Path:
     """Write the flow potential U = −kT·log q as a TorchScript file for ``openmmtorch.TorchForce``.
 
     Args:
         model: a :class:`BoltzmannGenerator`, or the path of a trainer checkpoint of one.
         out_path: file to write (atomically: a reader never sees a partial file).
-        temperature: K; the energy scale is fixed at export time.
+        temperature: K or an ``openmm.unit`` Quantity; the energy scale is fixed at export time.
         example_positions: positions to trace on (default: those in the model's PDB).
 
     Returns:
