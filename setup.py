@@ -121,10 +121,16 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout"],
+        # openmmml: so that the test run exercises the openmm-ml entry point (tests/test_openmmml.py).
+        "test": ["pytest", "pytest-timeout", "openmmml"],
         "bench": ["zuko"],
+        # MLPotential("flowforce", modelFile=...) through openmm-ml's entry point below.
+        "openmmml": ["openmmml"],
     },
-    entry_points={"console_scripts": ["flowforce = openmm_flowforce.cli.main:main"]},
+    entry_points={
+        "console_scripts": ["flowforce = openmm_flowforce.cli.main:main"],
+        "openmmml.potentials": ["flowforce = openmm_flowforce.openmmml_adapter:FlowForcePotentialImplFactory"],
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Chemistry",

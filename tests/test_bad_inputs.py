@@ -367,6 +367,28 @@ CASES = [
     _case("sampler-evaluate-zero-n", "sampler evaluate {d}/s.ckpt --reference {d}/ref.npy -n 0 --out {d}/o.json", 2,
           "--n-samples"),
     _case("unknown-flag", "sample {d}/m.ckpt -n 4 --out {d}/o.npz --nsamples 3", 2, "--nsamples"),
+    # -- trajectories read through mdtraj (train, cg, evaluate, convert) -------------------
+    _case("convert-over-its-trajectory", "convert {d}/ala.dcd --topology {d}/ala.pdb --out {d}/ala.dcd", 2,
+          "ala.dcd"),
+    _case("convert-topology-of-other-atoms", "convert {d}/ala.dcd --topology {d}/cg.pdb --out {d}/o.npz", 2,
+          "ala.dcd", "cg.pdb"),
+    _case("convert-garbage-trajectory", "convert {d}/garbage.dcd --topology {d}/ala.pdb --out {d}/o.npz", 2,
+          "garbage.dcd"),
+    _case("convert-empty-trajectory", "convert {d}/empty.dcd --topology {d}/ala.pdb --out {d}/o.npz", 2,
+          "empty.dcd"),
+    _case("convert-garbage-topology", "convert {d}/ala.dcd --topology {d}/garbage.pdb --out {d}/o.npz", 2,
+          "garbage.pdb"),
+    _case("convert-zero-stride", "convert {d}/ala.dcd --topology {d}/ala.pdb --stride 0 --out {d}/o.npz", 2,
+          "--stride"),
+    _case("convert-bad-selection", "convert {d}/ala.dcd --topology {d}/ala.pdb --select foo --out {d}/o.npz",
+          2, "selection"),
+    _case("train-trajectory-without-topology", "train {d}/ala.dcd --out {d}/o.ckpt --steps 1", 2, "--topology"),
+    _case("train-forces-of-other-shape", "train {d}/ala.dcd --topology {d}/ala.pdb --forces {d}/wrong_shape.npy "
+          "--out {d}/o.ckpt --steps 1", 2, "wrong_shape.npy"),
+    _case("cg-npz-with-trajectory-options", "cg {d}/ala.npz --topology {d}/ala.pdb --out {d}/o.ckpt --quick", 2,
+          "--topology"),
+    _case("evaluate-reference-trajectory-without-topology", "evaluate {d}/cg.dcd --topology {d}/cg.pdb "
+          "--reference {d}/ala.dcd --out {d}/o.json", 2, "--topology"),
 ]
 
 

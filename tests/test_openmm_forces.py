@@ -94,7 +94,7 @@ def test_backend_registry_and_force_options(trained):
     with pytest.raises(ValueError, match="valid: auto, torchforce, pythonforce"):
         make_force(pt, backend="openmm-ml")
     assert resolve_backend("auto").name == "torchforce"  # openmm-torch works in this environment
-    assert set(BACKENDS) == {"torchforce", "pythonforce"}
+    assert set(BACKENDS) == {"torchforce", "pythonforce", "native"}
     force = make_force(pt, backend="torchforce", cuda_graphs=True)
     assert force.getName() == LEARNED_FORCE_NAME and not force.usesPeriodicBoundaryConditions()
     assert force.getProperties()["useCUDAGraphs"] == "true"

@@ -301,11 +301,12 @@ def load_trajectory_positions(trajectory: str | Path, topology: str | Path, skip
     return np.asarray(traj.xyz[skip:], dtype=np.float64)
 
 
-def mapped_reference_positions(data: str | Path, mapping: str = "backbone") -> np.ndarray:
-    """CG positions ``(T, n, 3)`` nm of a ``flowforce md`` dataset, mapped with a preset."""
+def mapped_reference_positions(data: Any, mapping: str = "backbone") -> np.ndarray:
+    """CG positions ``(T, n, 3)`` nm of a dataset (a ``.npz`` path or a loaded
+    :class:`~openmm_flowforce.data.dataset.Dataset`), mapped with a preset."""
     from ..coordinates.cg_mapping import CGMapping
-    from ..data.dataset import load_dataset
+    from ..data.dataset import Dataset, load_dataset
 
-    dataset = load_dataset(data)
+    dataset = data if isinstance(data, Dataset) else load_dataset(data)
     cg = CGMapping.from_topology(dataset.topology, mapping)
     return np.asarray(cg.map_positions(dataset.positions.astype(np.float64)))

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from openmm_flowforce.cli.config import CommandFiles, flag
+from openmm_flowforce.cli.data import add_data_arguments, data_inputs, load_data_from_args
 
 HELP = "learn a coarse-grained (CG) force field from MD data, by flow-matching (no forces needed) or force matching"
 
@@ -58,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("data", metavar="DATA.npz", help="all-atom data file written by `flowforce md`")
+    add_data_arguments(parser, "DATA.npz")
     parser.add_argument("--mapping", default="backbone", choices=list(MAPPING_PRESETS),
                         help="which atoms become beads (default: backbone; for alanine dipeptide 5 beads whose "
                              "dihedrals are phi and psi)")
@@ -77,7 +78,8 @@ def files(args: argparse.Namespace) -> CommandFiles:
     outputs = {"--out": out, "--out (CG.pdb next to it)": out.with_suffix(".pdb")}
     outputs.update({f"--out ({suffix} next to it)": work.with_name(work.name + suffix)
                     for suffix in (".flow.ckpt", ".samples.npz", ".state.ckpt")})
-    return CommandFiles(inputs={"DATA.npz": args.data, "--config": args.config}, outputs=outputs, resumable=True)
+    return CommandFiles(inputs={**data_inputs(args, "DATA.npz"), "--config": args.config}, outputs=outputs,
+                        resumable=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,14 +89,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from openmm_flowforce.cli.config import load_config
-    from openmm_flowforce.data.dataset import load_dataset
     from openmm_flowforce.training.flow_matching import CG_OPTIONS, coarse_grain
 
     torch.set_num_threads(1)
     options = {**(QUICK if args.quick else {}), **load_config(args.config, CG_OPTIONS)}
     if args.flow_samples is not None:
         options["flow_samples"] = args.flow_samples
-    data = load_dataset(args.data)
+    data = load_data_from_args(args)
     result = coarse_grain(data.positions, data.topology, data.temperature, args.out, mapping=args.mapping,
                           method=args.method, forces=data.forces, options=options, progress=not args.quiet)
     info = result.info

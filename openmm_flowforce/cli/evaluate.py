@@ -32,7 +32,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("trajectory", metavar="TRAJ.dcd", help="CG trajectory (flowforce simulate output)")
     parser.add_argument("--topology", required=True, metavar="CG.pdb", help="CG topology (flowforce cg output)")
-    parser.add_argument("--reference", required=True, metavar="DATA.npz", help="all-atom data (flowforce md output)")
+    parser.add_argument("--reference", required=True, nargs="+", metavar="DATA.npz",
+                        help="all-atom data: a .npz (flowforce md output), or trajectory files mdtraj reads (DCD, "
+                             "XTC, TRR, H5, NetCDF) with --reference-topology")
+    parser.add_argument("--reference-topology", metavar="TOP",
+                        help="topology of reference trajectory files (PDB, prmtop, psf, gro)")
+    parser.add_argument("--reference-stride", type=flag(POSITIVE_INT), default=1, metavar="N",
+                        help="keep every N-th reference trajectory frame (default 1)")
+    parser.add_argument("--reference-select", metavar="SELECTION",
+                        help="mdtraj atom selection of the reference trajectory (e.g. 'not water')")
     parser.add_argument("--mapping", default="backbone", choices=list(MAPPING_PRESETS),
                         help="mapping of the reference onto the beads (default: backbone)")
     parser.add_argument("--cv", action="append", metavar="KIND:i,j,..",
@@ -45,8 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def files(args: argparse.Namespace) -> CommandFiles:
-    return CommandFiles(inputs={"TRAJ.dcd": args.trajectory, "--topology": args.topology,
-                                "--reference": args.reference},
+    references = {f"--reference[{i}]" if len(args.reference) > 1 else "--reference": path
+                  for i, path in enumerate(args.reference)}
+    return CommandFiles(inputs={"TRAJ.dcd": args.trajectory, "--topology": args.topology, **references,
+                                "--reference-topology": args.reference_topology},
                         outputs={"--out": args.out, "--plot": args.plot})
 
 
@@ -60,16 +70,22 @@ def run(args: argparse.Namespace) -> int:
     from openmm_flowforce.io import atomic_write_bytes
 
     model = load_trajectory_positions(args.trajectory, args.topology, args.skip)
-    reference = mapped_reference_positions(args.reference, args.mapping)
+    from openmm_flowforce.data.trajectory import load_data
+
+    reference_data = load_data(args.reference[0] if len(args.reference) == 1 else args.reference,
+                               topology=args.reference_topology, stride=args.reference_stride,
+                               selection=args.reference_select)
+    reference = mapped_reference_positions(reference_data, args.mapping)
     if reference.shape[1] != model.shape[1]:
         raise FlowforceError(f"the trajectory has {model.shape[1]} beads but --mapping {args.mapping} maps the "
                              f"reference to {reference.shape[1]}")
     comparison = compare_fes(reference, model, args.cv or PHI_PSI, bins=args.bins, pseudocount=args.pseudocount)
-    report = {**comparison.report(), "trajectory": str(args.trajectory), "reference": str(args.reference),
+    reference_name = " ".join(str(p) for p in args.reference)
+    report = {**comparison.report(), "trajectory": str(args.trajectory), "reference": reference_name,
               "mapping": args.mapping, "skip": args.skip}
     atomic_write_bytes(args.out, (json.dumps(report, indent=1) + "\n").encode())
     if args.plot:
-        plot_fes(comparison, args.plot, titles=(f"reference ({Path(args.reference).name})",
+        plot_fes(comparison, args.plot, titles=(f"reference ({Path(args.reference[0]).name})",
                                                 f"model ({Path(args.trajectory).name})"))
     d = comparison.divergences
     print(f"JS {d['js']:.4f} nats, KL(ref||model) {d['kl']:.4f}, KL(model||ref) {d['kl_reverse']:.4f} "

@@ -39,7 +39,7 @@ from openmm_flowforce.errors import FlowforceError
 from openmm_flowforce.cli import doctor
 from openmm_flowforce.cli import md, sample, train
 from openmm_flowforce.cli import export, simulate
-from openmm_flowforce.cli import cg, demo, evaluate
+from openmm_flowforce.cli import cg, convert, demo, evaluate
 from openmm_flowforce.cli import sampler
 
 
@@ -70,6 +70,7 @@ class Subcommand(NamedTuple):
 SUBCOMMANDS: dict[str, Subcommand] = {
     "doctor": Subcommand(doctor.HELP, doctor.add_arguments, doctor.run),
     "md": Subcommand(md.HELP, md.add_arguments, md.run, md.files, reads_code_carriers=True),
+    "convert": Subcommand(convert.HELP, convert.add_arguments, convert.run, convert.files),
     "train": Subcommand(train.HELP, train.add_arguments, train.run, train.files, reads_code_carriers=True),
     "sample": Subcommand(sample.HELP, sample.add_arguments, sample.run, sample.files, reads_code_carriers=True),
     "export": Subcommand(export.HELP, export.add_arguments, export.run, export.files),

@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps between frames, log lines and stability checks (default: 100)")
     parser.add_argument("--platform", default="auto", choices=PLATFORMS,
                         help="OpenMM platform (default: auto, the fastest available)")
-    parser.add_argument("--backend", default="auto", choices=["auto", "torchforce", "pythonforce"],
+    parser.add_argument("--backend", default="auto", choices=["auto", "torchforce", "pythonforce", "native"],
                         help="how OpenMM runs the model (default: auto = torchforce where openmm-torch works)")
     parser.add_argument("--timestep-fs", type=flag(POSITIVE), default=1.0, metavar="FS",
                         help="time step in fs (default: 1)")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from openmm_flowforce.cli.config import CommandFiles, flag, load_config
+from openmm_flowforce.cli.data import add_data_arguments, data_inputs, load_data_from_args
 from openmm_flowforce.options import FRACTION, POSITIVE, Option
 
 HELP = "train a Boltzmann generator on MD data (flowforce md output)"
@@ -19,6 +20,7 @@ EPILOG = """\
 examples:
   flowforce train ala2.npz --out ala2.ckpt --epochs 20
   flowforce train ala2.npz --out ala2.ckpt --loss nll=1,force=0.001 --config train.yaml
+  flowforce train run1.xtc run2.xtc --topology ala2.pdb --forces forces.npy --stride 10 --out ala2.ckpt
 
 config file (YAML; command-line flags win; every value is checked, unknown keys refused):
   flow:  {transform: smooth, n_layers: 8, hidden: [128, 128], n_components: 8}
@@ -46,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
-    parser.add_argument("data", metavar="DATA.npz", help="data file written by `flowforce md`")
+    add_data_arguments(parser, "DATA.npz")
     parser.add_argument("--out", required=True, metavar="MODEL.ckpt", help="model file to write (resumes if present)")
     parser.add_argument("--loss", metavar="TERMS",
                         help="weighted loss terms (default: nll=1,force=0.001 when the data have forces, else nll=1; "
@@ -67,20 +69,19 @@ def _log_path(args: argparse.Namespace) -> Path:
 
 
 def files(args: argparse.Namespace) -> CommandFiles:
-    return CommandFiles(inputs={"DATA.npz": args.data, "--config": args.config},
+    return CommandFiles(inputs={**data_inputs(args, "DATA.npz"), "--config": args.config},
                         outputs={"--out": args.out, "--log": _log_path(args)}, resumable=True)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from openmm_flowforce.data.dataset import load_dataset
     from openmm_flowforce.training import TrainConfig, parse_loss_weights
     from openmm_flowforce.training.boltzmann import split_frames, steps_for_epochs, train_boltzmann_generator
 
     torch.set_num_threads(1)
     cfg = load_config(args.config, config_schema())
-    data = load_dataset(args.data)
+    data = load_data_from_args(args)
     weights = parse_loss_weights(args.loss or cfg.get("loss", DEFAULT_LOSS if data.forces is not None else "nll=1"),
                                  where="--loss" if args.loss else str(args.config or ""))
     if "force" not in weights:

@@ -36,16 +36,18 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from ..conventions import kT
+from ..conventions import in_openmm_units, kT
+from ..errors import FlowforceError, OptionError
 from ..md.doctor import quiet_openmmtorch_logging
 from ..potentials.boltzmann import BoltzmannGenerator
 from .compiled import CompiledPotential, is_package_file, load_package, read_package_metadata
 from .models import DEFAULT_TEMPERATURE
+from .subset import check_particles
 from .torchscript import (_quiet_jit, export_potential, is_exported_file, load_exported, load_model_float64,
                           model_kind, outputs_forces, read_export_metadata)
 
@@ -84,22 +86,23 @@ class PotentialSource:
 CHECKPOINTS_TO_EXPORT: dict[str, str] = {"cg_energy_net": "`flowforce export CG.ckpt --out CG.pt`"}
 
 
-def resolve_potential(model_or_path: Any, temperature: float | None = None) -> PotentialSource:
+def resolve_potential(model_or_path: Any, temperature: Any = None) -> PotentialSource:
     """A :class:`PotentialSource` from a model, a checkpoint path or an exported file path.
 
     Args:
         model_or_path: ``BoltzmannGenerator``, checkpoint path (``.ckpt``), exported
             TorchScript path (``.pt`` from ``flowforce export``), compiled package path
             (``.pt2``, recognised by its metadata), or a ``PotentialSource``.
-        temperature: K. Default: 300 K for models and checkpoints, the stored one for
-            exported files and packages (which cannot be re-scaled: a different value is an
-            error).
+        temperature: K (a number or an ``openmm.unit`` Quantity). Default: 300 K for models
+            and checkpoints, the stored one for exported files and packages (which cannot be
+            re-scaled: a different value is an error).
 
     Raises:
         FileNotFoundError: the path does not exist.
         ValueError: not a model file, or a temperature that contradicts the exported file.
         TypeError: anything else.
     """
+    temperature = in_openmm_units(temperature, "temperature", "temperature")
     if isinstance(model_or_path, PotentialSource):
         if temperature is not None and not math.isclose(float(temperature), model_or_path.temperature):
             raise ValueError(f"temperature {temperature} K differs from the potential's {model_or_path.temperature} K")
@@ -147,13 +150,14 @@ class Backend:
     Attributes:
         name: registry name.
         description: one line for help texts.
-        make: ``(source, cuda_graphs) -> openmm.Force``.
+        make: ``(source, cuda_graphs, particles) -> openmm.Force``; ``particles``: System
+            indices of the model's atoms (None: the first N).
         unavailable: ``() -> reason or None``; None means the backend works here.
     """
 
     name: str
     description: str
-    make: Callable[[PotentialSource, bool], Any]
+    make: Callable[[PotentialSource, bool, list[int] | None], Any]
     unavailable: Callable[[], str | None]
 
 
@@ -181,22 +185,29 @@ def _pythonforce_unavailable() -> str | None:
     return None
 
 
-def _make_torchforce(source: PotentialSource, cuda_graphs: bool) -> Any:
+def _make_torchforce(source: PotentialSource, cuda_graphs: bool, particles: list[int] | None) -> Any:
     with quiet_openmmtorch_logging():
         import openmmtorch
 
     if source.package_path is not None:
         raise ValueError(f"{source.package_path} is a compiled AOTInductor package; TorchForce runs TorchScript "
                          "(.pt) files only: use backend='pythonforce' for the package, or pass the .pt file")
-    if source.exported_path is not None:
-        force = openmmtorch.TorchForce(str(source.exported_path))
-        force.setOutputsForces(outputs_forces(read_export_metadata(source.exported_path)))
-    else:
-        # TorchForce reads the module when constructed, so the file can go right after.
-        with tempfile.TemporaryDirectory(prefix="flowforce-export-") as workdir:
+    returns_forces = source.exported_path is None or outputs_forces(read_export_metadata(source.exported_path))
+    if particles is not None and not returns_forces:
+        raise FlowforceError(f"{source.exported_path} is an older energy-only export; a force on some of the "
+                             "System's particles needs a file that returns forces: re-export it with "
+                             "`flowforce export MODEL.ckpt --out MODEL.pt`")
+    # TorchForce reads the module when constructed, so the files can go right after.
+    with tempfile.TemporaryDirectory(prefix="flowforce-export-") as workdir:
+        path = source.exported_path
+        if path is None:
             path = export_potential(source.model, Path(workdir) / "potential.pt", source.temperature)
-            force = openmmtorch.TorchForce(str(path))
-        force.setOutputsForces(True)
+        if particles is not None:
+            from .subset import write_subset_module
+
+            path = write_subset_module(load_exported(path).module, particles, Path(workdir) / "subset.pt")
+        force = openmmtorch.TorchForce(str(path))
+    force.setOutputsForces(returns_forces)
     force.setUsesPeriodicBoundaryConditions(False)
     if cuda_graphs:
         # Only the CUDA platform reads it; elsewhere it is ignored.
@@ -266,7 +277,7 @@ class PotentialComputation:
         self.__dict__.update(state)
 
 
-def _make_pythonforce(source: PotentialSource, cuda_graphs: bool) -> Any:
+def _make_pythonforce(source: PotentialSource, cuda_graphs: bool, particles: list[int] | None) -> Any:
     import openmm
 
     if cuda_graphs:
@@ -282,6 +293,10 @@ def _make_pythonforce(source: PotentialSource, cuda_graphs: bool) -> Any:
     else:
         computation = PotentialComputation(model=source.model, temperature=source.temperature)
     force = openmm.PythonForce(computation)
+    if particles is not None:
+        # OpenMM then hands the computation those particles' positions, in this order, and
+        # takes their forces back.
+        force.setParticles(particles)
     force.setUsesPeriodicBoundaryConditions(False)
     return force
 
@@ -292,7 +307,7 @@ def _native_unavailable() -> str | None:
     return native_unavailable()
 
 
-def _make_native(source: PotentialSource, cuda_graphs: bool) -> Any:
+def _make_native(source: PotentialSource, cuda_graphs: bool, particles: list[int] | None) -> Any:
     from .native import compiled_potential_force
 
     if cuda_graphs:
@@ -310,7 +325,8 @@ def _make_native(source: PotentialSource, cuda_graphs: bool) -> Any:
     if metadata.get("batched"):
         raise ValueError(f"{package} is a batched package ((B, N, 3) positions); an OpenMM force needs a "
                          "single-configuration package (compile without --batch)")
-    return compiled_potential_force(package, int(metadata["n_atoms"]), metadata["dtype"], metadata["device"])
+    return compiled_potential_force(package, int(metadata["n_atoms"]), metadata["dtype"], metadata["device"],
+                                    particles=particles)
 
 
 #: name → backend; ``auto`` is resolved by :func:`resolve_backend`, not stored here.
@@ -344,17 +360,17 @@ def resolve_backend(name: str, source: PotentialSource | None = None) -> Backend
             return resolve_backend("native" if _native_unavailable() is None else "pythonforce")
         return BACKENDS["torchforce"] if _torchforce_unavailable() is None else BACKENDS["pythonforce"]
     if name not in BACKENDS:
-        raise ValueError(f"unknown force backend {name!r}; valid: {', '.join(backend_names())}")
+        raise OptionError(f"unknown force backend {name!r}; valid: {', '.join(backend_names())}")
     backend = BACKENDS[name]
     reason = backend.unavailable()
     if reason is not None:
-        raise ValueError(f"force backend {name!r} cannot run here: {reason}; use backend='auto' "
+        raise OptionError(f"force backend {name!r} cannot run here: {reason}; use backend='auto' "
                          "(see also `flowforce doctor`)")
     return backend
 
 
-def make_force(model_or_path: Any, backend: str = "auto", temperature: float | None = None,
-               cuda_graphs: bool = False) -> Any:
+def make_force(model_or_path: Any, backend: str = "auto", temperature: Any = None,
+               cuda_graphs: bool = False, particles: Sequence[int] | None = None) -> Any:
     """An OpenMM force for the flow potential U(x) = −kT·log q(x) (kJ/mol, x in nm).
 
     Args:
@@ -362,15 +378,18 @@ def make_force(model_or_path: Any, backend: str = "auto", temperature: float | N
             TorchScript path (``flowforce export``), or compiled package path (``.pt2``,
             ``flowforce export --compile``).
         backend: ``"auto"``, ``"torchforce"``, ``"pythonforce"`` or ``"native"`` (module docstring).
-        temperature: K; default 300 K for models/checkpoints, the stored T for exported
-            files (a different value for an exported file is an error: re-export).
+        temperature: K or an ``openmm.unit`` Quantity; default 300 K for models/checkpoints,
+            the stored T for exported files (a different value for an exported file is an
+            error: re-export).
         cuda_graphs: ask TorchForce to capture CUDA graphs (only meaningful on the CUDA
             platform; an error with ``pythonforce``).
+        particles: System indices of the model's N atoms, in the model's order, for a force
+            acting on part of a larger System (e.g. a solute in solvent, :mod:`.subset`);
+            None: the System's particles are exactly the model's atoms.
 
     Returns:
-        An ``openmm.Force`` named :data:`LEARNED_FORCE_NAME`, non-periodic, acting on every
-        particle of the System (the System's first N particles must be the molecule's
-        atoms in the model's order).
+        An ``openmm.Force`` named :data:`LEARNED_FORCE_NAME`, non-periodic, acting on the
+        model's atoms (``particles``, or every particle of the System).
 
     Example:
         >>> from openmm_flowforce.openmm import make_force            # doctest: +SKIP
@@ -380,6 +399,6 @@ def make_force(model_or_path: Any, backend: str = "auto", temperature: float | N
         resolve_backend(backend)  # a bad name fails before the model is loaded
     source = resolve_potential(model_or_path, temperature)
     chosen = resolve_backend(backend, source)
-    force = chosen.make(source, bool(cuda_graphs))
+    force = chosen.make(source, bool(cuda_graphs), check_particles(particles, source.n_atoms))
     force.setName(LEARNED_FORCE_NAME)
     return force

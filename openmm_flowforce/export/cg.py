@@ -45,18 +45,21 @@ def build_cg_module(net: CGEnergyNet) -> torch.jit.ScriptModule:
         return torch.jit.script(FlowPotential(frozen, frozen.n_beads))
 
 
-def resolve_cg_model(model: Any, temperature: float | None = None) -> tuple[CGEnergyNet, Any, str, float]:
+def resolve_cg_model(model: Any, temperature: Any = None) -> tuple[CGEnergyNet, Any, str, float]:
     """``(net, mapping, topology_pdb, temperature)`` of a CG model file or tuple.
 
     Args:
         model: the path of a CG model file (``flowforce cg``; ``train_cg_net`` checkpoints work
             when they store a mapping), or a ``(CGEnergyNet, CGMapping, topology_pdb)`` tuple.
-        temperature: K; None or the net's own temperature (a CG energy is fixed at the
-            temperature it was fitted at).
+        temperature: K or an ``openmm.unit`` Quantity; None or the net's own temperature (a
+            CG energy is fixed at the temperature it was fitted at).
 
     Raises:
         ValueError: a temperature other than the net's, or a file without a mapping (masses).
     """
+    from ..conventions import in_openmm_units
+
+    temperature = in_openmm_units(temperature, "temperature", "temperature")
     if isinstance(model, (str, os.PathLike)):
         metadata = load_checkpoint(model, CHECKPOINT_FORMAT).get("metadata", {})
         net, mapping = load_cg_net(model)
@@ -77,15 +80,15 @@ def resolve_cg_model(model: Any, temperature: float | None = None) -> tuple[CGEn
     return net, mapping, topology_pdb, own
 
 
-def export_cg_potential(model: Any, out_path: str | os.PathLike, temperature: float | None = None) -> Path:
+def export_cg_potential(model: Any, out_path: str | os.PathLike, temperature: Any = None) -> Path:
     """Write a CG model as a TorchScript file for ``openmmtorch.TorchForce``.
 
     Args:
         model: the path of a CG model file (``flowforce cg``; ``train_cg_net`` checkpoints work
             when they store a mapping), or a ``(CGEnergyNet, CGMapping, topology_pdb)`` tuple.
         out_path: file to write, atomically.
-        temperature: K; None or the net's own temperature (a CG energy is fixed at the
-            temperature it was fitted at).
+        temperature: K or an ``openmm.unit`` Quantity; None or the net's own temperature (a
+            CG energy is fixed at the temperature it was fitted at).
 
     Raises:
         ValueError: a temperature other than the net's, or a file without a mapping (masses).

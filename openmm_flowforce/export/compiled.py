@@ -176,7 +176,7 @@ def _add_metadata(compiled: Path, out: Path, metadata: dict[str, Any]) -> None:
         writer.write_string(METADATA_ENTRY, json.dumps(metadata, indent=1))
 
 
-def compile_package(model_or_path: Any, out_path: str | os.PathLike, temperature: float | None = None,
+def compile_package(model_or_path: Any, out_path: str | os.PathLike, temperature: Any = None,
                     device: str = "cpu", dtype: torch.dtype | str = torch.float32, batch: bool = False,
                     progress: Callable[[str], None] | None = None) -> Path:
     """Compile a potential's energy and forces into an AOTInductor package (``.pt2``).
@@ -186,7 +186,7 @@ def compile_package(model_or_path: Any, out_path: str | os.PathLike, temperature
             ``(CGEnergyNet, CGMapping, topology_pdb)`` tuple (see :mod:`.models`).
         out_path: the ``.pt2`` file to write (atomically: compiled in a temporary folder
             beside it, then renamed).
-        temperature: K. Flows: default 300 K. CG nets: None or the fitted temperature.
+        temperature: K or an ``openmm.unit`` Quantity. Flows: default 300 K. CG nets: None or the fitted temperature.
         device: ``"cpu"`` or ``"cuda"`` (needs a GPU here: packages are compiled on the
             machine that runs them).
         dtype: ``torch.float32`` (default) or ``torch.float64`` (or their names): the

@@ -81,7 +81,7 @@ class ExportableModel:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_exportable(model_or_path: Any, temperature: float | None = None) -> ExportableModel:
+def resolve_exportable(model_or_path: Any, temperature: Any = None) -> ExportableModel:
     """An :class:`ExportableModel` from a model object, a checkpoint/model file, or a CG tuple.
 
     Args:
@@ -94,8 +94,10 @@ def resolve_exportable(model_or_path: Any, temperature: float | None = None) -> 
         FileNotFoundError, ValueError, TypeError: as the TorchScript exporters (an exported
             ``.pt`` file, an unknown kind, a CG temperature other than the fitted one).
     """
+    from ..conventions import in_openmm_units
     from .torchscript import _as_model, model_kind
 
+    temperature = in_openmm_units(temperature, "temperature", "temperature")
     kind = model_kind(model_or_path)
     if kind == CG_KIND:
         from .cg import resolve_cg_model

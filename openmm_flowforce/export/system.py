@@ -19,6 +19,7 @@ from typing import Any
 from ..io import atomic_write_bytes, bad_file, require_input_file
 from ..safety import check_xml, deserialize_xml
 from .backends import LEARNED_FORCE_NAME, make_force, resolve_potential
+from .subset import check_particles
 from ..errors import FlowforceError
 
 __all__ = ["NOTE_TAG", "create_system", "load_system", "save_system"]
@@ -55,7 +56,37 @@ def _check_topology(topology: Any, n_atoms: int, topology_pdb: str) -> list[floa
     return masses
 
 
-def create_system(topology: Any, model: Any, backend: str = "auto", temperature: float | None = None,
+def check_model_atoms(topology: Any, particles: list[int], source: Any) -> None:
+    """Check that the topology's atoms at ``particles`` are the model's atoms, in its order.
+
+    Args:
+        topology: ``openmm.app.Topology`` of the whole System.
+        particles: indices of the model's atoms in ``topology``, in the model's order.
+        source: the :class:`~.backends.PotentialSource`.
+
+    Raises:
+        FlowforceError: a different atom count, or an element that differs from the model's.
+    """
+    atoms = list(topology.atoms())
+    if len(particles) != source.n_atoms:
+        raise FlowforceError(f"the potential is asked to act on {len(particles)} atoms but the model describes "
+                             f"{source.n_atoms}; select exactly the model's atoms, in the model's order")
+    bad = [p for p in particles if not 0 <= p < len(atoms)]
+    if bad:
+        raise FlowforceError(f"atom indices {bad} are not in the topology ({len(atoms)} atoms)")
+    if source.masses is not None or not source.topology_pdb:
+        return  # CG beads: no elements to compare
+    from ..data.dataset import topology_from_pdb_text
+
+    for k, (index, theirs) in enumerate(zip(particles, topology_from_pdb_text(source.topology_pdb).atoms())):
+        mine = atoms[index]
+        if mine.element is not None and theirs.element is not None and mine.element != theirs.element:
+            raise FlowforceError(f"atom {index} ({mine.residue.name}{mine.residue.index + 1}:{mine.name}) is "
+                                 f"{mine.element.symbol} but model atom {k} ({theirs.residue.name}:{theirs.name}) is "
+                                 f"{theirs.element.symbol}: the atoms must be the model's, in the model's order")
+
+
+def create_system(topology: Any, model: Any, backend: str = "auto", temperature: Any = None,
                   cuda_graphs: bool = False) -> Any:
     """A System of the molecule with the learned force as its only force.
 
@@ -63,8 +94,8 @@ def create_system(topology: Any, model: Any, backend: str = "auto", temperature:
         topology: ``openmm.app.Topology`` of the molecule, atoms in the model's order.
         model: ``BoltzmannGenerator``, checkpoint path, exported ``.pt`` path, or compiled
             ``.pt2`` package path.
-        backend: ``auto``, ``torchforce`` or ``pythonforce`` (see :func:`make_force`).
-        temperature: K (see :func:`make_force`).
+        backend: ``auto``, ``torchforce``, ``pythonforce`` or ``native`` (see :func:`make_force`).
+        temperature: K or an ``openmm.unit`` Quantity (see :func:`make_force`).
         cuda_graphs: TorchForce CUDA graphs (CUDA platform only).
 
     Returns:
@@ -116,8 +147,10 @@ def save_system(system: Any, xml_path: str | os.PathLike) -> Path:
     container = root.find("Forces")
     assert container is not None and len(container) == len(forces)
     elements = list(container)
-    note = {"removed_forces": [{"type": elements[i].get("type"), "force_group": forces[i].getForceGroup()}
-                               for i in learned],
+    from .subset import learned_force_particles
+
+    note = {"removed_forces": [{"type": elements[i].get("type"), "force_group": forces[i].getForceGroup(),
+                                "particles": learned_force_particles(forces[i])} for i in learned],
             "restore": "openmm_flowforce.openmm.load_system(xml_path, model_path)"}
     for i in learned:
         container.remove(elements[i])
@@ -132,7 +165,7 @@ def save_system(system: Any, xml_path: str | os.PathLike) -> Path:
 
 
 def load_system(xml_path: str | os.PathLike, model_path: Any, backend: str = "auto",
-                temperature: float | None = None, cuda_graphs: bool = False, trust: bool | None = None) -> Any:
+                temperature: Any = None, cuda_graphs: bool = False, trust: bool | None = None) -> Any:
     """Read a System written by :func:`save_system` and add the learned force back.
 
     Args:
@@ -167,17 +200,21 @@ def load_system(xml_path: str | os.PathLike, model_path: Any, backend: str = "au
                              "learned force out")
     match = _NOTE.search(text)
     try:
-        groups = [int(f["force_group"]) for f in json.loads(match.group(1))["removed_forces"]] if match else [0]
+        removed = json.loads(match.group(1))["removed_forces"] if match else [{"force_group": 0}]
+        groups = [(int(f["force_group"]), None if f.get("particles") is None else [int(p) for p in f["particles"]])
+                  for f in removed]
     except (ValueError, KeyError, TypeError) as error:
         raise bad_file(path, "a System written by save_system", f"its {NOTE_TAG} comment is damaged: {error}",
                        "write it again with save_system") from None
     system = deserialize_xml(text, str(path), trust=True, expected="System")  # checked above
     source = resolve_potential(model_path, temperature)
-    if system.getNumParticles() != source.n_atoms:
-        raise FlowforceError(f"{xml_path} has {system.getNumParticles()} particles but the model has "
-                             f"{source.n_atoms} atoms")
-    for group in groups:
-        force = make_force(source, backend=backend, cuda_graphs=cuda_graphs)
+    for group, particles in groups:
+        if particles is None and system.getNumParticles() != source.n_atoms:
+            raise FlowforceError(f"{xml_path} has {system.getNumParticles()} particles but the model has "
+                                 f"{source.n_atoms} atoms")
+        if particles is not None:
+            check_particles(particles, source.n_atoms, system.getNumParticles())
+        force = make_force(source, backend=backend, cuda_graphs=cuda_graphs, particles=particles)
         force.setForceGroup(int(group))
         system.addForce(force)
     return system

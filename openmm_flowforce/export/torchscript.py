@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..conventions import kT
+from ..conventions import in_openmm_units, kT
 from ..io import atomic_write_bytes
 from ..potentials.boltzmann import BoltzmannGenerator, load_boltzmann_generator
 
@@ -157,12 +157,15 @@ class ExportedPotential:
         return read_pdb_text(self.topology_pdb)
 
     def energy(self, positions: Any) -> float:
-        """Energy in kJ/mol of positions ``(N, 3)`` nm (numpy or torch)."""
+        """Energy in kJ/mol of positions ``(N, 3)`` nm (numpy, torch or Quantity)."""
         return float(self.energy_and_forces(positions)[0])
 
     def energy_and_forces(self, positions: Any) -> tuple[Tensor, Tensor]:
         """Energy (0-dim, kJ/mol) and forces ``(N, 3)`` kJ/mol/nm, float64, of positions
-        ``(N, 3)`` nm (numpy or torch), for files of either output kind."""
+        ``(N, 3)`` nm (numpy, torch, or an ``openmm.unit`` Quantity), for files of either output kind."""
+        positions = in_openmm_units(positions, "length", "positions")
+        if isinstance(positions, Tensor):
+            positions = positions.detach().cpu().numpy()
         x = torch.as_tensor(np.asarray(positions, dtype=np.float64))
         if self.outputs_forces:
             energy, forces = self.module(x)
@@ -230,7 +233,7 @@ def _check_trace(core: nn.Module, traced: nn.Module, example: Tensor, n_checks: 
                                "has input-dependent Python control flow that tracing cannot record")
 
 
-def build_exported_module(model: BoltzmannGenerator, temperature: float = 300.0,
+def build_exported_module(model: BoltzmannGenerator, temperature: Any = 300.0,
                           example_positions: Tensor | None = None) -> torch.jit.ScriptModule:
     """The scripted :class:`FlowPotential` of ``model`` (not written anywhere).
 
@@ -244,6 +247,7 @@ def build_exported_module(model: BoltzmannGenerator, temperature: float = 300.0,
         ValueError: bad temperature or example shape.
         RuntimeError: the traced graph does not reproduce the eager model.
     """
+    temperature = float(in_openmm_units(temperature, "temperature", "temperature"))
     kT(temperature)  # validates the temperature
     core = _EnergyCore(copy.deepcopy(model).to(torch.float64).eval(), temperature)
     core.requires_grad_(False)  # only ∂U/∂x is ever needed: skip parameter gradients
@@ -261,13 +265,13 @@ def build_exported_module(model: BoltzmannGenerator, temperature: float = 300.0,
 
 
 def export_potential(model: BoltzmannGenerator | str | os.PathLike, out_path: str | os.PathLike,
-                     temperature: float = 300.0, example_positions: Tensor | None = None) -> Path:
+                     temperature: Any = 300.0, example_positions: Tensor | None = None) -> Path:
     """Write the flow potential U = −kT·log q as a TorchScript file for ``openmmtorch.TorchForce``.
 
     Args:
         model: a :class:`BoltzmannGenerator`, or the path of a trainer checkpoint of one.
         out_path: file to write (atomically: a reader never sees a partial file).
-        temperature: K; the energy scale is fixed at export time.
+        temperature: K or an ``openmm.unit`` Quantity; the energy scale is fixed at export time.
         example_positions: positions to trace on (default: those in the model's PDB).
 
     Returns:
@@ -277,6 +281,7 @@ def export_potential(model: BoltzmannGenerator | str | os.PathLike, out_path: st
         >>> export_potential("model.ckpt", "model.pt", temperature=300.0)   # doctest: +SKIP
         >>> import openmmtorch; force = openmmtorch.TorchForce("model.pt")  # doctest: +SKIP
     """
+    temperature = in_openmm_units(temperature, "temperature", "temperature")
     exporter = EXPORTERS.get(model_kind(model))
     if exporter is not None:
         return exporter(model, out_path, temperature)

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ..conventions import in_openmm_units
 from ..errors import FlowforceError
 
 __all__ = ["PLATFORM_ORDER", "SMALL_SYSTEM_ATOMS", "choose_platform", "derive_seeds", "run_reference_md"]
@@ -156,6 +157,13 @@ def run_reference_md(
     from openmm import app, unit
     from tqdm.auto import tqdm
 
+    temperature = in_openmm_units(temperature, "temperature", "temperature")
+    time_ns = in_openmm_units(time_ns, "time", "time_ns", 1e-3)
+    save_every_ps = in_openmm_units(save_every_ps, "time", "save_every_ps")
+    timestep_fs = in_openmm_units(timestep_fs, "time", "timestep_fs", 1e3)
+    friction_per_ps = in_openmm_units(friction_per_ps, "friction", "friction_per_ps")
+    equilibration_ps = in_openmm_units(equilibration_ps, "time", "equilibration_ps")
+    positions = in_openmm_units(positions, "length", "positions")
     for name, value in (("temperature", temperature), ("time_ns", time_ns), ("save_every_ps", save_every_ps),
                         ("friction_per_ps", friction_per_ps)):
         if not (math.isfinite(value) and value > 0):

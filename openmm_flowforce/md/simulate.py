@@ -1,7 +1,8 @@
 """Langevin MD with a flow potential, with a check that the run has not blown up.
 
-:func:`simulate` builds the System (:func:`openmm_flowforce.openmm.create_system`), runs a
-``LangevinMiddleIntegrator`` from the topology file's positions, writes the trajectory with
+:func:`simulate` builds the ``app.Simulation`` with
+:func:`~openmm_flowforce.md.simulation.create_simulation` (a ``LangevinMiddleIntegrator``),
+runs it from the topology file's positions, writes the trajectory with
 OpenMM's own ``DCDReporter`` and, optionally, a CSV log with its ``StateDataReporter``.
 
 Every report interval a :class:`StabilityReporter` checks that the energies and positions
@@ -23,12 +24,12 @@ import numpy as np
 
 from ..conventions import kT
 from ..errors import BadFileError, FlowforceError
+from ..conventions import in_openmm_units
 from ..io import bad_file, check_outputs, require_input_file
+from .simulation import PLATFORMS, create_simulation, platform_by_name
 
 __all__ = ["PLATFORMS", "SimulationBlewUp", "SimulationResult", "StabilityReporter", "simulate"]
 
-#: Accepted ``platform`` values; ``auto`` lets OpenMM pick the fastest one available.
-PLATFORMS = ("auto", "CUDA", "OpenCL", "CPU", "Reference")
 #: Default limit on |U − U₀| and on the kinetic energy, in kT per atom.
 EXPLOSION_FACTOR = 100.0
 
@@ -111,26 +112,13 @@ class StabilityReporter:
             simulation.currentStep, potential, self.last_good_pdb)
 
 
-def _platform(name: str) -> Any:
-    import openmm
-
-    if name not in PLATFORMS:
-        raise FlowforceError(f"unknown platform {name!r}; valid: {', '.join(PLATFORMS)}")
-    if name == "auto":
-        return None
-    available = [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
-    if name not in available:
-        raise FlowforceError(f"OpenMM platform {name!r} is not available here; available: {', '.join(available)} "
-                             "(or use auto; `flowforce doctor` explains missing ones)")
-    return openmm.Platform.getPlatformByName(name)
-
-
 def simulate(model: Any, topology_pdb: str | os.PathLike, steps: int, out: str | os.PathLike,
              platform: str = "auto", timestep_fs: float = 1.0, temperature: float | None = None,
              backend: str = "auto", seed: int = 0, report: str | os.PathLike | None = None,
              report_interval: int = 100, friction_per_ps: float = 1.0,
              explosion_factor: float = EXPLOSION_FACTOR, progress: bool = True) -> SimulationResult:
-    """Langevin MD of one molecule under its flow potential.
+    """Langevin MD of one molecule under its flow potential (the Simulation from
+    :func:`~openmm_flowforce.md.simulation.create_simulation`).
 
     Args:
         model: exported ``.pt``, checkpoint path, or ``BoltzmannGenerator``.
@@ -138,15 +126,15 @@ def simulate(model: Any, topology_pdb: str | os.PathLike, steps: int, out: str |
         steps: MD steps.
         out: DCD trajectory, one frame every ``report_interval`` steps.
         platform: ``auto`` (OpenMM's fastest), ``CUDA``, ``OpenCL``, ``CPU`` or ``Reference``.
-        timestep_fs: femtoseconds.
-        temperature: K; default: the exported file's, or 300 K for a checkpoint.
+        timestep_fs: femtoseconds (or an ``openmm.unit`` Quantity of time).
+        temperature: K or Quantity; default: the exported file's, or 300 K for a checkpoint.
         backend: force backend (``auto``, ``torchforce``, ``pythonforce``).
         seed: seeds the initial velocities and the Langevin noise (OpenMM treats 0 as
             "random", so ``seed + 1`` is what OpenMM receives: runs with equal seeds are
             identical on the Reference platform).
         report: optional CSV log of step, time, energies, temperature and speed.
         report_interval: steps between frames, log lines and stability checks.
-        friction_per_ps: Langevin friction (1/ps).
+        friction_per_ps: Langevin friction (1/ps, or a Quantity).
         explosion_factor: stability limit in kT per atom (module docstring).
         progress: show a tqdm progress bar (on a terminal).
 
@@ -155,21 +143,21 @@ def simulate(model: Any, topology_pdb: str | os.PathLike, steps: int, out: str |
         ValueError: bad arguments, unknown platform, topology that does not match the model.
         SimulationBlewUp: the stability check failed (last good state saved as PDB).
     """
-    import openmm
     from openmm import app, unit
     from tqdm.auto import tqdm
 
     from ..export.backends import resolve_backend, resolve_potential
-    from ..export.system import create_system
 
     if int(steps) < 1 or int(report_interval) < 1:
         raise FlowforceError(f"steps and report_interval must be ≥ 1, got steps={steps}, "
                              f"report_interval={report_interval}")
+    timestep_fs = in_openmm_units(timestep_fs, "time", "timestep_fs", 1e3)
+    friction_per_ps = in_openmm_units(friction_per_ps, "friction", "friction_per_ps")
     if not (timestep_fs > 0 and math.isfinite(timestep_fs)):
         raise FlowforceError(f"timestep_fs must be a positive number of femtoseconds, got {timestep_fs}")
     if not 0 <= int(seed) < 2**31 - 1:
         raise FlowforceError(f"seed must be in [0, 2^31 − 2], got {seed}")
-    platform_obj = _platform(platform)
+    platform_by_name(platform)  # a bad name fails before any file is read
     inputs = {"topology_pdb": topology_pdb, **({"model": model} if isinstance(model, (str, os.PathLike)) else {})}
     check_outputs({"out": out, "report": report}, inputs)
     what = "a PDB file of the molecule (atoms in the model's order)"
@@ -182,15 +170,10 @@ def simulate(model: Any, topology_pdb: str | os.PathLike, steps: int, out: str |
         raise BadFileError(f"{topology_path} has no atoms; expected {what}")
     source = resolve_potential(model, temperature)
     chosen = resolve_backend(backend, source)
-    system = create_system(pdb.topology, source, backend=chosen.name)
-
+    simulation = create_simulation(pdb.topology, source, pdb.positions, timestep=timestep_fs / 1000.0,
+                                   friction=friction_per_ps, platform=platform, backend=chosen.name, seed=int(seed))
+    system = simulation.system
     temp_k = source.temperature
-    integrator = openmm.LangevinMiddleIntegrator(temp_k * unit.kelvin, friction_per_ps / unit.picosecond,
-                                                 timestep_fs * unit.femtosecond)
-    integrator.setRandomNumberSeed(int(seed) + 1)
-    args = (pdb.topology, system, integrator) + ((platform_obj,) if platform_obj is not None else ())
-    simulation = app.Simulation(*args)
-    simulation.context.setPositions(pdb.positions)
     simulation.context.setVelocitiesToTemperature(temp_k * unit.kelvin, int(seed) + 1)
     start = simulation.context.getState(getEnergy=True, getPositions=True)
     energy0 = start.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
