@@ -27,8 +27,10 @@ config file (YAML; command-line flags win; every value is checked, unknown keys 
   epochs: 20
   val_fraction: 0.1
 
-Re-running the same command continues from MODEL.ckpt if it exists (exact resume);
-Ctrl-C saves the model so far to MODEL.ckpt first.
+Re-running the same command continues from MODEL.ckpt if it exists (exact resume; --steps
+or --epochs may grow). A MODEL.ckpt trained from other data or with other flow options is
+refused, naming what differs; --restart starts over and keeps the old file as MODEL.ckpt.prev.
+Ctrl-C (or SIGTERM) finishes the current step and saves MODEL.ckpt first.
 """
 
 
@@ -59,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=flag(TRAIN["seed"]), help="random seed (default 0)")
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML options (see below)")
     parser.add_argument("--log", metavar="METRICS.jsonl", help="metrics log (default: MODEL.ckpt with .jsonl)")
+    parser.add_argument("--restart", action="store_true",
+                        help="start over even if MODEL.ckpt exists (it is kept as MODEL.ckpt.prev)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -105,6 +109,10 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig.from_dict(train)
     out = Path(args.out)
     log = _log_path(args)
+    if args.restart:
+        from openmm_flowforce.training.engine import restart
+
+        restart(out, log)
     model, trainer = train_boltzmann_generator(
         data.topology, data.positions, out, forces_kj_mol_nm=data.forces, temperature=data.temperature,
         weights=weights, flow=flow, config=config, val_fraction=val_fraction, log_path=log,

@@ -213,7 +213,6 @@ class Engine:
         validate: validation loss of the current model (lower is better); with
             ``validate_every`` > 0 it runs every so many steps and at the last step, keeps the
             best parameters, stops after ``patience`` (> 0) validations without improvement.
-        validate_first: the starting parameters compete for "best" too.
         reporters: reporters that see every step's :class:`TrainState`.
         log_path: JSON-lines metrics log every ``log_every`` steps, with ``log_extra()``'s
             counters; rows after the resumed step are dropped on resume.
@@ -228,7 +227,7 @@ class Engine:
                  payload: Callable[[], Mapping[str, Any]] | None = None, fingerprint: Mapping[str, Any] | None = None,
                  state: Mapping[str, Stateful] | None = None, generators: Mapping[str, torch.Generator] | None = None,
                  validate: Callable[[], float] | None = None, validate_every: int = 0, patience: int = 0,
-                 validate_first: bool = False, reporters: Sequence[Reporter] = (),
+                 reporters: Sequence[Reporter] = (),
                  log_path: str | os.PathLike | None = None, log_every: int = 10,
                  log_extra: Callable[[], Mapping[str, Any]] | None = None, progress: str | None = None,
                  fmt: str | None = None, check: Callable[[dict[str, Any]], None] | None = None):
@@ -241,7 +240,6 @@ class Engine:
         self.state = dict(state or {})
         self.generators = dict(generators or {})
         self.validate, self.validate_every, self.patience = validate, int(validate_every), int(patience)
-        self.validate_first = validate_first
         self.reporters = list(reporters)
         self.log_path, self.log_every, self.log_extra = log_path, int(log_every), log_extra
         self.progress = progress
@@ -358,9 +356,6 @@ class Engine:
             KeyboardInterrupt: after SIGINT/SIGTERM, once the checkpoint of the last finished
                 step is written.
         """
-        if self.validating and self.validate_first and self.best_state is None and self.step == 0:
-            self._validation()
-            self.bad_validations = 0
         reporters = self._reporters()
         self._started = time.perf_counter()
         try:
