@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         options["flow_samples"] = args.flow_samples
     data = load_dataset(args.data)
     if args.restart:
-        from openmm_flowforce.training.engine import restart
+        from openmm_flowforce.engine import restart
 
         restart(*_work_files(Path(args.out)).values())
     result = coarse_grain(data.positions, data.topology, data.temperature, args.out, mapping=args.mapping,

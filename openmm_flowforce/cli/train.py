@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     log = _log_path(args)
     if args.restart:
-        from openmm_flowforce.training.engine import restart
+        from openmm_flowforce.engine import restart
 
         restart(out, log)
     model, trainer = train_boltzmann_generator(

@@ -11,7 +11,7 @@ import torch
 from ..conventions import kT
 from ..potentials import BoltzmannGenerator
 from ..reporters import Reporter
-from .engine import data_hash, fingerprint
+from ..engine import data_hash, fingerprint
 from .trainer import TrainConfig, Trainer
 from ..errors import FlowforceError
 from ..options import POSITIVE, POSITIVE_INT, Option, check_options

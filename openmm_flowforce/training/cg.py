@@ -10,7 +10,7 @@ Noid et al., J. Chem. Phys. 128, 244114 (2008); Köhler, Chen, Krämer, Clementi
 even a perfect model leaves a large loss; compare losses, not their absolute value.
 
 :func:`train_cg_net` uses :class:`~openmm_flowforce.training.trainer.TrainConfig` for its
-settings and the :class:`~openmm_flowforce.training.engine.Engine` for its loop; its step and
+settings and the :class:`~openmm_flowforce.engine.Engine` for its loop; its step and
 validation are force matching (an energy network has no normalised density). Checkpoints
 have the trainer's layout (``model``, ``metadata``, ``engine``...), so
 :func:`~openmm_flowforce.potentials.cg_net.load_cg_net` reads them.
@@ -29,7 +29,7 @@ import torch
 from ..io import CHECKPOINT_FORMAT
 from ..potentials.cg_net import CGEnergyNet, cg_metadata
 from .boltzmann import split_frames
-from .engine import Engine, StateOf, cosine_schedule
+from ..engine import Engine, StateOf, cosine_schedule
 from ..reporters import Reporter
 from .trainer import TrainConfig
 from ..errors import FlowforceError
@@ -117,7 +117,7 @@ def train_cg_net(net: CGEnergyNet, positions: Any, forces: Any, config: TrainCon
         reporters: extra reporters; they see ``losses = {"force": ...}`` and the validation
             loss as ``val_nll``.
         mapping: stored in the checkpoint's metadata so the model file is self-contained.
-        fingerprint: what the run is trained from (:func:`~.engine.fingerprint`); a checkpoint
+        fingerprint: what the run is trained from (:func:`~openmm_flowforce.engine.fingerprint`); a checkpoint
             from other data or options is refused.
 
     Returns:

@@ -48,7 +48,7 @@ from ..potentials.boltzmann import BoltzmannGenerator
 from ..potentials.cg_net import CGEnergyNet, cg_metadata
 from .boltzmann import FLOW_OPTIONS, split_frames, train_boltzmann_generator
 from .cg import train_cg_net
-from .engine import data_hash, fingerprint
+from ..engine import data_hash, fingerprint
 from .losses import flow_forces
 from .trainer import TRAIN_CONFIG_OPTIONS, TrainConfig
 from ..errors import FlowforceError

@@ -1,5 +1,5 @@
 """Trainer of density models by named losses; the loop, checkpoints and exact resume are
-those of :class:`~openmm_flowforce.training.engine.Engine`."""
+those of :class:`~openmm_flowforce.engine.Engine`."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..io import CHECKPOINT_FORMAT
-from .engine import Engine, cosine_schedule
+from ..engine import Engine, cosine_schedule
 from .losses import nll_on_data, weighted_loss
 from ..reporters import Reporter, TrainState
 from ..errors import FlowforceError
@@ -79,7 +79,7 @@ class Trainer:
             continues exactly where it stopped.
         reporters: extra :class:`Reporter` s.
         metadata: plain data stored with every checkpoint (how to rebuild the model).
-        fingerprint: what the run is trained from (:func:`~.engine.fingerprint`); a
+        fingerprint: what the run is trained from (:func:`~openmm_flowforce.engine.fingerprint`); a
             checkpoint from other data or options is refused.
         log_path: JSON-lines metrics log (every 10 steps); progress: a progress bar.
     """

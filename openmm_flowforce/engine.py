@@ -21,6 +21,10 @@ the objects whose state it keeps between steps; :class:`Engine` owns the rest:
   fingerprint differs is refused with a message that names what differs and offers
   ``--restart`` (:func:`restart`: start over, keeping the old file as ``NAME.prev``).
 
+It lives at the package's root, beside :mod:`~openmm_flowforce.reporters`, and imports only
+``io``, ``reporters`` and ``errors``: the trainers in ``training/`` and the samplers'
+training loops in ``samplers/`` use it alike, and samplers sit below ``training``.
+
 Checkpoint layout: the method's ``payload()`` (``format``, ``metadata``, ...) plus ``model``
 (the state dict) and ``engine`` (everything above, for resuming); loaders of trained models
 read only ``model`` and ``metadata``.
@@ -41,10 +45,10 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import numpy as np
 import torch
 
-from .._version import __version__
-from ..errors import BadFileError, FlowforceError
-from ..io import RESUME_FIX, load_checkpoint, save_checkpoint
-from ..reporters import JSONLinesReporter, ProgressReporter, Reporter, TrainState
+from ._version import __version__
+from .errors import BadFileError, FlowforceError
+from .io import RESUME_FIX, load_checkpoint, save_checkpoint
+from .reporters import JSONLinesReporter, ProgressReporter, Reporter, TrainState
 
 __all__ = ["Engine", "Stateful", "StateOf", "cosine_schedule", "data_hash", "fingerprint", "fingerprint_differences",
            "restart"]
