@@ -116,17 +116,29 @@ def _plain(value: Any) -> Any:
 
 
 def fingerprint_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Human-readable differences, e.g. ``["the training data (file content)", "n_layers (8 → 4)"]``."""
+    """Human-readable differences, e.g. ``["other training data (their content differs)",
+    "different options: flow.transform ('smooth' → 'spline')"]``."""
     out = []
     if saved.get("data") != current.get("data"):
-        out.append("the training data (their content differs)")
-    old, new = saved.get("options", {}), current.get("options", {})
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            out.append(f"{key} ({old.get(key, 'unset')!r} → {new.get(key, 'unset')!r})")
+        out.append("other training data (their content differs)")
+    old, new = _flat(saved.get("options", {})), _flat(current.get("options", {}))
+    changed = [f"{key} ({old.get(key, 'unset')!r} → {new.get(key, 'unset')!r})"
+               for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    if changed:
+        out.append("different options: " + ", ".join(changed))
     if saved.get("version") != current.get("version"):
-        out.append(f"the flowforce version ({saved.get('version')} → {current.get('version')})")
+        out.append(f"another flowforce version ({saved.get('version')} → {current.get('version')})")
     return out
+
+
+def _flat(options: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in options.items():
+        if isinstance(value, Mapping):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def restart(*paths: str | os.PathLike) -> list[Path]:
@@ -296,9 +308,8 @@ class Engine:
         if self.fingerprint is not None and saved is not None:
             differences = fingerprint_differences(saved, self.fingerprint)
             if differences:
-                raise FlowforceError(f"cannot resume {self.checkpoint}: it was trained from other inputs or other "
-                                     f"options than this run (different options: {'; '.join(differences)}); "
-                                     f"{RESUME_FIX}")
+                raise FlowforceError(f"cannot resume {self.checkpoint}: it was trained from other inputs or with "
+                                     f"other options than this run ({'; '.join(differences)}); {RESUME_FIX}")
         try:
             self.model.load_state_dict(ckpt["model"])
             if self.optimizer is not None:

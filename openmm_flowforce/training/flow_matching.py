@@ -362,7 +362,9 @@ def coarse_grain(positions: Any, topology: Any, temperature: float, out: str | P
     method_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    net = CGEnergyNet.from_data(mapping, x_cg[train], float(temperature), **opts["net"]).to(torch.float64)
+    with torch.random.fork_rng(devices=[]):  # the net's initial weights come from the seed alone
+        torch.manual_seed(int(opts["seed"]))
+        net = CGEnergyNet.from_data(mapping, x_cg[train], float(temperature), **opts["net"]).to(torch.float64)
     state = work.with_name(work.name + ".state.ckpt")
     trained_from = fingerprint(data_hash(result.positions, result.forces, float(temperature)),
                                {"method": method, "mapping": mapping.to_dict(), "net": opts["net"],
