@@ -25,6 +25,12 @@ It lives at the package's root, beside :mod:`~openmm_flowforce.reporters`, and i
 ``io``, ``reporters`` and ``errors``: the trainers in ``training/`` and the samplers'
 training loops in ``samplers/`` use it alike, and samplers sit below ``training``.
 
+Several processes (``torchrun``, :func:`init_distributed`): every process runs the same
+engine on the same global batches, each computing the loss on its shard (:func:`shard`)
+through DistributedDataParallel (:func:`data_parallel`), which averages the gradients; only
+rank 0 writes checkpoints and logs, a stop request on any rank stops all at the same step,
+and a checkpoint resumes with any number of processes.
+
 Checkpoint layout: the method's ``payload()`` (``format``, ``metadata``, ...) plus ``model``
 (the state dict) and ``engine`` (everything above, for resuming); loaders of trained models
 read only ``model`` and ``metadata``.
@@ -50,8 +56,8 @@ from .errors import BadFileError, FlowforceError
 from .io import RESUME_FIX, load_checkpoint, save_checkpoint
 from .reporters import JSONLinesReporter, ProgressReporter, Reporter, TrainState
 
-__all__ = ["Engine", "Stateful", "StateOf", "cosine_schedule", "data_hash", "fingerprint", "fingerprint_differences",
-           "restart"]
+__all__ = ["Engine", "Stateful", "StateOf", "cosine_schedule", "data_hash", "data_parallel", "fingerprint",
+           "fingerprint_differences", "init_distributed", "restart", "shard", "world"]
 
 
 class Stateful(Protocol):
@@ -392,9 +398,9 @@ class Engine:
                         if self.step % reporter.interval == 0 or last or self.stopped_early:
                             reporter.report(state)
                     self.after_step()
-                    if self._stop.requested is not None:
+                    if _any_rank(self._stop.requested is not None):
                         self.save()
-                        raise KeyboardInterrupt(self._stop.requested)
+                        raise KeyboardInterrupt(self._stop.requested or "another process was interrupted")
                     if self.checkpoint_every and self.step % self.checkpoint_every == 0 and not last:
                         self.save()
         finally:
@@ -423,8 +429,86 @@ class _LogReporter(JSONLinesReporter):
         return row
 
 
-def _is_writer() -> bool:
-    """Rank 0 of a distributed run, or a single process."""
+# -- torch.distributed ---------------------------------------------------------------------------
+def world() -> tuple[int, int]:
+    """``(rank, number of processes)``: ``(0, 1)`` outside a distributed run."""
     import torch.distributed as dist
 
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _is_writer() -> bool:
+    """Rank 0 of a distributed run, or a single process."""
+    return world()[0] == 0
+
+
+def init_distributed(use_cuda: bool = True) -> torch.device | None:
+    """Join the process group when started by ``torchrun`` (``WORLD_SIZE`` > 1): NCCL with one GPU
+    per process (``LOCAL_RANK``) where CUDA works and ``use_cuda``, gloo on CPU. Returns the
+    device this process trains on, or None outside torchrun (nothing is initialised)."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    use_cuda = use_cuda and torch.cuda.is_available()
+    if not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
+    return torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+
+
+class _LossModule(torch.nn.Module):
+    """``loss(model, *batch)`` as a module's ``forward``, so that DistributedDataParallel sees
+    (and averages the gradients of) every call, whatever method of the model the loss uses."""
+
+    def __init__(self, model: torch.nn.Module, loss: Callable[..., Any]):
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def forward(self, *batch: Any) -> Any:
+        return self.loss(self.model, *batch)
+
+
+def data_parallel(model: torch.nn.Module, loss: Callable[..., Any]) -> Callable[..., Any]:
+    """``loss(model, *batch)`` for one process, or the same through DistributedDataParallel in
+    a distributed run: each process then passes its shard of the global batch (:func:`shard`)
+    and the gradients are averaged over processes, i.e. they are those of the global batch."""
+    if world()[1] == 1:
+        return lambda *batch: loss(model, *batch)
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(model.parameters()).device
+    return DistributedDataParallel(_LossModule(model, loss), device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=True)
+
+
+def shard(indices: torch.Tensor) -> torch.Tensor:
+    """This process's contiguous share of a global batch of ``indices`` (all of it for one
+    process). Every process draws the same global batch from the same generator, so a run
+    gives the same result with any number of processes, up to the order of the reductions."""
+    rank, size = world()
+    if size == 1:
+        return indices
+    if len(indices) % size:
+        raise FlowforceError(f"the batch size {len(indices)} must be a multiple of the number of processes {size}")
+    return indices.reshape(size, -1)[rank]
+
+
+def _any_rank(flag: bool) -> bool:
+    """``flag`` of any process (a stop request must stop all of them at the same step)."""
+    rank, size = world()
+    if size == 1:
+        return flag
+    import torch.distributed as dist
+
+    value = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        value = value.cuda()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)

@@ -96,18 +96,27 @@ def run(args: argparse.Namespace) -> int:
     from openmm_flowforce.data.dataset import load_dataset
     from openmm_flowforce.training.flow_matching import CG_OPTIONS, coarse_grain
 
+    from openmm_flowforce.engine import init_distributed, world
+
     torch.set_num_threads(1)
+    init_distributed(use_cuda=False)  # under torchrun: data parallel on CPU (gloo)
     options = {**(QUICK if args.quick else {}), **load_config(args.config, CG_OPTIONS)}
     if args.flow_samples is not None:
         options["flow_samples"] = args.flow_samples
     data = load_dataset(args.data)
-    if args.restart:
+    if args.restart and world()[0] == 0:
         from openmm_flowforce.engine import restart
 
         restart(*_work_files(Path(args.out)).values())
+    if world()[1] > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # no process may read the work files while rank 0 moves them away
     result = coarse_grain(data.positions, data.topology, data.temperature, args.out, mapping=args.mapping,
                           method=args.method, forces=data.forces, options=options, progress=not args.quiet)
     info = result.info
+    if world()[0] != 0:
+        return 0
     print(f"method      {result.method}, mapping {args.mapping}: {data.n_atoms} atoms -> {result.mapping.n_beads} beads, "
           f"{data.n_frames} frames at {data.temperature:g} K")
     if "dropped_samples" in info:

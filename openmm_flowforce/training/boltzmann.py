@@ -61,7 +61,8 @@ def train_boltzmann_generator(topology, positions_nm: np.ndarray, checkpoint: st
                               val_fraction: float = 0.1, log_path: str | Path | None = None,
                               progress: bool = True, dtype: torch.dtype = torch.float32,
                               extra_metadata: Mapping[str, Any] | None = None,
-                              reporters: Sequence[Reporter] = ()) -> tuple[BoltzmannGenerator, Trainer]:
+                              reporters: Sequence[Reporter] = (),
+                              device: torch.device | str = "cpu") -> tuple[BoltzmannGenerator, Trainer]:
     """Build internal coordinates and a flow for the molecule and train them.
 
     Args:
@@ -76,6 +77,7 @@ def train_boltzmann_generator(topology, positions_nm: np.ndarray, checkpoint: st
         val_fraction: the last frames held out for validation NLL and early stopping.
         log_path: JSON-lines metrics log.
         extra_metadata: stored in the model file (e.g. how the reference System was built).
+        device: where the model and the data live during training (``cuda:0``...).
 
     An existing ``checkpoint`` is resumed only if it was trained from the same frames
     (forces, temperature) and the same flow options and ``val_fraction``; otherwise
@@ -96,7 +98,7 @@ def train_boltzmann_generator(topology, positions_nm: np.ndarray, checkpoint: st
     torch.manual_seed(config.seed)
     train, val = split_frames(len(positions_nm), val_fraction)
     x = torch.as_tensor(np.asarray(positions_nm), dtype=dtype)
-    model = BoltzmannGenerator.from_topology(topology, x[train].double().numpy(), **flow).to(dtype)
+    model = BoltzmannGenerator.from_topology(topology, x[train].double().numpy(), **flow).to(dtype).to(device)
     data = {"x": x[train]}
     if "force" in weights:
         data["forces"] = torch.as_tensor(np.asarray(forces_kj_mol_nm), dtype=dtype)[train] / kT(temperature)

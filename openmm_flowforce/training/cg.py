@@ -29,7 +29,7 @@ import torch
 from ..io import CHECKPOINT_FORMAT
 from ..potentials.cg_net import CGEnergyNet, cg_metadata
 from .boltzmann import split_frames
-from ..engine import Engine, StateOf, cosine_schedule
+from ..engine import Engine, StateOf, cosine_schedule, data_parallel, shard
 from ..reporters import Reporter
 from .trainer import TrainConfig
 from ..errors import FlowforceError
@@ -148,9 +148,12 @@ def train_cg_net(net: CGEnergyNet, positions: Any, forces: Any, config: TrainCon
     info: dict[str, Any] = {"initial_val": None}
     metadata = cg_metadata(net, mapping)
 
+    loss_of = data_parallel(net, lambda model, x, f: force_matching_loss(model, x, f, scale))
+
     def step() -> dict[str, float]:
-        idx = torch.randint(len(x_train), (cfg.batch_size,), generator=batch_rng)
-        loss = force_matching_loss(net, x_train[idx], f_train[idx], scale)
+        # In a distributed run, this process's shard of the global batch; gradients averaged over all.
+        idx = shard(torch.randint(len(x_train), (cfg.batch_size,), generator=batch_rng))
+        loss = loss_of(x_train[idx], f_train[idx])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"force-matching loss is {float(loss)} at step {engine.step + 1}; lower the "
                                      "learning rate or check the data for outliers")

@@ -48,7 +48,7 @@ from ..potentials.boltzmann import BoltzmannGenerator
 from ..potentials.cg_net import CGEnergyNet, cg_metadata
 from .boltzmann import FLOW_OPTIONS, split_frames, train_boltzmann_generator
 from .cg import train_cg_net
-from ..engine import data_hash, fingerprint
+from ..engine import data_hash, fingerprint, world
 from .losses import flow_forces
 from .trainer import TRAIN_CONFIG_OPTIONS, TrainConfig
 from ..errors import FlowforceError
@@ -229,7 +229,7 @@ def _flow_matching(inputs: CGMethodInputs) -> CGMethodResult:
             cached = None
     if cached is None:
         x, f = sample_flow_forces(model, n, inputs.temperature, seed=int(opts["seed"]), progress=inputs.progress)
-        if samples_file is not None:
+        if samples_file is not None and world()[0] == 0:
             atomic_write_npz(samples_file, {"positions": x, "forces": f, "requested": n, "seed": int(opts["seed"]),
                                             "drawn_by": np.array(drawn_by)})
     else:
@@ -376,8 +376,9 @@ def coarse_grain(positions: Any, topology: Any, temperature: float, out: str | P
             "cg_best_val_loss": fit.best_val_loss, "data_frames": int(len(x_cg)), "n_beads": mapping.n_beads}
     pdb_text = mapping.pdb_text(x_cg[0])
     pdb_path = out.with_suffix(".pdb")
-    mapping.write_pdb(pdb_path, x_cg[0])
-    save_cg_model(out, net, mapping, temperature, pdb_text, {"method": method, "training": _plain(info)})
+    if world()[0] == 0:  # in a distributed run, every process holds the same net
+        mapping.write_pdb(pdb_path, x_cg[0])
+        save_cg_model(out, net, mapping, temperature, pdb_text, {"method": method, "training": _plain(info)})
     return CoarseGrainResult(net, mapping, out, pdb_path, method, info)
 
 

@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..io import CHECKPOINT_FORMAT
-from ..engine import Engine, cosine_schedule
+from ..engine import Engine, cosine_schedule, data_parallel, shard, world
 from .losses import nll_on_data, weighted_loss
 from ..reporters import Reporter, TrainState
 from ..errors import FlowforceError
@@ -107,10 +107,14 @@ class Trainer:
                 if len(value) != n:
                     raise FlowforceError(f"data[{key!r}] has {len(value)} rows but data['x'] has {n}")
         cfg = self.config
+        if world()[1] > 1 and "reverse_kl" in self.weights:
+            raise FlowforceError("the reverse_kl loss draws its own samples and is not data parallel; train it in one "
+                                 "process (without torchrun)")
         torch.manual_seed(cfg.seed)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = cosine_schedule(self.optimizer, cfg.steps, cfg.lr_final_factor)
         self.batch_rng = torch.Generator().manual_seed(cfg.seed)
+        self._loss = data_parallel(model, self._loss_of)
         self.engine = Engine(
             model, self.train_step, cfg.steps, optimizer=self.optimizer, scheduler=self.scheduler,
             checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every, fmt=CHECKPOINT_FORMAT,
@@ -145,8 +149,12 @@ class Trainer:
     def _batch(self) -> dict[str, Tensor]:
         if "x" not in self.data:
             return {}
-        idx = torch.randint(len(self.data["x"]), (self.config.batch_size,), generator=self.batch_rng)
+        idx = shard(torch.randint(len(self.data["x"]), (self.config.batch_size,), generator=self.batch_rng))
         return {k: v[idx] for k, v in self.data.items()}
+
+    def _loss_of(self, model: torch.nn.Module, x: Tensor | None, forces: Tensor | None) -> tuple[Tensor, dict]:
+        return weighted_loss(model, self.weights, x=x, reduced_forces=forces, reduced_energy=self.reduced_energy,
+                             n_samples=self.config.n_samples or self.config.batch_size)
 
     @torch.no_grad()
     def validation_nll(self, chunk: int = 4096) -> float:
@@ -157,10 +165,8 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One optimiser step on one batch (the engine counts it and steps the schedule)."""
-        batch = self._batch()
-        loss, terms = weighted_loss(self.model, self.weights, x=batch.get("x"),
-                                    reduced_forces=batch.get("forces"), reduced_energy=self.reduced_energy,
-                                    n_samples=self.config.n_samples or self.config.batch_size)
+        batch = self._batch()  # in a distributed run: this process's shard, gradients averaged over all
+        loss, terms = self._loss(batch.get("x"), batch.get("forces"))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {float(loss)} at step {self.step + 1} (terms {terms}); "
                                      "lower the learning rate or check the data for outliers")
