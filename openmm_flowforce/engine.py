@@ -484,6 +484,9 @@ def data_parallel(model: torch.nn.Module, loss: Callable[..., Any]) -> Callable[
     from torch.nn.parallel import DistributedDataParallel
 
     device = next(model.parameters()).device
+    # find_unused_parameters: force matching differentiates the energy inside the loss
+    # (autograd.grad, create_graph), which DDP's default bookkeeping takes for an unfinished
+    # reduction; with it, DDP walks the graph and both losses train (checked with gloo).
     return DistributedDataParallel(_LossModule(model, loss), device_ids=[device.index] if device.type == "cuda" else None,
                                    find_unused_parameters=True)
 
