@@ -91,8 +91,8 @@ def resolve_potential(model_or_path: Any, temperature: float | None = None) -> P
         model_or_path: ``BoltzmannGenerator``, checkpoint path (``.ckpt``), exported
             TorchScript path (``.pt`` from ``flowforce export``), compiled package path
             (``.pt2``, recognised by its metadata), or a ``PotentialSource``.
-        temperature: K. Default: 300 K for models and checkpoints, the stored one for
-            exported files and packages (which cannot be re-scaled: a different value is an
+        temperature: K. Default: 300 K for model objects, the data's for checkpoints, the
+            stored one for exported files and packages (which cannot be re-scaled: a different value is an
             error).
 
     Raises:
@@ -132,7 +132,9 @@ def resolve_potential(model_or_path: Any, temperature: float | None = None) -> P
         if kind in CHECKPOINTS_TO_EXPORT:
             raise ValueError(f"{path} is a {kind} checkpoint; export it first ({CHECKPOINTS_TO_EXPORT[kind]}) and "
                              "pass the .pt file")
-        return resolve_potential(load_model_float64(path), temperature)
+        from .models import flow_temperature
+
+        return resolve_potential(load_model_float64(path), flow_temperature(path, temperature))
     raise TypeError(f"expected a BoltzmannGenerator or the path of a checkpoint, exported .pt file or compiled "
                     f".pt2 package, got {type(model_or_path).__name__}")
 
