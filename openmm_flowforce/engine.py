@@ -205,7 +205,7 @@ def _python_state() -> list[Any]:
     return [version, list(internal), gauss]
 
 
-def _restore_rng(state: Mapping[str, Any], generators: Mapping[str, torch.Generator]) -> None:
+def _restore_global_rng(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
@@ -213,8 +213,24 @@ def _restore_rng(state: Mapping[str, Any], generators: Mapping[str, torch.Genera
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    for name, generator in generators.items():
-        generator.set_state(state["generators"][name])
+
+
+def _seed_global_rng(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+class _ForkedRng:
+    """The global RNG streams of torch (CPU and CUDA), numpy and Python as they were before, after
+    the block: what the training draws inside does not leak into the caller's streams."""
+
+    def __enter__(self) -> "_ForkedRng":
+        self._saved = _rng_state({})
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _restore_global_rng(self._saved)
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -241,6 +257,9 @@ class Engine:
         progress: a progress bar with this label (None: none).
         fmt: the ``format`` tag checkpoints must have to be resumed from; ``check``: further
             checks of a checkpoint before resuming (raise :class:`FlowforceError`).
+        seed: a fresh run seeds the global RNG streams of torch, numpy and Python with it, inside
+            :meth:`run` only: the caller's streams are the same before and after (no library
+            function seeds the global RNG); a resumed run continues the saved streams.
     """
 
     def __init__(self, model: torch.nn.Module, step: Callable[[], Mapping[str, float]], total_steps: int, *,
@@ -252,7 +271,7 @@ class Engine:
                  reporters: Sequence[Reporter] = (),
                  log_path: str | os.PathLike | None = None, log_every: int = 10,
                  log_extra: Callable[[], Mapping[str, Any]] | None = None, progress: str | None = None,
-                 fmt: str | None = None, check: Callable[[dict[str, Any]], None] | None = None):
+                 fmt: str | None = None, check: Callable[[dict[str, Any]], None] | None = None, seed: int = 0):
         self.model, self.step_fn, self.total_steps = model, step, int(total_steps)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
@@ -266,6 +285,9 @@ class Engine:
         self.log_path, self.log_every, self.log_extra = log_path, int(log_every), log_extra
         self.progress = progress
         self.fmt, self.check = fmt, check
+        self.seed = int(seed)
+        self._rng: dict[str, Any] | None = None  # the training's global streams between runs (None: seed)
+        self._running = False
         self.step = 0
         self.elapsed_s = 0.0
         self.best_val = math.inf
@@ -279,7 +301,10 @@ class Engine:
 
     # -- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        engine = {"step": self.step, "elapsed_s": self.elapsed(), "rng": _rng_state(self.generators),
+        rng = _rng_state(self.generators)  # inside run(): the training's own streams
+        if not self._running:
+            rng.update({k: v for k, v in (self._rng or self._seeded()).items() if k != "generators"})
+        engine = {"step": self.step, "elapsed_s": self.elapsed(), "rng": rng,
                   "state": {name: obj.state_dict() for name, obj in self.state.items()},
                   "best_val": self.best_val, "best_model": self.best_state, "bad_validations": self.bad_validations,
                   "stopped_early": self.stopped_early, "metrics": dict(self.metrics), "fingerprint": self.fingerprint}
@@ -328,13 +353,20 @@ class Engine:
                                f"these ({first}); {RESUME_FIX}") from None
         for name, obj in self.state.items():
             obj.load_state_dict(engine["state"][name])
-        _restore_rng(engine["rng"], self.generators)
+        self._rng = engine["rng"]  # the global streams: restored inside run()
+        for name, generator in self.generators.items():
+            generator.set_state(engine["rng"]["generators"][name])
         self.step, self.elapsed_s = int(engine["step"]), float(engine["elapsed_s"])
         self.best_val, self.best_state = float(engine["best_val"]), engine["best_model"]
         self.bad_validations, self.stopped_early = int(engine["bad_validations"]), bool(engine["stopped_early"])
         self.metrics = dict(engine.get("metrics", {}))
         self.resumed_from = self.step
         return ckpt
+
+    def _seeded(self) -> dict[str, Any]:
+        with _ForkedRng():
+            _seed_global_rng(self.seed)
+            return _rng_state({})
 
     def elapsed(self) -> float:
         """Seconds of training so far, over all runs of this checkpoint."""
@@ -379,6 +411,12 @@ class Engine:
         """
         reporters = self._reporters()
         self._started = time.perf_counter()
+        forked = _ForkedRng().__enter__()
+        if self._rng is None:
+            _seed_global_rng(self.seed)
+        else:
+            _restore_global_rng(self._rng)
+        self._running = True
         try:
             with self._stop:
                 while self.step < self.total_steps and not self.stopped_early:
@@ -404,6 +442,8 @@ class Engine:
                     if self.checkpoint_every and self.step % self.checkpoint_every == 0 and not last:
                         self.save()
         finally:
+            self._rng, self._running = _rng_state({}), False
+            forked.__exit__(None, None, None)
             for reporter in reporters:
                 reporter.close()
             self.elapsed_s, self._started = self.elapsed(), None
@@ -487,8 +527,8 @@ def data_parallel(model: torch.nn.Module, loss: Callable[..., Any]) -> Callable[
     # find_unused_parameters: force matching differentiates the energy inside the loss
     # (autograd.grad, create_graph), which DDP's default bookkeeping takes for an unfinished
     # reduction; with it, DDP walks the graph and both losses train (checked with gloo).
-    return DistributedDataParallel(_LossModule(model, loss), device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters=True)
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(_LossModule(model, loss), device_ids=device_ids, find_unused_parameters=True)
 
 
 def shard(indices: torch.Tensor) -> torch.Tensor:

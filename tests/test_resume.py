@@ -153,3 +153,21 @@ def test_other_data_or_options_are_refused_and_restart_keeps_the_old_file(data, 
     assert main([*sampler, "--seed", "3"]) == 2
     err = capsys.readouterr().err
     assert "seed (0 → 3)" in err and "--restart" in err, err
+
+
+def test_training_leaves_the_callers_random_streams_alone(data, tmp_path):
+    import numpy as np
+
+    torch.manual_seed(7)
+    np.random.seed(7)
+    random.seed(7)
+    expected = torch.rand(3), np.random.rand(3), random.random()
+    torch.manual_seed(7)
+    np.random.seed(7)
+    random.seed(7)
+    assert main(["train", str(data / "ala.npz"), "--out", str(tmp_path / "m.ckpt"), "--steps", "3", "--batch-size",
+                 "8", "--config", str(data / "flow.yaml"), "--quiet"]) == 0
+    assert main(["sampler", "train", "--target", "dw4", "--method", "reverse-kl", "--out", str(tmp_path / "s.ckpt"),
+                 "--steps", "2", "--config", str(data / "reverse-kl.yaml"), "--quiet"]) == 0
+    got = torch.rand(3), np.random.rand(3), random.random()
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]

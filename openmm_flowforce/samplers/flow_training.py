@@ -235,9 +235,8 @@ class FlowSamplerMethod(SamplerMethod):
                    "energy_evaluations": StateOf(lambda: energy.count, set_count),
                    "metrics": StateOf(lambda: dict(metrics), metrics.update)},
             log_path=log_path, log_every=int(opts["log_every"]),
-            log_extra=lambda: {"energy_evaluations": energy.count, **metrics}, progress=self.name if progress else None)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(opts["seed"]))  # a fresh run's samples; a resumed run restores the stream
-            engine.resume()
-            engine.run()
+            log_extra=lambda: {"energy_evaluations": energy.count, **metrics}, progress=self.name if progress else None,
+            seed=int(opts["seed"]))
+        engine.resume()
+        engine.run()
         return {**summary(), "resumed_from": engine.resumed_from, **metrics}

@@ -398,7 +398,7 @@ class _Trainer:
             log_extra=lambda: {"energy_evaluations": self.energy_evaluations,
                                "generated_energy_median": self.last_generated_energy,
                                "buffer_size": len(self.buffer)},
-            progress="idem" if progress else None)
+            progress="idem" if progress else None, seed=int(opts["seed"]))
 
     # -- energy in z units, counted ------------------------------------------------------------
     def energy_z(self, z: Tensor) -> Tensor:

@@ -95,10 +95,11 @@ def train_boltzmann_generator(topology, positions_nm: np.ndarray, checkpoint: st
     used_forces = forces_kj_mol_nm if "force" in weights else None
     trained_from = fingerprint(data_hash(positions_nm, used_forces, float(temperature)),
                                {"flow": flow, "val_fraction": float(val_fraction), "dtype": str(dtype)})
-    torch.manual_seed(config.seed)
     train, val = split_frames(len(positions_nm), val_fraction)
     x = torch.as_tensor(np.asarray(positions_nm), dtype=dtype)
-    model = BoltzmannGenerator.from_topology(topology, x[train].double().numpy(), **flow).to(dtype).to(device)
+    with torch.random.fork_rng(devices=[]):  # initial weights from the seed alone; the caller's RNG is untouched
+        torch.manual_seed(config.seed)
+        model = BoltzmannGenerator.from_topology(topology, x[train].double().numpy(), **flow).to(dtype).to(device)
     data = {"x": x[train]}
     if "force" in weights:
         data["forces"] = torch.as_tensor(np.asarray(forces_kj_mol_nm), dtype=dtype)[train] / kT(temperature)

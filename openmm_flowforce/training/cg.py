@@ -177,7 +177,7 @@ def train_cg_net(net: CGEnergyNet, positions: Any, forces: Any, config: TrainCon
                     generators={"batch": batch_rng},
                     validate=(lambda: _validation_loss(net, x_val, f_val, scale)) if validate else None,
                     validate_every=cfg.validate_every, patience=cfg.patience, reporters=reporters,
-                    progress="CG force matching" if progress else None, check=check)
+                    progress="CG force matching" if progress else None, check=check, seed=cfg.seed)
     if resume:
         engine.resume()
     if validate and info["initial_val"] is None:

@@ -92,7 +92,8 @@ def sample_flow_forces(model: BoltzmannGenerator, n: int, temperature: float, ba
         n: number of samples.
         temperature: K; forces are ``kT ×`` the reduced forces ``∇ log q``.
         batch_size: samples per call.
-        seed: seeds torch's global RNG before sampling (the flow samples from it).
+        seed: the samples' random stream (drawn in a fork of torch's RNG: the caller's
+            stream is untouched).
         progress: show a tqdm bar.
 
     Returns:
@@ -105,9 +106,10 @@ def sample_flow_forces(model: BoltzmannGenerator, n: int, temperature: float, ba
         raise FlowforceError(f"the number of flow samples must be at least 1, got {n}")
     model64 = copy.deepcopy(model).to(torch.float64).eval()
     model64.requires_grad_(False)
-    torch.manual_seed(seed)
     positions, forces = [], []
-    with tqdm(total=int(n), desc="flow samples + forces", unit="sample", disable=not progress or None) as bar:
+    bar = tqdm(total=int(n), desc="flow samples + forces", unit="sample", disable=not progress or None)
+    with torch.random.fork_rng(devices=[]), bar:
+        torch.manual_seed(seed)
         done = 0
         while done < n:
             size = min(int(batch_size), int(n) - done)

@@ -110,7 +110,6 @@ class Trainer:
         if world()[1] > 1 and "reverse_kl" in self.weights:
             raise FlowforceError("the reverse_kl loss draws its own samples and is not data parallel; train it in one "
                                  "process (without torchrun)")
-        torch.manual_seed(cfg.seed)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = cosine_schedule(self.optimizer, cfg.steps, cfg.lr_final_factor)
         self.batch_rng = torch.Generator().manual_seed(cfg.seed)
@@ -121,7 +120,8 @@ class Trainer:
             payload=lambda: {"format": CHECKPOINT_FORMAT, "config": asdict(cfg), "metadata": self.metadata},
             fingerprint=fingerprint, generators={"batch": self.batch_rng},
             validate=self.validation_nll if "x" in self.val_data else None, validate_every=cfg.validate_every,
-            patience=cfg.patience, reporters=reporters, log_path=log_path, progress="train" if progress else None)
+            patience=cfg.patience, reporters=reporters, log_path=log_path, progress="train" if progress else None,
+            seed=cfg.seed)
         if resume:
             self.engine.resume()
 
