@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from ..conventions import kT
-from ..md.doctor import quiet_openmmtorch_logging
+from .probes import quiet_openmmtorch_logging
 from ..potentials.boltzmann import BoltzmannGenerator
 from .compiled import CompiledPotential, is_package_file, load_package, read_package_metadata
 from .models import DEFAULT_TEMPERATURE
@@ -162,7 +162,7 @@ class Backend:
 @functools.lru_cache(maxsize=1)
 def _torchforce_unavailable() -> str | None:
     """Why TorchForce cannot run here (import or toy-force failure), or None. Cached."""
-    from ..md.doctor import FORCE_BACKENDS, check_force
+    from .probes import FORCE_BACKENDS, check_force
 
     try:
         with quiet_openmmtorch_logging():
