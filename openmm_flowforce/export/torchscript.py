@@ -124,14 +124,8 @@ class ExportedPotential:
 
 
 def load_model_float64(path: str | os.PathLike) -> BoltzmannGenerator:
-    """:func:`load_boltzmann_generator` with the model built in float64, so the stored weights
-    are not rounded through float32 buffers when the default dtype is float32."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        return load_boltzmann_generator(path)
-    finally:
-        torch.set_default_dtype(old)
+    """:func:`load_boltzmann_generator` in float64 (what the exporters trace)."""
+    return load_boltzmann_generator(path, torch.float64)
 
 
 def _as_model(model: BoltzmannGenerator | str | os.PathLike) -> BoltzmannGenerator:

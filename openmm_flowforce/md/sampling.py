@@ -52,8 +52,7 @@ def sample_boltzmann_generator(model_path: str | Path, n: int, out: str | Path, 
     metadata = state.get("metadata", {})
     model: BoltzmannGenerator = model_from_checkpoint(state, model_path)
     system = _reference_system(metadata, model_path, trust) if reweight else None
-    model.eval()
-    model.to(next(v.dtype for k, v in state["model"].items() if k.startswith("flow.") and v.is_floating_point()))
+    model.eval()  # in the dtype it was trained in (the loaders' one rule)
     xs, log_qs = [], []
     with torch.random.fork_rng(devices=[]):  # the samples come from the seed; the caller's RNG is untouched
         torch.manual_seed(seed)
