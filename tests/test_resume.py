@@ -171,3 +171,21 @@ def test_training_leaves_the_callers_random_streams_alone(data, tmp_path):
                  "--steps", "2", "--config", str(data / "reverse-kl.yaml"), "--quiet"]) == 0
     got = torch.rand(3), np.random.rand(3), random.random()
     assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+
+
+def test_sigterm_saves_at_a_step_boundary_and_says_so(data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "m.ckpt"
+    command = ["train", str(data / "ala.npz"), "--out", str(out), "--steps", "6", "--batch-size", "8", "--config",
+               str(data / "flow.yaml"), "--quiet"]
+
+    def after_step(engine: Engine) -> None:
+        if engine.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Engine, "after_step", after_step)
+        assert main(command) == 130
+    err = capsys.readouterr().err
+    assert "interrupted (SIGTERM)" in err and str(out) in err, err
+    assert torch.load(out, weights_only=True)["step"] == 3
+    assert main(command) == 0 and torch.load(out, weights_only=True)["step"] == 6
