@@ -157,7 +157,7 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
 
 
 #: What to do with an output file that a run would resume from but cannot read.
-RESUME_FIX = "delete it to start a new run, or give another output file"
+RESUME_FIX = "start over with --restart (the old file is kept as NAME.prev), or give another output file"
 
 #: Format tags of the package's files, as users know them (for "wrong kind of file" messages).
 KNOWN_FORMATS: dict[str, str] = {

@@ -58,7 +58,8 @@ class JSONLinesReporter(Reporter):
     """Appends one JSON object per report to a metrics log (step, losses, lr, val_nll, time).
 
     On resume, entries after the resumed step (written after the last checkpoint) are
-    dropped first, so the log matches the checkpoint exactly.
+    dropped first, so the log matches the checkpoint exactly; so is a last line torn by a
+    killed run (it is not JSON).
     """
 
     def __init__(self, path: str | os.PathLike, interval: int = 10, resume_step: int | None = None):
@@ -66,24 +67,38 @@ class JSONLinesReporter(Reporter):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line in self.path.read_text(errors="replace").splitlines()
+                    if _step_of(line) is not None and _step_of(line) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif resume_step is None:
             self.path.write_text("")
         self._fh = open(self.path, "a")
 
-    def report(self, state: TrainState) -> None:
+    def row(self, state: TrainState) -> dict[str, Any]:
+        """The JSON object logged for ``state`` (subclasses add their counters)."""
         row: dict[str, Any] = {"step": state.step, "lr": state.lr, "elapsed_s": round(state.elapsed_s, 3)}
         row.update({f"loss_{k}": v for k, v in state.losses.items()})
         if state.val_nll is not None:
             row["val_nll"] = state.val_nll
+        return row
+
+    def report(self, state: TrainState) -> None:
+        row = self.row(state)
         self._fh.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                                    for k, v in row.items()}) + "\n")
         self._fh.flush()
 
     def close(self) -> None:
         self._fh.close()
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a log line, None for a blank or torn line."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return int(row.get("step", 0)) if isinstance(row, dict) else None
 
 
 class ProgressReporter(Reporter):

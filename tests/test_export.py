@@ -217,3 +217,18 @@ def test_energy_only_files_from_before_still_load(model, tmp_path, alanine_md):
     want_energy, want_grad = _eager(model, positions)
     assert float(energy) == pytest.approx(want_energy, rel=1e-12)
     np.testing.assert_allclose(-forces.numpy(), want_grad, rtol=1e-10, atol=1e-8)
+
+
+def test_export_takes_the_temperature_of_the_model_file(model, tmp_path, capsys):
+    from openmm_flowforce.cli.main import main
+
+    ckpt = tmp_path / "hot.ckpt"
+    save_checkpoint({"format": CHECKPOINT_FORMAT, "metadata": {**model.metadata(), "temperature": 350.0},
+                     "model": model.state_dict()}, ckpt)
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "hot.pt")]) == 0
+    assert load_exported(tmp_path / "hot.pt").temperature == 350.0
+    assert "warning" not in capsys.readouterr().err
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "cold.pt"), "--temperature", "300"]) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and "fitted to data at 350 K" in err and "not the system at 300 K" in err, err
+    assert load_exported(tmp_path / "cold.pt").temperature == 300.0

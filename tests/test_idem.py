@@ -144,7 +144,7 @@ def test_idem_exact_resume(tmp_path):
     b = torch.load(tmp_path / "b.ckpt", weights_only=True)
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
-    assert torch.equal(a["state"]["buffer"], b["state"]["buffer"])
+    assert torch.equal(a["engine"]["state"]["idem"]["buffer"], b["engine"]["state"]["idem"]["buffer"])
     assert a["summary"]["energy_evaluations"] == b["summary"]["energy_evaluations"]
     assert [json.loads(r)["step"] for r in (tmp_path / "b.jsonl").read_text().splitlines()] == list(range(1, 8))
     with pytest.raises(ValueError, match="different options: n_mc"):

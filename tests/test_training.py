@@ -75,11 +75,17 @@ def test_checkpoint_resume_is_exact_and_log_matches(tmp_path):
     ckpt, log = tmp_path / "run.ckpt", tmp_path / "metrics.jsonl"
     half = Trainer(flow, {"nll": 1}, data=data, val_data=data, config=TrainConfig(**{**cfg, "steps": 12}),
                    checkpoint=ckpt, reporters=[JSONLinesReporter(log, interval=1)])
-    for _ in range(8):  # "interrupted" after step 8: the checkpoint holds step 6
-        half.train_step()
-        if half.step % 6 == 0:
-            half.save()
+
+    def killed(engine=half.engine):  # a kill -9 after step 8: the checkpoint holds step 6
+        if engine.step == 8:
+            raise SystemExit("killed")
+
+    half.engine.after_step = killed
+    with pytest.raises(SystemExit):
+        half.run()
     assert torch.load(ckpt, weights_only=True)["step"] == 6
+    with open(log, "a") as torn:  # the kill tore the log's last line
+        torn.write('{"step": 9, "lo')
 
     torch.manual_seed(123)  # resuming must not depend on the caller's RNG state
     resumed_flow = CouplingFlow([True, False], n_layers=2, hidden=8, n_components=3)
@@ -90,7 +96,7 @@ def test_checkpoint_resume_is_exact_and_log_matches(tmp_path):
     for a, b in zip(straight.state_dict().values(), resumed_flow.state_dict().values()):
         assert torch.equal(a, b)
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
-    assert steps == list(range(7, 13))
+    assert steps == list(range(1, 13))  # the torn line and steps 7, 8 after the checkpoint are gone
 
 
 def test_early_stopping_restores_the_best_validation_state():

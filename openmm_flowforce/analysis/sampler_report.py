@@ -87,9 +87,9 @@ def evaluate_sampler(method: Any, model: torch.nn.Module, target: Any, reference
     """
     n = len(reference)
     shape = _particles(target)
-    torch.manual_seed(seed)
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):  # the caller's RNG is untouched
+        torch.manual_seed(seed)
         x = method.sample(model, n).detach().to(torch.float64)
     sampling_time = time.perf_counter() - start
     if shape is not None:

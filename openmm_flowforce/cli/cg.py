@@ -26,8 +26,9 @@ Methods:
 
 Writes CG.ckpt (self-contained model: net, mapping, temperature, CG topology) and CG.pdb
 (the CG topology, first mapped frame). Intermediate files CG.flow.ckpt, CG.samples.npz
-and CG.state.ckpt make a re-run of the same command continue where it stopped; delete
-them to start over with other options.
+and CG.state.ckpt make a re-run of the same command continue where it stopped (exactly,
+also after Ctrl-C). A re-run with other data or options is refused, naming what differs;
+--restart starts over and keeps the old files as NAME.prev.
 
 Config file (YAML; command-line flags win; sections are merged over the defaults; every
 value is checked and unknown keys are refused):
@@ -69,15 +70,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="flow samples to train the CG net on (default 20000)")
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML options (see below)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test (seconds; not a useful model)")
+    parser.add_argument("--restart", action="store_true",
+                        help="start over: ignore CG.flow.ckpt, CG.samples.npz, CG.state.ckpt (kept as NAME.prev)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _work_files(out: Path) -> dict[str, Path]:
+    work = out.with_suffix("") if out.suffix else out
+    return {suffix: work.with_name(work.name + suffix) for suffix in (".flow.ckpt", ".samples.npz", ".state.ckpt")}
 
 
 def files(args: argparse.Namespace) -> CommandFiles:
     out = Path(args.out)
-    work = out.with_suffix("") if out.suffix else out
     outputs = {"--out": out, "--out (CG.pdb next to it)": out.with_suffix(".pdb")}
-    outputs.update({f"--out ({suffix} next to it)": work.with_name(work.name + suffix)
-                    for suffix in (".flow.ckpt", ".samples.npz", ".state.ckpt")})
+    outputs.update({f"--out ({suffix} next to it)": path for suffix, path in _work_files(out).items()})
     return CommandFiles(inputs={**data_inputs(args, "DATA.npz"), "--config": args.config}, outputs=outputs,
                         resumable=True)
 
@@ -91,14 +97,27 @@ def run(args: argparse.Namespace) -> int:
     from openmm_flowforce.cli.config import load_config
     from openmm_flowforce.training.flow_matching import CG_OPTIONS, coarse_grain
 
+    from openmm_flowforce.engine import init_distributed, world
+
     torch.set_num_threads(1)
+    init_distributed(use_cuda=False)  # under torchrun: data parallel on CPU (gloo)
     options = {**(QUICK if args.quick else {}), **load_config(args.config, CG_OPTIONS)}
     if args.flow_samples is not None:
         options["flow_samples"] = args.flow_samples
     data = load_data_from_args(args)
+    if args.restart and world()[0] == 0:
+        from openmm_flowforce.engine import restart
+
+        restart(*_work_files(Path(args.out)).values())
+    if world()[1] > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # no process may read the work files while rank 0 moves them away
     result = coarse_grain(data.positions, data.topology, data.temperature, args.out, mapping=args.mapping,
                           method=args.method, forces=data.forces, options=options, progress=not args.quiet)
     info = result.info
+    if world()[0] != 0:
+        return 0
     print(f"method      {result.method}, mapping {args.mapping}: {data.n_atoms} atoms -> {result.mapping.n_beads} beads, "
           f"{data.n_frames} frames at {data.temperature:g} K")
     if "dropped_samples" in info:

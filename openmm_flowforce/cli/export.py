@@ -15,7 +15,9 @@ HELP = "export a trained model as a TorchScript file for OpenMM (and, with --com
 EPILOG = """\
 The TorchScript file computes U(x) = -kT log q(x) in kJ/mol from positions (N, 3) in nm
 and returns (energy, forces); TorchForce runs it with setOutputsForces(True). kT is fixed
-at export time (--temperature; CG models keep the temperature they were fitted at).
+at export time: by default the temperature of the data the model was fitted to (stored in
+MODEL.ckpt); --temperature T exports the same q at another kT, with a warning that MD at T
+then samples the fitted ensemble, not the system at T. CG models keep their own temperature.
 
 --compile also writes MODEL.pt2 beside MODEL.pt: the same energy and forces compiled ahead
 of time by AOTInductor (positions (N, 3) -> (energy, forces) in the package's dtype), for
@@ -24,7 +26,7 @@ minutes for a flow and needs a C++ compiler; a CUDA package must be compiled on 
 with the GPU (--device cuda).
 
 Examples:
-  flowforce export model.ckpt --out model.pt --temperature 300
+  flowforce export model.ckpt --out model.pt
   flowforce export model.ckpt --out model.pt --compile --dtype float32
   flowforce simulate model.pt --topology molecule.pdb --steps 10000 --out traj.dcd
 """
@@ -35,8 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("model", metavar="MODEL.ckpt", help="model checkpoint written by the trainer")
     parser.add_argument("--out", required=True, metavar="MODEL.pt", help="TorchScript file to write")
-    parser.add_argument("--temperature", type=flag(POSITIVE), default=300.0, metavar="K",
-                        help="temperature of the energy scale U = -kT log q, in kelvin (default: 300)")
+    parser.add_argument("--temperature", type=flag(POSITIVE), default=None, metavar="K",
+                        help="temperature of the energy scale U = -kT log q, in kelvin (default: the temperature "
+                             "of the data the model was fitted to; another one gets a warning that says what it "
+                             "means; CG models only export at their own)")
     parser.add_argument("--compile", action="store_true",
                         help="also compile an AOTInductor package MODEL.pt2 beside MODEL.pt (takes minutes)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
@@ -73,9 +77,15 @@ def run(args: argparse.Namespace) -> int:
     if compile_only and not args.compile:
         print(f"flowforce export: error: {', '.join(compile_only)} only apply with --compile", file=sys.stderr)
         return 2
+    import warnings
+
     try:
-        with legacy_user_errors():
+        with legacy_user_errors(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
             path = export_potential(args.model, args.out, temperature=args.temperature)
+        for warning in caught:
+            if issubclass(warning.category, UserWarning):
+                print(f"flowforce export: warning: {warning.message}", file=sys.stderr)
     except RuntimeError as error:
         print(f"flowforce export: export failed: {error}", file=sys.stderr)
         return 1

@@ -177,8 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FlowforceError as error:
         print(f"{name}: error: {_one_line(error)}", file=sys.stderr)
         return error.exit_code
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted (Ctrl-C); {_interrupted(files, started)}", file=sys.stderr)
+    except KeyboardInterrupt as stop:  # the trainers raise it with the signal's name, at a step boundary
+        how = "SIGTERM" if stop.args and stop.args[0] == "SIGTERM" else "Ctrl-C"
+        print(f"{name}: interrupted ({how}); {_interrupted(files, started)}", file=sys.stderr)
         return 130
     except OSError as error:
         if error.errno not in ENVIRONMENT_ERRNOS:

@@ -28,7 +28,10 @@ config file for `train` (YAML; command-line flags win):
   options: {n_mc: 500, batch: 256, steps: 3000, sigma_max: 3.0}   # the method's options
   target_options: {}                                             # keyword arguments of the target
 
-Re-running `train` with the same --out continues from the checkpoint (exact resume).
+Re-running `train` with the same --out continues from the checkpoint (exact resume, also
+after Ctrl-C or SIGTERM, which finish the current step and save). Other options than the
+checkpoint's (but steps, checkpoint_every, log_every) are refused, naming what differs;
+--restart starts over and keeps the old file as S.ckpt.prev.
 """
 
 #: ``flowforce sampler train --config``: top-level keys (the method checks its options,
@@ -53,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--config", metavar="FILE.yaml", help="YAML with 'options' and 'target_options'")
     train.add_argument("--seed", type=flag(SEED), help="random seed (method default otherwise)")
     train.add_argument("--log", metavar="METRICS.jsonl", help="metrics log (default: S.ckpt with .jsonl)")
+    train.add_argument("--restart", action="store_true",
+                       help="start over even if S.ckpt exists (it is kept as S.ckpt.prev)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sample = sub.add_parser("sample", help="draw samples from a trained sampler into a .npy file",
@@ -128,6 +133,10 @@ def _train(args: argparse.Namespace) -> int:
         options["seed"] = args.seed
     options = method.options(options, where=str(args.config or ""))
     out = Path(args.out)
+    if args.restart:
+        from openmm_flowforce.engine import restart
+
+        restart(out, args.log or default_log_path(out))
     model = method.build(target, options)
     summary = method.train(model, target, options, out, progress=not args.quiet,
                            log_path=args.log or default_log_path(out))

@@ -21,6 +21,8 @@ examples:
   flowforce train ala2.npz --out ala2.ckpt --epochs 20
   flowforce train ala2.npz --out ala2.ckpt --loss nll=1,force=0.001 --config train.yaml
   flowforce train run1.xtc run2.xtc --topology ala2.pdb --forces forces.npy --stride 10 --out ala2.ckpt
+  torchrun --nproc-per-node 4 -m openmm_flowforce.cli.main train big.npz --out big.ckpt --batch-size 1024
+      (data parallel: each process takes a quarter of every batch; NCCL on GPUs, gloo on CPU)
 
 config file (YAML; command-line flags win; every value is checked, unknown keys refused):
   flow:  {transform: smooth, n_layers: 8, hidden: [128, 128], n_components: 8}
@@ -29,8 +31,10 @@ config file (YAML; command-line flags win; every value is checked, unknown keys 
   epochs: 20
   val_fraction: 0.1
 
-Re-running the same command continues from MODEL.ckpt if it exists (exact resume);
-Ctrl-C saves the model so far to MODEL.ckpt first.
+Re-running the same command continues from MODEL.ckpt if it exists (exact resume; --steps
+or --epochs may grow). A MODEL.ckpt trained from other data or with other flow options is
+refused, naming what differs; --restart starts over and keeps the old file as MODEL.ckpt.prev.
+Ctrl-C (or SIGTERM) finishes the current step and saves MODEL.ckpt first.
 """
 
 
@@ -61,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=flag(TRAIN["seed"]), help="random seed (default 0)")
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML options (see below)")
     parser.add_argument("--log", metavar="METRICS.jsonl", help="metrics log (default: MODEL.ckpt with .jsonl)")
+    parser.add_argument("--restart", action="store_true",
+                        help="start over even if MODEL.ckpt exists (it is kept as MODEL.ckpt.prev)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -79,7 +85,10 @@ def run(args: argparse.Namespace) -> int:
     from openmm_flowforce.training import TrainConfig, parse_loss_weights
     from openmm_flowforce.training.boltzmann import split_frames, steps_for_epochs, train_boltzmann_generator
 
+    from openmm_flowforce.engine import init_distributed, world
+
     torch.set_num_threads(1)
+    device = init_distributed() or torch.device("cpu")  # under torchrun: one process per GPU, or gloo on CPU
     cfg = load_config(args.config, config_schema())
     data = load_data_from_args(args)
     weights = parse_loss_weights(args.loss or cfg.get("loss", DEFAULT_LOSS if data.forces is not None else "nll=1"),
@@ -106,11 +115,22 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig.from_dict(train)
     out = Path(args.out)
     log = _log_path(args)
+    if args.restart and world()[0] == 0:
+        from openmm_flowforce.engine import restart
+
+        restart(out, log)
+    if world()[1] > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # no process may read MODEL.ckpt while rank 0 moves it away
     model, trainer = train_boltzmann_generator(
         data.topology, data.positions, out, forces_kj_mol_nm=data.forces, temperature=data.temperature,
         weights=weights, flow=flow, config=config, val_fraction=val_fraction, log_path=log,
-        progress=not args.quiet, extra_metadata={"data_source": data.source, "system_xml": data.system_xml})
+        progress=not args.quiet, extra_metadata={"data_source": data.source, "system_xml": data.system_xml},
+        device=device)
     best = f", best validation NLL {trainer.best_val:.3f}" if trainer.best_state is not None else ""
     stop = " (stopped early)" if trainer.stopped_early else ""
+    if world()[0] != 0:
+        return 0
     print(f"trained {trainer.step} steps{stop}{best}; model: {out}; metrics: {log}")
     return 0

@@ -43,7 +43,7 @@ import torch
 
 from ..conventions import in_openmm_units, kT
 from ..errors import FlowforceError, OptionError
-from ..md.doctor import quiet_openmmtorch_logging
+from .probes import quiet_openmmtorch_logging
 from ..potentials.boltzmann import BoltzmannGenerator
 from .compiled import CompiledPotential, is_package_file, load_package, read_package_metadata
 from .models import DEFAULT_TEMPERATURE
@@ -93,9 +93,9 @@ def resolve_potential(model_or_path: Any, temperature: Any = None) -> PotentialS
         model_or_path: ``BoltzmannGenerator``, checkpoint path (``.ckpt``), exported
             TorchScript path (``.pt`` from ``flowforce export``), compiled package path
             (``.pt2``, recognised by its metadata), or a ``PotentialSource``.
-        temperature: K (a number or an ``openmm.unit`` Quantity). Default: 300 K for models
-            and checkpoints, the stored one for exported files and packages (which cannot be
-            re-scaled: a different value is an error).
+        temperature: K (a number or an ``openmm.unit`` Quantity). Default: 300 K for model
+            objects, the data's for checkpoints, the stored one for exported files and packages
+            (which cannot be re-scaled: a different value is an error).
 
     Raises:
         FileNotFoundError: the path does not exist.
@@ -135,7 +135,9 @@ def resolve_potential(model_or_path: Any, temperature: Any = None) -> PotentialS
         if kind in CHECKPOINTS_TO_EXPORT:
             raise ValueError(f"{path} is a {kind} checkpoint; export it first ({CHECKPOINTS_TO_EXPORT[kind]}) and "
                              "pass the .pt file")
-        return resolve_potential(load_model_float64(path), temperature)
+        from .models import flow_temperature
+
+        return resolve_potential(load_model_float64(path), flow_temperature(path, temperature))
     raise TypeError(f"expected a BoltzmannGenerator or the path of a checkpoint, exported .pt file or compiled "
                     f".pt2 package, got {type(model_or_path).__name__}")
 
@@ -164,7 +166,7 @@ class Backend:
 @functools.lru_cache(maxsize=1)
 def _torchforce_unavailable() -> str | None:
     """Why TorchForce cannot run here (import or toy-force failure), or None. Cached."""
-    from ..md.doctor import FORCE_BACKENDS, check_force
+    from .probes import FORCE_BACKENDS, check_force
 
     try:
         with quiet_openmmtorch_logging():

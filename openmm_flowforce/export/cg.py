@@ -30,13 +30,13 @@ import torch
 
 from ..io import CHECKPOINT_FORMAT, load_checkpoint
 from ..potentials.cg_net import MODEL_KIND, CGEnergyNet, load_cg_net
-from .torchscript import EXPORT_FORMAT, OUTPUTS_ENERGY_FORCES, FlowPotential, _quiet_jit, save_exported
+from .scripted import EXPORT_FORMAT, OUTPUTS_ENERGY_FORCES, FlowPotential, _quiet_jit, save_exported
 
 __all__ = ["build_cg_module", "export_cg_potential", "resolve_cg_model"]
 
 
 def build_cg_module(net: CGEnergyNet) -> torch.jit.ScriptModule:
-    """The scripted :class:`~.torchscript.FlowPotential` wrapper around a float64 eval-mode copy of ``net``."""
+    """The scripted :class:`~.scripted.FlowPotential` wrapper around a float64 eval-mode copy of ``net``."""
     import copy
 
     frozen = copy.deepcopy(net).to(torch.float64).eval()

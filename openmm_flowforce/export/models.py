@@ -40,6 +40,7 @@ to rounding.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -52,6 +53,7 @@ from ..potentials.boltzmann import BoltzmannGenerator
 from ..potentials.cg_net import MODEL_KIND as CG_KIND
 
 __all__ = ["CGEnergy", "DEFAULT_TEMPERATURE", "ENERGY_MODULES", "ExportableModel", "FlowEnergy", "energy_module",
+           "flow_temperature",
            "resolve_exportable"]
 
 #: Temperature (K) of U = −kT·log q when a flow model or checkpoint is given without one.
@@ -81,14 +83,48 @@ class ExportableModel:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def flow_temperature(model_or_path: Any, temperature: Any = None) -> float:
+    """The temperature (K) at which a flow is exported: ``temperature`` if given, else the one
+    stored in its checkpoint (that of the data it was fitted to), else :data:`DEFAULT_TEMPERATURE`.
+
+    Another temperature than the stored one is allowed, with a warning that says what it means:
+    U = −kT′·log q is the potential whose Boltzmann distribution at T′ is the learned q, i.e.
+    the ensemble at the fitted temperature, not the system at T′.
+    """
+    import os
+    import warnings
+
+    stored = None
+    if isinstance(model_or_path, (str, os.PathLike)):
+        from ..io import load_checkpoint
+
+        try:
+            stored = load_checkpoint(model_or_path).get("metadata", {}).get("temperature")
+        except Exception:  # noqa: BLE001 - not a checkpoint: the loader of the caller says what is wrong
+            stored = None
+    if temperature is None:
+        t = DEFAULT_TEMPERATURE if stored is None else float(stored)
+    else:
+        from ..conventions import in_openmm_units
+
+        t = float(in_openmm_units(temperature, "temperature", "temperature"))
+        if stored is not None and not math.isclose(t, float(stored)):
+            warnings.warn(f"{model_or_path} was fitted to data at {float(stored):g} K and is exported at {t:g} K: "
+                          f"U = -kT log q at {t:g} K makes MD at {t:g} K sample the learned {float(stored):g} K "
+                          f"ensemble, not the system at {t:g} K (omit the temperature to export at "
+                          f"{float(stored):g} K)", UserWarning, stacklevel=2)
+    kT(t)  # validates
+    return t
+
+
 def resolve_exportable(model_or_path: Any, temperature: Any = None) -> ExportableModel:
     """An :class:`ExportableModel` from a model object, a checkpoint/model file, or a CG tuple.
 
     Args:
         model_or_path: ``BoltzmannGenerator`` or its checkpoint path; a CG model file or
             ``(CGEnergyNet, CGMapping, topology_pdb)``.
-        temperature: K. Flows: default :data:`DEFAULT_TEMPERATURE`. CG nets: None or the
-            temperature they were fitted at.
+        temperature: K. Flows: default the checkpoint's (:func:`flow_temperature`). CG nets:
+            None or the temperature they were fitted at.
 
     Raises:
         FileNotFoundError, ValueError, TypeError: as the TorchScript exporters (an exported
@@ -109,8 +145,7 @@ def resolve_exportable(model_or_path: Any, temperature: Any = None) -> Exportabl
     if kind not in (None, FLOW_KIND):
         raise ValueError(f"cannot export a model of kind {kind!r}; exportable kinds: {', '.join(ENERGY_MODULES)}")
     bg = _as_model(model_or_path)  # raises for anything that is not a flow model or its checkpoint
-    t = DEFAULT_TEMPERATURE if temperature is None else float(temperature)
-    kT(t)  # validates
+    t = flow_temperature(model_or_path, temperature)
     bg = copy.deepcopy(bg).to(torch.float64).eval()
     return ExportableModel(FLOW_KIND, bg, t, bg.n_atoms, bg.topology_pdb)
 

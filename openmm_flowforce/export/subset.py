@@ -100,7 +100,7 @@ def learned_force_particles(force: Any) -> list[int] | None:
 
     if isinstance(force, openmm.PythonForce):
         return [int(p) for p in force.getParticles()] or None
-    from ..md.doctor import quiet_openmmtorch_logging
+    from .probes import quiet_openmmtorch_logging
 
     try:
         with quiet_openmmtorch_logging():

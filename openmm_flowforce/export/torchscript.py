@@ -29,7 +29,6 @@ measure-zero set (see :mod:`openmm_flowforce.coordinates.internal`).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 import json
@@ -38,30 +37,22 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..conventions import in_openmm_units, kT
-from ..io import atomic_write_bytes
 from ..potentials.boltzmann import BoltzmannGenerator, load_boltzmann_generator
+from .scripted import EXPORT_FORMAT, METADATA_FILE, OUTPUTS_ENERGY_FORCES, FlowPotential, _quiet_jit, save_exported
 
 __all__ = ["EXPORTERS", "EXPORT_FORMAT", "ExportedPotential", "OUTPUTS_ENERGY_FORCES", "export_potential",
            "is_exported_file", "load_exported", "load_model_float64", "model_kind", "outputs_forces",
            "read_export_metadata"]
 
-#: Format tag stored in every exported file.
-EXPORT_FORMAT = "openmm-flowforce/torchscript/1"
-#: Name of the JSON metadata entry inside the TorchScript archive.
-METADATA_FILE = "flowforce.json"
 #: Energies of the traced graph must match eager ones to this relative tolerance (float64).
 TRACE_RTOL = 1e-10
-#: Metadata ``outputs`` of files whose module returns ``(energy, forces)``.
-OUTPUTS_ENERGY_FORCES = "energy_forces"
-
-
 def outputs_forces(metadata: dict[str, Any]) -> bool:
     """True when the exported module returns ``(energy, forces)``; False for the energy-only
     files written before forces moved into the module."""
@@ -76,15 +67,6 @@ def read_pdb_text(text: str) -> tuple[Any, np.ndarray]:
     return pdb.topology, np.asarray(pdb.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
 
 
-@contextlib.contextmanager
-def _quiet_jit() -> Iterator[None]:
-    """Silence torch's TorchScript deprecation warnings: openmm-torch reads TorchScript only,
-    so they are not actionable for users of this module."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+.* is deprecated", category=DeprecationWarning)
-        yield
-
-
 class _EnergyCore(nn.Module):
     """U(x) = −kT·log q(x) for positions ``(B, N, 3)`` nm, float64: the function that is traced."""
 
@@ -95,38 +77,6 @@ class _EnergyCore(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model.energy(x, self.temperature)
-
-
-class FlowPotential(nn.Module):
-    """The scripted module OpenMM-torch calls: ``(N, 3)`` nm → (energy 0-dim kJ/mol,
-    forces ``(N, 3)`` kJ/mol/nm), in the positions' dtype.
-
-    Shared by every exported potential (flow and CG): the core maps float64 positions
-    ``(1, N, 3)`` to energies ``(1,)``; the forces are −∂U/∂x by autograd, taken here so
-    that OpenMM-torch need not (``TorchForce.setOutputsForces(True)``). The input is
-    detached first: OpenMM-torch hands in positions that require grad, and the returned
-    tensors carry no graph.
-
-    Args:
-        core: e.g. the traced :class:`_EnergyCore` of a flow, or a CG energy net.
-        n_atoms: N, checked on every call.
-    """
-
-    def __init__(self, core: nn.Module, n_atoms: int):
-        super().__init__()
-        self.core = core
-        self.n_atoms = n_atoms
-
-    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        if positions.dim() != 2 or positions.size(0) != self.n_atoms or positions.size(1) != 3:
-            raise ValueError("learned potential: expected positions of shape (" + str(self.n_atoms)
-                             + ", 3) in nm, got " + str(positions.shape))
-        x = positions.detach().to(torch.float64).requires_grad_(True)
-        energy = self.core(x.unsqueeze(0))
-        grads = torch.autograd.grad([energy.sum()], [x])
-        gradient = grads[0]
-        assert gradient is not None
-        return energy.detach().reshape(()).to(positions.dtype), (-gradient).to(positions.dtype)
 
 
 @dataclass
@@ -177,14 +127,8 @@ class ExportedPotential:
 
 
 def load_model_float64(path: str | os.PathLike) -> BoltzmannGenerator:
-    """:func:`load_boltzmann_generator` with the model built in float64, so the stored weights
-    are not rounded through float32 buffers when the default dtype is float32."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        return load_boltzmann_generator(path)
-    finally:
-        torch.set_default_dtype(old)
+    """:func:`load_boltzmann_generator` in float64 (what the exporters trace)."""
+    return load_boltzmann_generator(path, torch.float64)
 
 
 def _as_model(model: BoltzmannGenerator | str | os.PathLike) -> BoltzmannGenerator:
@@ -265,13 +209,16 @@ def build_exported_module(model: BoltzmannGenerator, temperature: Any = 300.0,
 
 
 def export_potential(model: BoltzmannGenerator | str | os.PathLike, out_path: str | os.PathLike,
-                     temperature: Any = 300.0, example_positions: Tensor | None = None) -> Path:
+                     temperature: Any = None, example_positions: Tensor | None = None) -> Path:
     """Write the flow potential U = −kT·log q as a TorchScript file for ``openmmtorch.TorchForce``.
 
     Args:
         model: a :class:`BoltzmannGenerator`, or the path of a trainer checkpoint of one.
         out_path: file to write (atomically: a reader never sees a partial file).
         temperature: K or an ``openmm.unit`` Quantity; the energy scale is fixed at export time.
+            Default: the temperature stored in the checkpoint (the data's; 300 K for a model
+            object), see :func:`~openmm_flowforce.export.models.flow_temperature`. CG models
+            are exported at the temperature they were fitted at.
         example_positions: positions to trace on (default: those in the model's PDB).
 
     Returns:
@@ -285,7 +232,10 @@ def export_potential(model: BoltzmannGenerator | str | os.PathLike, out_path: st
     exporter = EXPORTERS.get(model_kind(model))
     if exporter is not None:
         return exporter(model, out_path, temperature)
+    from .models import flow_temperature  # models imports this module's helpers when called
+
     bg = _as_model(model)
+    temperature = flow_temperature(model, temperature)
     module = build_exported_module(bg, temperature, example_positions)
     metadata = {"format": EXPORT_FORMAT, "temperature": float(temperature), "n_atoms": bg.n_atoms,
                 "torch_version": torch.__version__, "outputs": OUTPUTS_ENERGY_FORCES,
@@ -293,27 +243,15 @@ def export_potential(model: BoltzmannGenerator | str | os.PathLike, out_path: st
     return save_exported(module, metadata, bg.topology_pdb, out_path)
 
 
-def save_exported(module: torch.jit.ScriptModule, metadata: dict[str, Any], topology_pdb: str,
-                  out_path: str | os.PathLike) -> Path:
-    """Write a scripted potential with its metadata and topology, atomically."""
-    extra = {METADATA_FILE: json.dumps(metadata, indent=1), "topology.pdb": topology_pdb}
-    buffer = io.BytesIO()
-    with _quiet_jit():
-        torch.jit.save(module, buffer, _extra_files=extra)
-    out = Path(out_path)
-    atomic_write_bytes(out, buffer.getvalue())
-    return out
-
-
-def _export_cg(model: Any, out_path: str | os.PathLike, temperature: float) -> Path:
-    from .cg import export_cg_potential  # imports this module: import it when needed
+def _export_cg(model: Any, out_path: str | os.PathLike, temperature: float | None) -> Path:
+    from .cg import export_cg_potential  # heavy and rarely needed: imported on use
 
     return export_cg_potential(model, out_path, temperature)
 
 
 #: Model kind (the ``kind`` in a checkpoint's metadata) → exporter ``(model, out, temperature)``
 #: for the kinds :func:`export_potential` does not trace itself (it handles Boltzmann generators).
-EXPORTERS: dict[str, Callable[[Any, str | os.PathLike, float], Path]] = {"cg_energy_net": _export_cg}
+EXPORTERS: dict[str, Callable[[Any, str | os.PathLike, float | None], Path]] = {"cg_energy_net": _export_cg}
 
 
 def model_kind(model: Any) -> str | None:

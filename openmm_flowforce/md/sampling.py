@@ -52,14 +52,14 @@ def sample_boltzmann_generator(model_path: str | Path, n: int, out: str | Path, 
     metadata = state.get("metadata", {})
     model: BoltzmannGenerator = model_from_checkpoint(state, model_path)
     system = _reference_system(metadata, model_path, trust) if reweight else None
-    model.eval()
-    model.to(next(v.dtype for k, v in state["model"].items() if k.startswith("flow.") and v.is_floating_point()))
-    torch.manual_seed(seed)
+    model.eval()  # in the dtype it was trained in (the loaders' one rule)
     xs, log_qs = [], []
-    for start in range(0, n, batch):
-        x, log_q = model.sample_and_log_prob(min(batch, n - start))
-        xs.append(x.double())
-        log_qs.append(log_q.double())
+    with torch.random.fork_rng(devices=[]):  # the samples come from the seed; the caller's RNG is untouched
+        torch.manual_seed(seed)
+        for start in range(0, n, batch):
+            x, log_q = model.sample_and_log_prob(min(batch, n - start))
+            xs.append(x.double())
+            log_qs.append(log_q.double())
     x, log_q = torch.cat(xs), torch.cat(log_qs)
     arrays: dict[str, np.ndarray] = {"positions": x.numpy().astype(np.float32), "log_q": log_q.numpy(),
                                      "topology_pdb": np.array(model.topology_pdb)}

@@ -94,8 +94,13 @@ def build_from_metadata(metadata: dict[str, Any]) -> BoltzmannGenerator:
     return BoltzmannGenerator(ic, CouplingFlow(**metadata["flow"]), metadata["topology_pdb"])
 
 
-def model_from_checkpoint(state: dict[str, Any], path: str | Path) -> BoltzmannGenerator:
+def model_from_checkpoint(state: dict[str, Any], path: str | Path,
+                          dtype: torch.dtype | None = None) -> BoltzmannGenerator:
     """The trained model held by ``state``, a checkpoint already loaded from ``path``.
+
+    The one dtype rule of every Boltzmann-generator loader: the model is built and loaded in
+    float64 (so no stored weight or derived constant is rounded on the way), then cast to
+    ``dtype``, by default the dtype of the stored flow weights (the one it was trained in).
 
     Raises:
         BadFileError: the checkpoint holds another kind of model, or its metadata and
@@ -106,14 +111,22 @@ def model_from_checkpoint(state: dict[str, Any], path: str | Path) -> BoltzmannG
     if kind != MODEL_KIND:
         raise BadFileError(f"{path} holds a {kind or 'model of unknown kind'}, not a Boltzmann generator "
                            "(flowforce train writes those)")
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
     try:
         model = build_from_metadata(metadata)
         model.load_state_dict(state["model"])
     except (KeyError, TypeError, RuntimeError, IndexError) as error:  # the file's contents, not the code
         raise bad_file(path, "a Boltzmann generator checkpoint", error, "re-create it with flowforce train") from None
-    return model
+    finally:
+        torch.set_default_dtype(old)
+    if dtype is None:
+        stored = [v.dtype for k, v in state["model"].items() if k.startswith("flow.") and v.is_floating_point()]
+        dtype = stored[0] if stored else old
+    return model.to(dtype)
 
 
-def load_boltzmann_generator(path: str | Path) -> BoltzmannGenerator:
-    """Load a trained Boltzmann generator from a trainer checkpoint (``weights_only``)."""
-    return model_from_checkpoint(load_checkpoint(path, CHECKPOINT_FORMAT, required=("model",)), path)
+def load_boltzmann_generator(path: str | Path, dtype: torch.dtype | None = None) -> BoltzmannGenerator:
+    """Load a trained Boltzmann generator from a trainer checkpoint (``weights_only``), in
+    ``dtype`` (default: the dtype it was trained in; see :func:`model_from_checkpoint`)."""
+    return model_from_checkpoint(load_checkpoint(path, CHECKPOINT_FORMAT, required=("model",)), path, dtype)

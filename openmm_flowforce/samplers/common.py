@@ -23,7 +23,6 @@ None and must be passed to :func:`load_sampler` explicitly.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
@@ -32,7 +31,6 @@ import torch
 
 from ..io import load_checkpoint
 from ..targets.registry import get_target
-from ..reporters import JSONLinesReporter, TrainState
 from .registry import SamplerMethod, get_method
 from ..errors import FlowforceError
 
@@ -95,25 +93,29 @@ def load_sampler(path: str | os.PathLike, target: Any = None) -> LoadedSampler:
     return LoadedSampler(method, target, options, model, ckpt)
 
 
-class SamplerLogReporter(JSONLinesReporter):
-    """:class:`JSONLinesReporter` whose rows also carry sampler counters.
+#: Options that may differ between a checkpoint and the run resuming it.
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every")
 
-    ``extra()`` is called at every report and its mapping (e.g. energy evaluations so far)
-    is added to the row under its own keys, not as ``loss_*``.
-    """
 
-    def __init__(self, path: str | os.PathLike, extra: Callable[[], Mapping[str, Any]], interval: int = 10,
-                 resume_step: int | None = None):
-        super().__init__(path, interval=interval, resume_step=resume_step)
-        self._extra = extra
+def sampler_fingerprint(target: Any, options: Mapping[str, Any]) -> dict[str, Any]:
+    """What a sampler is trained from: the target (name and keyword arguments) and the
+    resolved options but :data:`RESUMABLE_CHANGES` (see :func:`~openmm_flowforce.engine.fingerprint`)."""
+    from ..engine import fingerprint
 
-    def report(self, state: TrainState) -> None:
-        row: dict[str, Any] = {"step": state.step, "lr": state.lr, "elapsed_s": round(state.elapsed_s, 3)}
-        row.update({f"loss_{k}": v for k, v in state.losses.items()})
-        row.update(self._extra())
-        self._fh.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                                   for k, v in row.items()}) + "\n")
-        self._fh.flush()
+    spec = target_spec(target)
+    return fingerprint(json.dumps(spec, sort_keys=True, default=str),
+                       {k: v for k, v in options.items() if k not in RESUMABLE_CHANGES})
+
+
+def check_method(name: str) -> Callable[[dict[str, Any]], None]:
+    """A check for :class:`~openmm_flowforce.engine.Engine` that a checkpoint is of method ``name``."""
+
+    def check(ckpt: dict[str, Any]) -> None:
+        if ckpt.get("method") != name:
+            raise FlowforceError(f"cannot resume: the checkpoint is a {ckpt.get('method')!r} sampler, not {name!r}; "
+                                 "give another --out or start over with --restart")
+
+    return check
 
 
 def default_log_path(checkpoint: str | os.PathLike) -> Path:

@@ -12,29 +12,24 @@ Checkpoints follow :mod:`openmm_flowforce.samplers.common` (so ``load_sampler`` 
 CLI rebuild any method's model): ``format``, ``method``, ``target``, ``options`` (resolved),
 ``model``, ``summary`` (``steps``, ``energy_evaluations``, ``wall_time_s``, ``final_loss``)
 and ``state`` (optimizer, torch RNG, the method's ``extra`` state: FAB's buffer and HMC
-step sizes). A run whose checkpoint exists resumes from it; only ``steps``,
-``checkpoint_every`` and ``log_every`` may change on resume.
+step sizes). The loop is the training engine's; a run whose checkpoint exists resumes from
+it; only ``steps``, ``checkpoint_every`` and ``log_every`` may change on resume.
 """
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
 from ..flows import RealFlow
-from ..io import RESUME_FIX, load_checkpoint, save_checkpoint
-from ..reporters import ProgressReporter, TrainState
-from .common import SAMPLER_CHECKPOINT_FORMAT, SamplerLogReporter, particle_shape, target_spec
+from ..engine import Engine, StateOf
+from .common import SAMPLER_CHECKPOINT_FORMAT, check_method, particle_shape, sampler_fingerprint, target_spec
 from .registry import SamplerMethod
 from ..errors import FlowforceError
 
 Tensor = torch.Tensor
-
-#: Options that may differ between a checkpoint and the run resuming it.
-_RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every")
 
 #: Per-target defaults for options left at None. ``scale`` is the std of the initial
 #: Gaussian (GMM-40's means are uniform in [−40, 40]², std ≈ 23; DW-4 and LJ positions
@@ -197,83 +192,51 @@ class FlowSamplerMethod(SamplerMethod):
     # -- the loop ----------------------------------------------------------------------
     def train(self, model: RealFlow, target: Any, options: Mapping[str, Any], checkpoint: str | Path,
               progress: bool = True, log_path: str | Path | None = None) -> dict[str, Any]:
-        """Train ``model`` (from :meth:`build`) to ``options['steps']`` steps.
+        """Train ``model`` (from :meth:`build`) to ``options['steps']`` steps on the
+        :class:`~openmm_flowforce.engine.Engine`.
 
-        Resumes from ``checkpoint`` when it exists (same method and options up to
-        ``steps``, ``checkpoint_every``, ``log_every``): parameters, optimizer, torch RNG,
+        Resumes from ``checkpoint`` when it exists (same method, target and options up to
+        ``steps``, ``checkpoint_every``, ``log_every``): parameters, optimizer, RNG streams,
         counters and method state are restored, so an interrupted and resumed run equals
         an uninterrupted one. Writes the checkpoint atomically every ``checkpoint_every``
-        steps, at the end and on Ctrl-C. The metrics log (JSON lines) gets a row every
-        ``log_every`` steps when ``log_path`` is given.
+        steps, at the end and on Ctrl-C/SIGTERM (after the step in flight). The metrics log
+        (JSON lines) gets a row every ``log_every`` steps when ``log_path`` is given.
 
         Returns:
             ``steps``, ``energy_evaluations``, ``wall_time_s``, ``final_loss``,
             ``resumed_from`` and the last step's metrics.
         """
         opts = resolve_options(self.options(options), target)
-        checkpoint = Path(checkpoint)
         optimizer = torch.optim.Adam(model.parameters(), lr=float(opts["lr"]))
         energy = EnergyCounter(target)
         extra = self.init_extra(model, target, opts)
-        step, wall, resumed_from = 0, 0.0, None
-        if checkpoint.exists():
-            ckpt = load_checkpoint(checkpoint, expected_format=SAMPLER_CHECKPOINT_FORMAT, fix=RESUME_FIX)
-            if ckpt.get("method") != self.name:
-                raise FlowforceError(f"{checkpoint} is a {ckpt.get('method')!r} checkpoint, not {self.name!r}")
-            changed = sorted(k for k, v in ckpt["options"].items()
-                             if k not in _RESUMABLE_CHANGES and opts.get(k) != v)
-            if changed:
-                raise FlowforceError(f"cannot resume {checkpoint} with different options: {', '.join(changed)} (only "
-                                     f"{', '.join(_RESUMABLE_CHANGES)} may change); use another checkpoint path")
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["state"]["optimizer"])
-            self.load_extra(extra, ckpt["state"]["extra"])
-            torch.set_rng_state(ckpt["state"]["rng_torch"])
-            summary = ckpt["summary"]
-            step, energy.count = int(summary["steps"]), int(summary["energy_evaluations"])
-            wall = float(summary["wall_time_s"])
-            resumed_from = step
-        else:
-            torch.manual_seed(int(opts["seed"]))
         ctx = TrainContext(model, energy, optimizer, opts, extra)
-        total, every = int(opts["steps"]), int(opts["log_every"])
         metrics: dict[str, float] = {}
-        reporters = []
-        if log_path is not None:
-            reporters.append(SamplerLogReporter(log_path, lambda: {"energy_evaluations": energy.count, **metrics},
-                                                interval=every, resume_step=resumed_from))
-        if progress:
-            reporters.append(ProgressReporter(total, initial=min(step, total), interval=every, desc=self.name))
-        start = time.perf_counter() - wall
+
+        def step() -> dict[str, float]:
+            metrics.clear()
+            metrics.update(self.train_step(ctx))
+            return {self.name: metrics["loss"]}
 
         def summary() -> dict[str, Any]:
-            return {"steps": step, "energy_evaluations": energy.count, "wall_time_s": time.perf_counter() - start,
+            return {"steps": engine.step, "energy_evaluations": energy.count, "wall_time_s": engine.elapsed(),
                     "final_loss": metrics.get("loss", math.nan)}
 
-        def save() -> None:
-            save_checkpoint({"format": SAMPLER_CHECKPOINT_FORMAT, "method": self.name, "target": target_spec(target),
-                             "options": dict(opts), "model": model.state_dict(), "summary": summary(),
-                             "state": {"optimizer": optimizer.state_dict(), "rng_torch": torch.get_rng_state(),
-                                       "extra": self.extra_state(extra)}}, checkpoint)
+        def set_count(count: int) -> None:
+            energy.count = int(count)
 
-        try:
-            model.train()
-            while step < total:
-                metrics = self.train_step(ctx)
-                step += 1
-                if step % every == 0 or step == total:
-                    state = TrainState(step, total, {self.name: metrics["loss"]}, float(opts["lr"]),
-                                       time.perf_counter() - start)
-                    for reporter in reporters:
-                        reporter.report(state)
-                if step % int(opts["checkpoint_every"]) == 0 and step < total:
-                    save()
-        except KeyboardInterrupt:
-            save()
-            raise
-        finally:
-            for reporter in reporters:
-                reporter.close()
-        model.eval()
-        save()
-        return {**summary(), "resumed_from": resumed_from, **metrics}
+        engine = Engine(
+            model, step, int(opts["steps"]), optimizer=optimizer, checkpoint=checkpoint,
+            checkpoint_every=int(opts["checkpoint_every"]), fmt=SAMPLER_CHECKPOINT_FORMAT,
+            payload=lambda: {"format": SAMPLER_CHECKPOINT_FORMAT, "method": self.name, "target": target_spec(target),
+                             "options": dict(opts), "summary": summary()},
+            fingerprint=sampler_fingerprint(target, opts), check=check_method(self.name),
+            state={"extra": StateOf(lambda: self.extra_state(extra), lambda state: self.load_extra(extra, state)),
+                   "energy_evaluations": StateOf(lambda: energy.count, set_count),
+                   "metrics": StateOf(lambda: dict(metrics), metrics.update)},
+            log_path=log_path, log_every=int(opts["log_every"]),
+            log_extra=lambda: {"energy_evaluations": energy.count, **metrics}, progress=self.name if progress else None,
+            seed=int(opts["seed"]))
+        engine.resume()
+        engine.run()
+        return {**summary(), "resumed_from": engine.resumed_from, **metrics}

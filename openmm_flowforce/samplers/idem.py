@@ -38,17 +38,16 @@ probability-flow ODE; neither is implemented yet).
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
-from ..io import RESUME_FIX, load_checkpoint, save_checkpoint
+from ..engine import Engine, StateOf
 from ..nn.egnn import EGNN
 from ..nn.mlp import MLP
-from .common import (SAMPLER_CHECKPOINT_FORMAT, SamplerLogReporter, particle_shape, target_spec)
+from .common import SAMPLER_CHECKPOINT_FORMAT, check_method, particle_shape, sampler_fingerprint, target_spec
 from .registry import SamplerMethod, register_method
 from ..errors import FlowforceError
 
@@ -375,22 +374,31 @@ class IDEM(SamplerMethod):
 
 
 class _Trainer:
-    """One iDEM training run: state, loop, checkpoints."""
+    """One iDEM training run: its state and step; the loop is the engine's."""
 
     def __init__(self, method: IDEM, model: IDEMModel, target: Any, opts: dict[str, Any], checkpoint: Path,
                  progress: bool, log_path: str | Path | None):
         self.method, self.model, self.target, self.opts = method, model, target, opts
-        self.checkpoint, self.progress = checkpoint, progress
-        self.log_path = Path(log_path) if log_path is not None else None
         self.particles = particle_shape(target)
         self.dtype = next(model.parameters()).dtype
         self.optimizer = torch.optim.Adam(model.parameters(), lr=opts["lr"])
         self.generator = torch.Generator().manual_seed(int(opts["seed"]))
         self.buffer = ReplayBuffer(model.dim, opts["buffer_size"], self.dtype)
-        self.step, self.energy_evaluations, self.wall_time_s = 0, 0, 0.0
-        self.resumed_from: int | None = None
+        self.energy_evaluations = 0
         self.last_loss = math.nan
         self.last_generated_energy = math.nan
+        self.engine = Engine(
+            model, self.step, opts["steps"], optimizer=self.optimizer, checkpoint=checkpoint,
+            checkpoint_every=opts["checkpoint_every"], fmt=SAMPLER_CHECKPOINT_FORMAT,
+            payload=lambda: {"format": SAMPLER_CHECKPOINT_FORMAT, "method": method.name,
+                             "target": target_spec(target), "options": dict(opts), "summary": self.summary()},
+            fingerprint=sampler_fingerprint(target, opts), check=check_method(method.name),
+            state={"idem": StateOf(self._state, self._load_state)}, generators={"idem": self.generator},
+            log_path=log_path, log_every=opts["log_every"],
+            log_extra=lambda: {"energy_evaluations": self.energy_evaluations,
+                               "generated_energy_median": self.last_generated_energy,
+                               "buffer_size": len(self.buffer)},
+            progress="idem" if progress else None, seed=int(opts["seed"]))
 
     # -- energy in z units, counted ------------------------------------------------------------
     def energy_z(self, z: Tensor) -> Tensor:
@@ -399,37 +407,18 @@ class _Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
-        return {"steps": self.step, "energy_evaluations": self.energy_evaluations,
-                "wall_time_s": self.wall_time_s, "final_loss": self.last_loss}
+        return {"steps": self.engine.step, "energy_evaluations": self.energy_evaluations,
+                "wall_time_s": self.engine.elapsed(), "final_loss": self.last_loss}
 
-    def save(self) -> None:
-        save_checkpoint({
-            "format": SAMPLER_CHECKPOINT_FORMAT, "method": self.method.name, "target": target_spec(self.target),
-            "options": dict(self.opts), "model": self.model.state_dict(), "summary": self.summary(),
-            "state": {"optimizer": self.optimizer.state_dict(), "buffer": self.buffer.data.clone(),
-                      "generator": self.generator.get_state(), "last_loss": self.last_loss,
-                      "last_generated_energy": self.last_generated_energy},
-        }, self.checkpoint)
+    def _state(self) -> dict[str, Any]:
+        return {"buffer": self.buffer.data.clone(), "energy_evaluations": self.energy_evaluations,
+                "last_loss": self.last_loss, "last_generated_energy": self.last_generated_energy}
 
-    def load(self) -> None:
-        ckpt = load_checkpoint(self.checkpoint, expected_format=SAMPLER_CHECKPOINT_FORMAT, fix=RESUME_FIX)
-        if ckpt.get("method") != self.method.name:
-            raise FlowforceError(f"{self.checkpoint} is a {ckpt.get('method')!r} checkpoint, not {self.method.name!r}")
-        fixed = {k: v for k, v in ckpt["options"].items() if k not in ("steps", "checkpoint_every", "log_every")}
-        changed = sorted(k for k, v in fixed.items() if self.opts.get(k) != v)
-        if changed:
-            raise FlowforceError(f"cannot resume {self.checkpoint} with different options: {', '.join(changed)} "
-                                 f"(only steps, checkpoint_every and log_every may change); use a new --out")
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["state"]["optimizer"])
-        self.buffer.data = ckpt["state"]["buffer"].to(self.dtype)
-        self.generator.set_state(ckpt["state"]["generator"])
-        summary = ckpt["summary"]
-        self.step, self.energy_evaluations = int(summary["steps"]), int(summary["energy_evaluations"])
-        self.wall_time_s = float(summary["wall_time_s"])
-        self.last_loss = float(ckpt["state"]["last_loss"])
-        self.last_generated_energy = float(ckpt["state"]["last_generated_energy"])
-        self.resumed_from = self.step
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.buffer.data = state["buffer"].to(self.dtype)
+        self.energy_evaluations = int(state["energy_evaluations"])
+        self.last_loss = float(state["last_loss"])
+        self.last_generated_energy = float(state["last_generated_energy"])
 
     # -- the algorithm --------------------------------------------------------------------------
     def refill_buffer(self) -> None:
@@ -464,46 +453,18 @@ class _Trainer:
         self.optimizer.step()
         return float(loss.detach())
 
-    def run(self) -> dict[str, Any]:
-        from ..reporters import ProgressReporter, TrainState
+    def step(self) -> dict[str, float]:
+        """One engine step: an outer iteration every ``steps_per_outer`` steps, then a regression step."""
+        if self.engine.step > 0 and self.engine.step % self.opts["steps_per_outer"] == 0:
+            self.refill_buffer()
+        self.last_loss = self.regression_step()
+        return {"dem": self.last_loss}
 
-        opts, total = self.opts, self.opts["steps"]
-        if self.checkpoint.exists():
-            self.load()
-        else:
-            self.buffer.add(self.model.prior_sample(opts["n_init"], self.generator))
-        reporters = []
-        if self.log_path is not None:
-            reporters.append(SamplerLogReporter(
-                self.log_path, lambda: {"energy_evaluations": self.energy_evaluations,
-                                        "generated_energy_median": self.last_generated_energy,
-                                        "buffer_size": len(self.buffer)},
-                interval=opts["log_every"], resume_step=self.resumed_from))
-        if self.progress:
-            reporters.append(ProgressReporter(total, initial=self.step, interval=opts["log_every"], desc="idem"))
-        self.model.train()
-        start = time.perf_counter() - self.wall_time_s
-        try:
-            while self.step < total:
-                if self.step > 0 and self.step % opts["steps_per_outer"] == 0:
-                    self.refill_buffer()
-                self.last_loss = self.regression_step()
-                self.step += 1
-                self.wall_time_s = time.perf_counter() - start
-                state = None
-                for reporter in reporters:
-                    if self.step % reporter.interval == 0 or self.step == total:
-                        state = state or TrainState(
-                            self.step, total, {"dem": self.last_loss},
-                            opts["lr"], self.wall_time_s)
-                        reporter.report(state)
-                if self.step % opts["checkpoint_every"] == 0 or self.step == total:
-                    self.save()
-        finally:
-            for reporter in reporters:
-                reporter.close()
-        self.model.eval()
-        return {**self.summary(), "resumed_from": self.resumed_from}
+    def run(self) -> dict[str, Any]:
+        if self.engine.resume() is None:
+            self.buffer.add(self.model.prior_sample(self.opts["n_init"], self.generator))
+        self.engine.run()
+        return {**self.summary(), "resumed_from": self.engine.resumed_from}
 
 
 register_method("idem", IDEM)

@@ -1,7 +1,7 @@
 """Reverse-KL training of a smooth flow on ℝ^D from the energy alone (method ``"reverse-kl"``).
 
 Minimises KL(q_θ‖p) = E_q[log q_θ(x) + u(x)] + log Z over flow samples with the
-reparameterisation gradient (:func:`~openmm_flowforce.training.reverse_kl_on_samples`;
+reparameterisation gradient (:func:`~openmm_flowforce.flows.losses.reverse_kl_on_samples`;
 Noé, Olsson, Köhler, Wu, Science 2019, arXiv 1812.01729, "training by energy"). The
 samples come from the root-finding inverse of the smooth flow with implicit gradients
 (Köhler, Krämer, Noé, arXiv 2110.00351), so the loss is differentiable in θ.
@@ -34,7 +34,7 @@ import math
 import torch
 
 from ..reweighting import effective_sample_size
-from ..training.losses import reverse_kl_on_samples
+from ..flows.losses import reverse_kl_on_samples
 from .flow_training import COMMON_DEFAULTS, FlowSamplerMethod, TrainContext, _Recorder
 from .registry import register_method
 

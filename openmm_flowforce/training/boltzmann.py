@@ -10,7 +10,8 @@ import torch
 
 from ..conventions import kT
 from ..potentials import BoltzmannGenerator
-from ..reporters import JSONLinesReporter, ProgressReporter, Reporter
+from ..reporters import Reporter
+from ..engine import data_hash, fingerprint
 from .trainer import TrainConfig, Trainer
 from ..errors import FlowforceError
 from ..options import POSITIVE, POSITIVE_INT, Option, check_options
@@ -60,7 +61,8 @@ def train_boltzmann_generator(topology, positions_nm: np.ndarray, checkpoint: st
                               val_fraction: float = 0.1, log_path: str | Path | None = None,
                               progress: bool = True, dtype: torch.dtype = torch.float32,
                               extra_metadata: Mapping[str, Any] | None = None,
-                              reporters: Sequence[Reporter] = ()) -> tuple[BoltzmannGenerator, Trainer]:
+                              reporters: Sequence[Reporter] = (),
+                              device: torch.device | str = "cpu") -> tuple[BoltzmannGenerator, Trainer]:
     """Build internal coordinates and a flow for the molecule and train them.
 
     Args:
@@ -75,6 +77,11 @@ def train_boltzmann_generator(topology, positions_nm: np.ndarray, checkpoint: st
         val_fraction: the last frames held out for validation NLL and early stopping.
         log_path: JSON-lines metrics log.
         extra_metadata: stored in the model file (e.g. how the reference System was built).
+        device: where the model and the data live during training (``cuda:0``...).
+
+    An existing ``checkpoint`` is resumed only if it was trained from the same frames
+    (forces, temperature) and the same flow options and ``val_fraction``; otherwise
+    :class:`~openmm_flowforce.errors.FlowforceError` says what differs.
 
     Returns:
         The trained model (best validation state) and its trainer.
@@ -84,23 +91,22 @@ def train_boltzmann_generator(topology, positions_nm: np.ndarray, checkpoint: st
         raise FlowforceError("the 'force' loss needs forces; the data file has none (re-run `flowforce md`)")
     config = config or TrainConfig()
     checkpoint = Path(checkpoint)
-    resuming = checkpoint.exists()
-    torch.manual_seed(config.seed)
+    flow = flow_options(flow)
+    used_forces = forces_kj_mol_nm if "force" in weights else None
+    trained_from = fingerprint(data_hash(positions_nm, used_forces, float(temperature)),
+                               {"flow": flow, "val_fraction": float(val_fraction), "dtype": str(dtype)})
     train, val = split_frames(len(positions_nm), val_fraction)
     x = torch.as_tensor(np.asarray(positions_nm), dtype=dtype)
-    model = BoltzmannGenerator.from_topology(topology, x[train].double().numpy(), **flow_options(flow)).to(dtype)
+    with torch.random.fork_rng(devices=[]):  # initial weights from the seed alone; the caller's RNG is untouched
+        torch.manual_seed(config.seed)
+        model = BoltzmannGenerator.from_topology(topology, x[train].double().numpy(), **flow).to(dtype).to(device)
     data = {"x": x[train]}
     if "force" in weights:
         data["forces"] = torch.as_tensor(np.asarray(forces_kj_mol_nm), dtype=dtype)[train] / kT(temperature)
     val_data = {"x": x[val]} if val.stop > val.start else {}
     metadata = {**model.metadata(), "temperature": float(temperature), **dict(extra_metadata or {})}
     trainer = Trainer(model, weights, data=data, val_data=val_data, config=config, checkpoint=checkpoint,
-                      metadata=metadata, reporters=reporters)
-    # Reporters that depend on where training starts (a resumed run continues its bar and log).
-    if progress:
-        trainer.reporters.append(ProgressReporter(config.steps, initial=trainer.step, desc="train"))
-    if log_path is not None:
-        trainer.reporters.append(JSONLinesReporter(log_path, interval=10,
-                                                   resume_step=trainer.step if resuming else None))
+                      metadata=metadata, reporters=reporters, fingerprint=trained_from, log_path=log_path,
+                      progress=progress)
     trainer.run()
     return model, trainer

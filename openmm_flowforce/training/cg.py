@@ -10,29 +10,29 @@ Noid et al., J. Chem. Phys. 128, 244114 (2008); Köhler, Chen, Krämer, Clementi
 even a perfect model leaves a large loss; compare losses, not their absolute value.
 
 :func:`train_cg_net` uses :class:`~openmm_flowforce.training.trainer.TrainConfig` for its
-settings but not the :class:`~openmm_flowforce.training.trainer.Trainer`, whose validation
-and losses are those of density models (``log_prob``); an energy network has no normalised
-density. Checkpoints have the trainer's layout (``model``, ``optimizer``, ``metadata``...), so
+settings and the :class:`~openmm_flowforce.engine.Engine` for its loop; its step and
+validation are force matching (an energy network has no normalised density). Checkpoints
+have the trainer's layout (``model``, ``metadata``, ``engine``...), so
 :func:`~openmm_flowforce.potentials.cg_net.load_cg_net` reads them.
 """
 from __future__ import annotations
 
 import copy
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from ..io import CHECKPOINT_FORMAT, RESUME_FIX, load_checkpoint, save_checkpoint
+from ..io import CHECKPOINT_FORMAT
 from ..potentials.cg_net import CGEnergyNet, cg_metadata
 from .boltzmann import split_frames
-from ..reporters import ProgressReporter, Reporter, TrainState
+from ..engine import Engine, StateOf, cosine_schedule, data_parallel, shard
+from ..reporters import Reporter
 from .trainer import TrainConfig
-from ..errors import BadFileError, FlowforceError
+from ..errors import FlowforceError
 
 Tensor = torch.Tensor
 
@@ -96,7 +96,8 @@ def _validation_loss(net: CGEnergyNet, positions: Tensor, forces: Tensor, force_
 
 def train_cg_net(net: CGEnergyNet, positions: Any, forces: Any, config: TrainConfig | None = None,
                  val_fraction: float = 0.1, checkpoint: str | Path | None = None, resume: bool = True,
-                 progress: bool = True, reporters: Sequence[Reporter] = (), mapping: Any = None) -> CGTrainResult:
+                 progress: bool = True, reporters: Sequence[Reporter] = (), mapping: Any = None,
+                 fingerprint: Mapping[str, Any] | None = None) -> CGTrainResult:
     """Train ``net`` by force matching with Adam and a cosine learning-rate schedule.
 
     Args:
@@ -110,10 +111,14 @@ def train_cg_net(net: CGEnergyNet, positions: Any, forces: Any, config: TrainCon
         val_fraction: the last frames held out for validation (a contiguous block, as MD
             frames are correlated); 0 disables validation.
         checkpoint: file written atomically every ``checkpoint_every`` steps, at the end and on
-            Ctrl-C; if it exists and ``resume`` is set, training continues from it.
+            Ctrl-C (at a step boundary); if it exists and ``resume`` is set, training continues
+            from it.
         progress: show a tqdm bar.
-        reporters: extra reporters; they see ``losses = {"force": ..., "val_force": ...}``.
+        reporters: extra reporters; they see ``losses = {"force": ...}`` and the validation
+            loss as ``val_nll``.
         mapping: stored in the checkpoint's metadata so the model file is self-contained.
+        fingerprint: what the run is trained from (:func:`~openmm_flowforce.engine.fingerprint`); a checkpoint
+            from other data or options is refused.
 
     Returns:
         :class:`CGTrainResult`. With validation, the net ends with the parameters of the best
@@ -139,91 +144,48 @@ def train_cg_net(net: CGEnergyNet, positions: Any, forces: Any, config: TrainCon
     scale = force_scale_of(f_train)
 
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    final, steps = cfg.lr_final_factor, cfg.steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     batch_rng = torch.Generator().manual_seed(cfg.seed)
-    step, best_val, best_state, bad, stopped, initial_val = 0, math.inf, None, 0, False, None
-    path = Path(checkpoint) if checkpoint else None
-
-    def state_dict() -> dict[str, Any]:
-        return {"format": CHECKPOINT_FORMAT, "step": step, "model": net.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng_batch": batch_rng.get_state(), "best_val": best_val, "best_model": best_state,
-                "bad_validations": bad, "stopped_early": stopped, "initial_val": initial_val,
-                "force_scale": scale, "config": asdict(cfg), "metadata": metadata}
-
+    info: dict[str, Any] = {"initial_val": None}
     metadata = cg_metadata(net, mapping)
-    if resume and path is not None and path.exists():
-        saved = load_checkpoint(path, CHECKPOINT_FORMAT, fix=RESUME_FIX, required=(
-            "model", "optimizer", "scheduler", "rng_batch", "step", "best_val", "best_model", "bad_validations",
-            "stopped_early", "initial_val"))
+
+    loss_of = data_parallel(net, lambda model, x, f: force_matching_loss(model, x, f, scale))
+
+    def step() -> dict[str, float]:
+        # In a distributed run, this process's shard of the global batch; gradients averaged over all.
+        idx = shard(torch.randint(len(x_train), (cfg.batch_size,), generator=batch_rng))
+        loss = loss_of(x_train[idx], f_train[idx])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"force-matching loss is {float(loss)} at step {engine.step + 1}; lower the "
+                                     "learning rate or check the data for outliers")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        optimizer.step()
+        return {"force": float(loss.detach())}
+
+    def check(saved: dict[str, Any]) -> None:
         if mapping is None:  # a resumed run keeps the mapping the first run stored
             metadata["mapping"] = saved.get("metadata", {}).get("mapping")
-        try:
-            net.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-        except (RuntimeError, ValueError, KeyError) as error:  # shapes of another architecture
-            first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-            raise BadFileError(f"cannot resume from {path}: it holds a CG net with other options than these "
-                               f"({first}); {RESUME_FIX}") from None
-        batch_rng.set_state(saved["rng_batch"])
-        step, best_val, best_state = int(saved["step"]), float(saved["best_val"]), saved["best_model"]
-        bad, stopped, initial_val = int(saved["bad_validations"]), bool(saved["stopped_early"]), saved["initial_val"]
-    if validate and initial_val is None:
+
+    engine = Engine(net, step, cfg.steps, optimizer=optimizer, scheduler=cosine_schedule(optimizer, cfg.steps,
+                                                                                        cfg.lr_final_factor),
+                    checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every, fmt=CHECKPOINT_FORMAT,
+                    payload=lambda: {"format": CHECKPOINT_FORMAT, "force_scale": scale, "config": asdict(cfg),
+                                     "metadata": metadata},
+                    fingerprint=fingerprint, state={"cg": StateOf(lambda: dict(info), info.update)},
+                    generators={"batch": batch_rng},
+                    validate=(lambda: _validation_loss(net, x_val, f_val, scale)) if validate else None,
+                    validate_every=cfg.validate_every, patience=cfg.patience, reporters=reporters,
+                    progress="CG force matching" if progress else None, check=check, seed=cfg.seed)
+    if resume:
+        engine.resume()
+    if validate and info["initial_val"] is None:
         # The starting parameters (for a fresh net: priors only) compete for "best" too, so
         # training never hands back a net that validates worse than the one it was given.
-        initial_val = best_val = _validation_loss(net, x_val, f_val, scale)
-        best_state = copy.deepcopy(net.state_dict())
-
-    all_reporters = list(reporters)
-    if progress:
-        all_reporters.append(ProgressReporter(cfg.steps, initial=step, desc="CG force matching"))
-    start, loss_value = time.perf_counter(), math.nan
-    try:
-        while step < cfg.steps and not stopped:
-            net.train()
-            idx = torch.randint(len(x_train), (cfg.batch_size,), generator=batch_rng)
-            loss = force_matching_loss(net, x_train[idx], f_train[idx], scale)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"force-matching loss is {float(loss)} at step {step + 1}; lower the "
-                                         "learning rate or check the data for outliers")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            loss_value = float(loss.detach())
-            last = step == cfg.steps
-            losses = {"force": loss_value}
-            if validate and (step % cfg.validate_every == 0 or last):
-                val = _validation_loss(net, x_val, f_val, scale)
-                losses["val_force"] = val
-                if val < best_val:
-                    best_val, bad, best_state = val, 0, copy.deepcopy(net.state_dict())
-                else:
-                    bad += 1
-                    stopped = bool(cfg.patience) and bad >= cfg.patience
-            state = TrainState(step, cfg.steps, losses, optimizer.param_groups[0]["lr"], time.perf_counter() - start,
-                               model=net)
-            for reporter in all_reporters:
-                if reporter.steps_until_next(step) == reporter.interval or last or stopped:
-                    reporter.report(state)
-            if path is not None and step % cfg.checkpoint_every == 0 and not last:
-                save_checkpoint(state_dict(), path)
-    except KeyboardInterrupt:
-        if path is not None:
-            save_checkpoint(state_dict(), path)
-        raise
-    finally:
-        for reporter in all_reporters:
-            reporter.close()
-    if best_state is not None:
-        net.load_state_dict(best_state)
-    net.eval()
-    if path is not None:
-        save_checkpoint(state_dict(), path)
-    return CGTrainResult(scale, initial_val, best_val if math.isfinite(best_val) else None, loss_value, step, stopped)
+        info["initial_val"] = engine.best_val = _validation_loss(net, x_val, f_val, scale)
+        engine.best_state = copy.deepcopy(net.state_dict())
+    metrics = engine.run()
+    best = engine.best_val
+    return CGTrainResult(scale, info["initial_val"], best if math.isfinite(best) else None,
+                         float(metrics.get("force", math.nan)), engine.step, engine.stopped_early)

@@ -25,7 +25,9 @@ mapped all-atom positions and the mapped (summed) all-atom forces instead; it ne
 Which training forces a method uses is looked up in :data:`CG_METHODS`. :func:`coarse_grain`
 runs a whole method and writes a self-contained model file (:func:`save_cg_model`).
 Intermediate files next to the output (``OUT.flow.ckpt``, ``OUT.samples.npz``,
-``OUT.state.ckpt``) make a re-run continue where it stopped.
+``OUT.state.ckpt``) make a re-run continue where it stopped; each records what it was made
+from (the data, the options, the flow's parameters), and a re-run with other data or options
+is refused rather than continued from them (``flowforce cg --restart`` starts over).
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ from ..potentials.boltzmann import BoltzmannGenerator
 from ..potentials.cg_net import CGEnergyNet, cg_metadata
 from .boltzmann import FLOW_OPTIONS, split_frames, train_boltzmann_generator
 from .cg import train_cg_net
+from ..engine import data_hash, fingerprint, world
 from .losses import flow_forces
 from .trainer import TRAIN_CONFIG_OPTIONS, TrainConfig
 from ..errors import FlowforceError
@@ -89,7 +92,8 @@ def sample_flow_forces(model: BoltzmannGenerator, n: int, temperature: float, ba
         n: number of samples.
         temperature: K; forces are ``kT ×`` the reduced forces ``∇ log q``.
         batch_size: samples per call.
-        seed: seeds torch's global RNG before sampling (the flow samples from it).
+        seed: the samples' random stream (drawn in a fork of torch's RNG: the caller's
+            stream is untouched).
         progress: show a tqdm bar.
 
     Returns:
@@ -102,9 +106,10 @@ def sample_flow_forces(model: BoltzmannGenerator, n: int, temperature: float, ba
         raise FlowforceError(f"the number of flow samples must be at least 1, got {n}")
     model64 = copy.deepcopy(model).to(torch.float64).eval()
     model64.requires_grad_(False)
-    torch.manual_seed(seed)
     positions, forces = [], []
-    with tqdm(total=int(n), desc="flow samples + forces", unit="sample", disable=not progress or None) as bar:
+    bar = tqdm(total=int(n), desc="flow samples + forces", unit="sample", disable=not progress or None)
+    with torch.random.fork_rng(devices=[]), bar:
+        torch.manual_seed(seed)
         done = 0
         while done < n:
             size = min(int(batch_size), int(n) - done)
@@ -214,18 +219,21 @@ def _flow_matching(inputs: CGMethodInputs) -> CGMethodResult:
     t0 = time.perf_counter()
     n = int(opts["flow_samples"])
     samples_file = _work_file(inputs, ".samples.npz")
+    # The cache is valid only for these very flow parameters, sample count, seed and temperature.
+    drawn_by = data_hash(*model.state_dict().values(), n, int(opts["seed"]), float(inputs.temperature))
     cached = None
     if samples_file is not None and samples_file.exists():
         try:
             with np.load(samples_file, allow_pickle=False) as data:
-                if int(data["requested"]) == n and int(data["seed"]) == int(opts["seed"]):
+                if str(data["drawn_by"]) == drawn_by:
                     cached = np.asarray(data["positions"]), np.asarray(data["forces"])
-        except Exception:  # noqa: BLE001 - an unreadable cache is redrawn, not an error
+        except Exception:  # noqa: BLE001 - an unreadable or older cache is redrawn, not an error
             cached = None
     if cached is None:
         x, f = sample_flow_forces(model, n, inputs.temperature, seed=int(opts["seed"]), progress=inputs.progress)
-        if samples_file is not None:
-            atomic_write_npz(samples_file, {"positions": x, "forces": f, "requested": n, "seed": int(opts["seed"])})
+        if samples_file is not None and world()[0] == 0:
+            atomic_write_npz(samples_file, {"positions": x, "forces": f, "requested": n, "seed": int(opts["seed"]),
+                                            "drawn_by": np.array(drawn_by)})
     else:
         x, f = cached
     non_finite = n - len(x)
@@ -356,17 +364,23 @@ def coarse_grain(positions: Any, topology: Any, temperature: float, out: str | P
     method_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    net = CGEnergyNet.from_data(mapping, x_cg[train], float(temperature), **opts["net"]).to(torch.float64)
+    with torch.random.fork_rng(devices=[]):  # the net's initial weights come from the seed alone
+        torch.manual_seed(int(opts["seed"]))
+        net = CGEnergyNet.from_data(mapping, x_cg[train], float(temperature), **opts["net"]).to(torch.float64)
     state = work.with_name(work.name + ".state.ckpt")
+    trained_from = fingerprint(data_hash(result.positions, result.forces, float(temperature)),
+                               {"method": method, "mapping": mapping.to_dict(), "net": opts["net"],
+                                "val_fraction": float(opts["val_fraction"])})
     fit = train_cg_net(net, result.positions, result.forces, opts["cg_train"], val_fraction=float(opts["val_fraction"]),
-                       checkpoint=state, progress=progress, mapping=mapping)
+                       checkpoint=state, progress=progress, mapping=mapping, fingerprint=trained_from)
     info = {**result.info, "method_seconds": method_seconds, "cg_seconds": time.perf_counter() - t0,
             "cg_steps": fit.steps, "cg_force_scale": fit.force_scale, "cg_initial_val_loss": fit.initial_val_loss,
             "cg_best_val_loss": fit.best_val_loss, "data_frames": int(len(x_cg)), "n_beads": mapping.n_beads}
     pdb_text = mapping.pdb_text(x_cg[0])
     pdb_path = out.with_suffix(".pdb")
-    mapping.write_pdb(pdb_path, x_cg[0])
-    save_cg_model(out, net, mapping, temperature, pdb_text, {"method": method, "training": _plain(info)})
+    if world()[0] == 0:  # in a distributed run, every process holds the same net
+        mapping.write_pdb(pdb_path, x_cg[0])
+        save_cg_model(out, net, mapping, temperature, pdb_text, {"method": method, "training": _plain(info)})
     return CoarseGrainResult(net, mapping, out, pdb_path, method, info)
 
 

@@ -1,63 +1,23 @@
-"""Losses, named by what they sample from.
+"""Weighted sums of the named losses for the trainer.
 
-All losses are in reduced units (energies ÷ kT, forces ÷ kT). A *density model* has
-``log_prob(x) -> (B,)`` and ``sample_and_log_prob(n) -> (x, log q)``; flows on the unit
-cube and Boltzmann generators over Cartesian coordinates both qualify.
+The losses themselves (``nll_on_data``, ``force_matching_on_data``, ``reverse_kl_on_samples``,
+``flow_forces``) are defined in :mod:`openmm_flowforce.flows.losses`, below ``samplers``,
+which use them too; here they are combined by weight (:func:`weighted_loss`).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping
 
 import torch
 
 from ..errors import FlowforceError, OptionError
+from ..flows.losses import DensityModel, flow_forces, force_matching_on_data, nll_on_data, reverse_kl_on_samples
 from ..options import NON_NEGATIVE
 
+__all__ = ["LOSS_NAMES", "LOSS_WEIGHT", "DensityModel", "flow_forces", "force_matching_on_data", "nll_on_data",
+           "parse_loss_weights", "reverse_kl_on_samples", "weighted_loss"]
+
 Tensor = torch.Tensor
-
-
-class DensityModel(Protocol):
-    def log_prob(self, x: Tensor) -> Tensor: ...
-
-    def sample_and_log_prob(self, n: int) -> tuple[Tensor, Tensor]: ...
-
-
-def nll_on_data(model: DensityModel, x: Tensor) -> Tensor:
-    """Negative log-likelihood of data: −E_data[log q(x)] (maximum likelihood, forward KL)."""
-    return -model.log_prob(x).mean()
-
-
-def flow_forces(model: DensityModel, x: Tensor, create_graph: bool = False) -> tuple[Tensor, Tensor]:
-    """Reduced forces of a density, ∇ₓ log q(x) (multiply by kT for kJ/mol/nm).
-
-    Returns ``(log q (B,), forces shaped like x)``. With ``create_graph`` the forces stay
-    differentiable with respect to the model's parameters (double backward).
-    """
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        log_q = model.log_prob(x)
-        (forces,) = torch.autograd.grad(log_q.sum(), x, create_graph=create_graph)
-    return log_q, forces
-
-
-def force_matching_on_data(model: DensityModel, x: Tensor, reduced_forces: Tensor) -> Tensor:
-    """Mean squared error between ∇ₓ log q and reference forces ÷ kT, per coordinate.
-
-    Minimising it makes −kT·log q a potential whose forces match the reference: the
-    force-matching principle (Köhler et al., JCTC 2023, arXiv 2203.11167).
-    """
-    _, forces = flow_forces(model, x, create_graph=True)
-    return (forces - reduced_forces).pow(2).flatten(1).mean(1).mean()
-
-
-def reverse_kl_on_samples(model: DensityModel, reduced_energy: Callable[[Tensor], Tensor], n: int) -> Tensor:
-    """E_q[log q(x) + u(x)] on n flow samples: KL(q‖p) up to log Z.
-
-    Sampling uses the root-finding inverse whose gradients come from the inverse
-    function theorem, so the loss is differentiable in the flow's parameters.
-    """
-    x, log_q = model.sample_and_log_prob(n)
-    return (log_q + reduced_energy(x)).mean()
 
 
 LOSS_NAMES = ("nll", "force", "reverse_kl")

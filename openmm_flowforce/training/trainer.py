@@ -1,20 +1,18 @@
-"""Trainer: Adam with a cosine schedule, validation NLL, early stopping, atomic
-checkpoints with exact resume, seeds, progress and a metrics log."""
+"""Trainer of density models by named losses; the loop, checkpoints and exact resume are
+those of :class:`~openmm_flowforce.engine.Engine`."""
 from __future__ import annotations
 
-import copy
-import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..io import CHECKPOINT_FORMAT, RESUME_FIX, load_checkpoint, save_checkpoint
+from ..io import CHECKPOINT_FORMAT
+from ..engine import Engine, cosine_schedule, data_parallel, shard, world
 from .losses import nll_on_data, weighted_loss
 from ..reporters import Reporter, TrainState
-from ..errors import BadFileError, FlowforceError
+from ..errors import FlowforceError
 from ..options import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, Option, check_options
 
 Tensor = torch.Tensor
@@ -66,11 +64,6 @@ TRAIN_CONFIG_OPTIONS: dict[str, Option] = {
 }
 
 
-#: What a checkpoint needs for :class:`Trainer` to resume from it.
-RESUME_KEYS = ("model", "optimizer", "scheduler", "rng_torch", "rng_batch", "step", "best_val", "best_model",
-               "bad_validations", "stopped_early")
-
-
 class Trainer:
     """Fits a density model by a weighted sum of named losses.
 
@@ -86,6 +79,9 @@ class Trainer:
             continues exactly where it stopped.
         reporters: extra :class:`Reporter` s.
         metadata: plain data stored with every checkpoint (how to rebuild the model).
+        fingerprint: what the run is trained from (:func:`~openmm_flowforce.engine.fingerprint`); a
+            checkpoint from other data or options is refused.
+        log_path: JSON-lines metrics log (every 10 steps); progress: a progress bar.
     """
 
     def __init__(self, model: torch.nn.Module, weights: Mapping[str, float],
@@ -93,7 +89,8 @@ class Trainer:
                  reduced_energy: Callable[[Tensor], Tensor] | None = None,
                  config: TrainConfig | None = None, checkpoint: str | Path | None = None,
                  resume: bool = True, reporters: Sequence[Reporter] = (),
-                 metadata: Mapping[str, Any] | None = None):
+                 metadata: Mapping[str, Any] | None = None, fingerprint: Mapping[str, Any] | None = None,
+                 log_path: str | Path | None = None, progress: bool = False):
         self.model = model
         self.weights = dict(weights)
         device = next(model.parameters()).device  # CPU or CUDA: the data follow the model
@@ -101,8 +98,6 @@ class Trainer:
         self.val_data = {k: v.to(device) for k, v in (val_data or {}).items()}
         self.reduced_energy = reduced_energy
         self.config = config or TrainConfig()
-        self.checkpoint = Path(checkpoint) if checkpoint else None
-        self.reporters = list(reporters)
         self.metadata = dict(metadata or {})
         if any(k in self.weights for k in ("nll", "force")) and "x" not in self.data:
             raise FlowforceError("the 'nll' and 'force' losses need training data (data={'x': ...})")
@@ -111,57 +106,55 @@ class Trainer:
             for key, value in self.data.items():
                 if len(value) != n:
                     raise FlowforceError(f"data[{key!r}] has {len(value)} rows but data['x'] has {n}")
-        torch.manual_seed(self.config.seed)
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=self.config.lr,
-                                          weight_decay=self.config.weight_decay)
-        final = self.config.lr_final_factor
-        steps = self.config.steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-        self.batch_rng = torch.Generator().manual_seed(self.config.seed)
-        self.step = 0
-        self.best_val = math.inf
-        self.best_state: dict[str, Tensor] | None = None
-        self.bad_validations = 0
-        self.stopped_early = False
-        if resume and self.checkpoint is not None and self.checkpoint.exists():
-            self._restore(load_checkpoint(self.checkpoint, CHECKPOINT_FORMAT, required=RESUME_KEYS, fix=RESUME_FIX))
+        cfg = self.config
+        if world()[1] > 1 and "reverse_kl" in self.weights:
+            raise FlowforceError("the reverse_kl loss draws its own samples and is not data parallel; train it in one "
+                                 "process (without torchrun)")
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = cosine_schedule(self.optimizer, cfg.steps, cfg.lr_final_factor)
+        self.batch_rng = torch.Generator().manual_seed(cfg.seed)
+        self._loss = data_parallel(model, self._loss_of)
+        self.engine = Engine(
+            model, self.train_step, cfg.steps, optimizer=self.optimizer, scheduler=self.scheduler,
+            checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every, fmt=CHECKPOINT_FORMAT,
+            payload=lambda: {"format": CHECKPOINT_FORMAT, "config": asdict(cfg), "metadata": self.metadata},
+            fingerprint=fingerprint, generators={"batch": self.batch_rng},
+            validate=self.validation_nll if "x" in self.val_data else None, validate_every=cfg.validate_every,
+            patience=cfg.patience, reporters=reporters, log_path=log_path, progress="train" if progress else None,
+            seed=cfg.seed)
+        if resume:
+            self.engine.resume()
 
-    # -- checkpoints ---------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {"format": CHECKPOINT_FORMAT, "step": self.step, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng_torch": torch.get_rng_state(), "rng_batch": self.batch_rng.get_state(),
-                "best_val": self.best_val, "best_model": self.best_state, "bad_validations": self.bad_validations,
-                "stopped_early": self.stopped_early, "config": asdict(self.config), "metadata": self.metadata}
+    # -- what the engine keeps -------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        return self.engine.step
+
+    @property
+    def best_val(self) -> float:
+        return self.engine.best_val
+
+    @property
+    def best_state(self) -> dict[str, Tensor] | None:
+        return self.engine.best_state
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.engine.stopped_early
 
     def save(self) -> None:
-        if self.checkpoint is not None:
-            save_checkpoint(self.state_dict(), self.checkpoint)
+        self.engine.save()
 
-    def _restore(self, state: dict[str, Any]) -> None:
-        try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-        except (RuntimeError, ValueError, KeyError) as error:  # shapes of another architecture
-            first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-            raise BadFileError(f"cannot resume from {self.checkpoint}: it holds a model with other options than "
-                               f"these ({first}); {RESUME_FIX}") from None
-        torch.set_rng_state(state["rng_torch"])
-        self.batch_rng.set_state(state["rng_batch"])
-        self.step = int(state["step"])
-        self.best_val = float(state["best_val"])
-        self.best_state = state["best_model"]
-        self.bad_validations = int(state["bad_validations"])
-        self.stopped_early = bool(state["stopped_early"])
-
-    # -- the loop ------------------------------------------------------------------------
+    # -- one step --------------------------------------------------------------------------
     def _batch(self) -> dict[str, Tensor]:
         if "x" not in self.data:
             return {}
-        idx = torch.randint(len(self.data["x"]), (self.config.batch_size,), generator=self.batch_rng)
+        idx = shard(torch.randint(len(self.data["x"]), (self.config.batch_size,), generator=self.batch_rng))
         return {k: v[idx] for k, v in self.data.items()}
+
+    def _loss_of(self, model: torch.nn.Module, x: Tensor | None, forces: Tensor | None) -> tuple[Tensor, dict]:
+        return weighted_loss(model, self.weights, x=x, reduced_forces=forces, reduced_energy=self.reduced_energy,
+                             n_samples=self.config.n_samples or self.config.batch_size)
 
     @torch.no_grad()
     def validation_nll(self, chunk: int = 4096) -> float:
@@ -170,23 +163,10 @@ class Trainer:
                     for i in range(0, len(x), chunk))
         return total / len(x)
 
-    def _validate(self) -> float:
-        val = self.validation_nll()
-        if val < self.best_val:
-            self.best_val, self.bad_validations = val, 0
-            self.best_state = copy.deepcopy(self.model.state_dict())
-        else:
-            self.bad_validations += 1
-            if self.config.patience and self.bad_validations >= self.config.patience:
-                self.stopped_early = True
-        return val
-
     def train_step(self) -> dict[str, float]:
-        self.model.train()
-        batch = self._batch()
-        loss, terms = weighted_loss(self.model, self.weights, x=batch.get("x"),
-                                    reduced_forces=batch.get("forces"), reduced_energy=self.reduced_energy,
-                                    n_samples=self.config.n_samples or self.config.batch_size)
+        """One optimiser step on one batch (the engine counts it and steps the schedule)."""
+        batch = self._batch()  # in a distributed run: this process's shard, gradients averaged over all
+        loss, terms = self._loss(batch.get("x"), batch.get("forces"))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {float(loss)} at step {self.step + 1} (terms {terms}); "
                                      "lower the learning rate or check the data for outliers")
@@ -195,41 +175,13 @@ class Trainer:
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
-        self.scheduler.step()
-        self.step += 1
         return terms
 
     def run(self) -> TrainState:
-        """Train until ``config.steps`` or early stopping; returns the last state.
-
-        A checkpoint is written every ``checkpoint_every`` steps, at the end, and when
-        the run is interrupted (Ctrl-C), so no finished step is lost. If validation ran,
-        the model ends with the parameters of the best validation NLL.
-        """
-        cfg = self.config
-        validate = cfg.validate_every > 0 and "x" in self.val_data
-        start = time.perf_counter()
-        state = TrainState(self.step, cfg.steps, {}, self.optimizer.param_groups[0]["lr"], 0.0)
-        try:
-            while self.step < cfg.steps and not self.stopped_early:
-                terms = self.train_step()
-                last = self.step == cfg.steps
-                val = self._validate() if validate and (self.step % cfg.validate_every == 0 or last) else None
-                state = TrainState(self.step, cfg.steps, terms, self.optimizer.param_groups[0]["lr"],
-                                   time.perf_counter() - start, val,
-                                   self.best_val if math.isfinite(self.best_val) else None, self.model)
-                for reporter in self.reporters:
-                    if reporter.steps_until_next(self.step) == reporter.interval or last or self.stopped_early:
-                        reporter.report(state)
-                if self.step % cfg.checkpoint_every == 0 and not last:
-                    self.save()
-        except KeyboardInterrupt:
-            self.save()
-            raise
-        finally:
-            for reporter in self.reporters:
-                reporter.close()
-        if self.best_state is not None:
-            self.model.load_state_dict(self.best_state)
-        self.save()
-        return state
+        """Train until ``config.steps`` or early stopping (see :meth:`Engine.run`); returns the
+        last state. If validation ran, the model ends with the parameters of the best
+        validation NLL."""
+        terms = self.engine.run()
+        best = self.best_val
+        return TrainState(self.step, self.config.steps, dict(terms), self.optimizer.param_groups[0]["lr"],
+                          self.engine.elapsed_s, None, best if best < float("inf") else None, self.model)
