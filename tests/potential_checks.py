@@ -50,3 +50,17 @@ def assert_close(energy, forces, want_energy, want_forces, rtol):
     assert abs(energy - want_energy) <= rtol * (abs(want_energy) + 1.0), (energy, want_energy)
     scale = float(np.abs(want_forces).max()) + 1.0
     assert np.abs(forces - want_forces).max() <= rtol * scale, np.abs(forces - want_forces).max() / scale
+
+
+def require_native_plugin() -> None:
+    """Skip where the native plugin was not built (no compiler); fail where it was built but does not load."""
+    import pytest
+
+    from openmm_flowforce.export.native import native_build_info, native_unavailable
+
+    reason = native_unavailable()
+    if reason is None:
+        return
+    if native_build_info().get("status") == "built":
+        pytest.fail(f"the native plugin was built but does not load: {reason}")
+    pytest.skip(f"native plugin not built here: {reason}")

@@ -13,27 +13,16 @@ from openmm_flowforce.export.torchscript import (EXPORT_FORMAT, export_potential
                                                  read_export_metadata)
 from openmm_flowforce.io import CHECKPOINT_FORMAT, save_checkpoint
 from openmm_flowforce.potentials import BoltzmannGenerator
+from potential_checks import default_dtype
 
 
 @pytest.fixture(scope="module")
 def model(alanine_md):
     """Untrained, but not the identity (identity_init=False): a non-trivial density, float64."""
     torch.manual_seed(0)
-    with _default_dtype(torch.float64):
+    with default_dtype(torch.float64):
         return BoltzmannGenerator.from_topology(alanine_md["topology"], alanine_md["positions"][:1200], n_layers=2,
                                                 hidden=16, n_components=4, identity_init=False)
-
-
-class _default_dtype:
-    def __init__(self, dtype):
-        self.dtype = dtype
-
-    def __enter__(self):
-        self.old = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
-
-    def __exit__(self, *exc):
-        torch.set_default_dtype(self.old)
 
 
 @pytest.fixture(scope="module")

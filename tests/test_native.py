@@ -13,27 +13,19 @@ import numpy as np
 import pytest
 
 from openmm_flowforce.export.native import (NATIVE_DIR, compiled_force_info, compiled_potential_force, file_sha256,
-                                            native_build_info, native_unavailable, write_toy_package)
+                                            write_toy_package)
+from potential_checks import require_native_plugin
 
 N_MODEL = 4
 
 
-def _require_native() -> None:
-    reason = native_unavailable()
-    if reason is None:
-        return
-    if native_build_info().get("status") == "built":
-        pytest.fail(f"the native plugin was built but does not load: {reason}")
-    pytest.skip(f"native plugin not built here: {reason}")
-
-
 @pytest.fixture(scope="session")
 def toy_package(tmp_path_factory):
-    _require_native()
+    require_native_plugin()
     return write_toy_package(tmp_path_factory.mktemp("native") / "toy.pt2", N_MODEL, dtype="float64")
 
 
-def _system(n_particles: int, force) -> "openmm.System":
+def _system(n_particles: int, force):
     import openmm
 
     system = openmm.System()

@@ -13,8 +13,8 @@ openmm = pytest.importorskip("openmm")
 from openmm import unit  # noqa: E402
 
 from openmm_flowforce.export.backends import make_force  # noqa: E402
-from openmm_flowforce.export.native import compiled_force_info, native_build_info, native_unavailable  # noqa: E402
-from potential_checks import FLOAT64_RTOL, assert_close, eager_cg, eager_flow  # noqa: E402
+from openmm_flowforce.export.native import compiled_force_info  # noqa: E402
+from potential_checks import FLOAT64_RTOL, assert_close, eager_cg, eager_flow, require_native_plugin  # noqa: E402
 
 # The CPU platform adds every force into float32 buffers: relative 1e-5 of the largest force.
 CPU_PLATFORM_RTOL = 1e-5
@@ -22,12 +22,7 @@ CPU_PLATFORM_RTOL = 1e-5
 
 @pytest.fixture(autouse=True)
 def _native_required():
-    reason = native_unavailable()
-    if reason is None:
-        return
-    if native_build_info().get("status") == "built":
-        pytest.fail(f"the native plugin was built but does not load: {reason}")
-    pytest.skip(f"native plugin not built here: {reason}")
+    require_native_plugin()
 
 
 def _system(masses, force) -> "openmm.System":

@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 
 from ..conventions import kT
-from ..errors import BadFileError, FlowforceError
+from ..errors import FlowforceError
 from ..conventions import in_openmm_units
-from ..io import bad_file, check_outputs, require_input_file
-from .simulation import PLATFORMS, create_simulation, platform_by_name
+from ..io import check_outputs
+from .simulation import PLATFORMS, create_simulation, platform_by_name, read_molecule_pdb
 
 __all__ = ["PLATFORMS", "SimulationBlewUp", "SimulationResult", "StabilityReporter", "simulate"]
 
@@ -160,14 +160,7 @@ def simulate(model: Any, topology_pdb: str | os.PathLike, steps: int, out: str |
     platform_by_name(platform)  # a bad name fails before any file is read
     inputs = {"topology_pdb": topology_pdb, **({"model": model} if isinstance(model, (str, os.PathLike)) else {})}
     check_outputs({"out": out, "report": report}, inputs)
-    what = "a PDB file of the molecule (atoms in the model's order)"
-    topology_path = require_input_file(topology_pdb, what)
-    try:
-        pdb = app.PDBFile(str(topology_path))
-    except Exception as error:  # OpenMM's PDB reader raises several types for foreign files
-        raise bad_file(topology_path, what, error, "pass the PDB the model was trained on") from None
-    if pdb.topology.getNumAtoms() == 0:
-        raise BadFileError(f"{topology_path} has no atoms; expected {what}")
+    pdb = read_molecule_pdb(topology_pdb)
     source = resolve_potential(model, temperature)
     chosen = resolve_backend(backend, source)
     simulation = create_simulation(pdb.topology, source, pdb.positions, timestep=timestep_fs / 1000.0,
@@ -178,7 +171,7 @@ def simulate(model: Any, topology_pdb: str | os.PathLike, steps: int, out: str |
     start = simulation.context.getState(getEnergy=True, getPositions=True)
     energy0 = start.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
     if not math.isfinite(energy0):
-        raise FlowforceError(f"the starting positions in {topology_path} have a non-finite energy ({energy0}); "
+        raise FlowforceError(f"the starting positions in {topology_pdb} have a non-finite energy ({energy0}); "
                              "are they the molecule's atoms, in nm-sensible geometry?")
 
     out = Path(out)

@@ -46,6 +46,25 @@ def platform_by_name(name: str) -> Any:
     return openmm.Platform.getPlatformByName(name)
 
 
+def read_molecule_pdb(path: Any) -> Any:
+    """``app.PDBFile`` of the molecule a learned potential acts on, with one clear error for a
+    missing, foreign or empty file."""
+    from openmm import app
+
+    from ..errors import BadFileError
+    from ..io import bad_file, require_input_file
+
+    what = "a PDB file of the molecule (atoms in the model's order)"
+    checked = require_input_file(path, what)
+    try:
+        pdb = app.PDBFile(str(checked))
+    except Exception as error:  # OpenMM's PDB reader raises several types for foreign files
+        raise bad_file(checked, what, error, "pass the PDB the model was trained on") from None
+    if pdb.topology.getNumAtoms() == 0:
+        raise BadFileError(f"{checked} has no atoms; expected {what}")
+    return pdb
+
+
 def _positive(value: float, name: str, unit_name: str, zero_ok: bool = False) -> float:
     value = float(value)
     if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
@@ -92,14 +111,7 @@ def create_simulation(topology: Any, model: Any, positions: Any = None, *, tempe
         raise OptionError(f"seed must be in [0, 2^31 − 2], got {seed}")
     platform_obj = platform_by_name(platform)
     if isinstance(topology, (str, os.PathLike)):
-        from ..io import bad_file, require_input_file
-
-        what = "a PDB file of the molecule (atoms in the model's order)"
-        path = require_input_file(topology, what)
-        try:
-            pdb = app.PDBFile(str(path))
-        except Exception as error:  # OpenMM's PDB reader raises several types for foreign files
-            raise bad_file(path, what, error, "pass the PDB the model was trained on") from None
+        pdb = read_molecule_pdb(topology)
         topology = pdb.topology
         positions = pdb.positions if positions is None else positions
     source = resolve_potential(model, temperature)
