@@ -32,8 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("model", metavar="MODEL.ckpt", help="model checkpoint written by the trainer")
     parser.add_argument("--out", required=True, metavar="MODEL.pt", help="TorchScript file to write")
-    parser.add_argument("--temperature", type=float, default=300.0, metavar="K",
-                        help="temperature of the energy scale U = -kT log q, in kelvin (default: 300)")
+    parser.add_argument("--temperature", type=float, default=None, metavar="K",
+                        help="temperature of the energy scale U = -kT log q, in kelvin (default: 300 for flows; "
+                             "a CG model's energy is fixed at the temperature it was fitted at)")
     parser.add_argument("--compile", action="store_true",
                         help="also compile an AOTInductor package MODEL.pt2 beside MODEL.pt (takes minutes)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,

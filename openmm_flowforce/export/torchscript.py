@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from ..conventions import kT
 from ..io import atomic_write_bytes
 from ..potentials.boltzmann import BoltzmannGenerator, load_boltzmann_generator
+from .models import DEFAULT_TEMPERATURE
 
 __all__ = ["EXPORTERS", "EXPORT_FORMAT", "ExportedPotential", "OUTPUTS_ENERGY_FORCES", "export_potential",
            "is_exported_file", "load_exported", "load_model_float64", "model_kind", "outputs_forces",
@@ -267,13 +268,15 @@ def build_exported_module(model: BoltzmannGenerator, temperature: float = 300.0,
 
 
 def export_potential(model: BoltzmannGenerator | str | os.PathLike, out_path: str | os.PathLike,
-                     temperature: float = 300.0, example_positions: Tensor | None = None) -> Path:
+                     temperature: float | None = None, example_positions: Tensor | None = None) -> Path:
     """Write the flow potential U = −kT·log q as a TorchScript file for ``openmmtorch.TorchForce``.
 
     Args:
-        model: a :class:`BoltzmannGenerator`, or the path of a trainer checkpoint of one.
+        model: a :class:`BoltzmannGenerator`, or the path of a trainer checkpoint of one (or
+            a CG model, handed to its exporter in :data:`EXPORTERS`).
         out_path: file to write (atomically: a reader never sees a partial file).
-        temperature: K; the energy scale is fixed at export time.
+        temperature: K; the energy scale is fixed at export time. Default: 300 K for flows;
+            a CG model's own (fitted) temperature.
         example_positions: positions to trace on (default: those in the model's PDB).
 
     Returns:
@@ -287,6 +290,7 @@ def export_potential(model: BoltzmannGenerator | str | os.PathLike, out_path: st
     if exporter is not None:
         return exporter(model, out_path, temperature)
     bg = _as_model(model)
+    temperature = DEFAULT_TEMPERATURE if temperature is None else float(temperature)
     module = build_exported_module(bg, temperature, example_positions)
     metadata = {"format": EXPORT_FORMAT, "temperature": float(temperature), "n_atoms": bg.n_atoms,
                 "torch_version": torch.__version__, "outputs": OUTPUTS_ENERGY_FORCES,
@@ -306,7 +310,7 @@ def save_exported(module: torch.jit.ScriptModule, metadata: dict[str, Any], topo
     return out
 
 
-def _export_cg(model: Any, out_path: str | os.PathLike, temperature: float) -> Path:
+def _export_cg(model: Any, out_path: str | os.PathLike, temperature: float | None) -> Path:
     from .cg import export_cg_potential  # imports this module: import it when needed
 
     return export_cg_potential(model, out_path, temperature)
@@ -314,7 +318,7 @@ def _export_cg(model: Any, out_path: str | os.PathLike, temperature: float) -> P
 
 #: Model kind (the ``kind`` in a checkpoint's metadata) → exporter ``(model, out, temperature)``
 #: for the kinds :func:`export_potential` does not trace itself (it handles Boltzmann generators).
-EXPORTERS: dict[str, Callable[[Any, str | os.PathLike, float], Path]] = {"cg_energy_net": _export_cg}
+EXPORTERS: dict[str, Callable[[Any, str | os.PathLike, float | None], Path]] = {"cg_energy_net": _export_cg}
 
 
 def model_kind(model: Any) -> str | None:
