@@ -1,7 +1,8 @@
 """Export for speed (issue 9 §1, §3): per-evaluation cost of energy + forces by every route,
 batched per-configuration cost, and the float32 error of the compiled potentials.
 
-    python bench/bench_compiled.py [--workdir DIR] [--repeats 7] [--threads 1] [--precision-only]
+    python bench/bench_compiled.py [--workdir DIR] [--repeats 7] [--threads 1]
+                                   [--only precision single batched]
 
 Models: the default Boltzmann generator of alanine dipeptide (`flowforce train` architecture:
 8 smooth coupling layers, hidden (128, 128), 8 components), its coordinates fitted to 500
@@ -207,7 +208,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 1024])
-    parser.add_argument("--precision-only", action="store_true")
+    parser.add_argument("--only", nargs="+", choices=["precision", "single", "batched"],
+                        default=["precision", "single", "batched"], help="sections to run (default: all)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -223,31 +225,33 @@ def main() -> None:
     flow = build_flow(topology, frames, args.train_steps, args.workdir / "flow_state.pt")
     cg, beads = build_cg(topology, frames)
     net = cg[0]
-    results: dict[str, Any] = {"threads": args.threads, "torch": torch.__version__}
+    results: dict[str, Any] = {"threads": args.threads, "torch": torch.__version__, "precision": []}
 
-    # Precision: float32 positions of 100 held-out frames for every variant.
-    x32 = torch.as_tensor(frames[400:], dtype=torch.float32)
+    x32 = torch.as_tensor(frames[400:], dtype=torch.float32)  # 100 held-out frames
     b32 = torch.as_tensor(beads[400:], dtype=torch.float32)
-    flow32 = copy.deepcopy(flow).float()
-    net32 = copy.deepcopy(net).float()
-    rows = precision_rows("flow", {
-        "all float32": lambda x: _energy_and_forces(lambda y: flow32.energy(y, 300.0), x),
-        "float64 geometry, float32 flow": lambda x: _energy_and_forces(FlowEnergy(flow, 300.0, torch.float32), x),
-        "float64, output rounded to float32": lambda x: tuple(
-            t.float() for t in _energy_and_forces(lambda y: flow.energy(y, 300.0), x.double())),
-    }, x32, lambda y: flow.energy(y, 300.0))
-    rows += precision_rows("cg", {
-        "all float32": lambda x: _energy_and_forces(net32, x),
-        "float64 priors+features, float32 MLP": lambda x: _energy_and_forces(CGEnergy(net, torch.float32), x),
-        "float64, output rounded to float32": lambda x: tuple(
-            t.float() for t in _energy_and_forces(net, x.double())),
-    }, b32, net)
-    results["precision"] = rows
-    for row in rows:
-        print(f"precision {row['model']:4s} {row['variant']:38s} |dU| median {row['dU_median']:.1e} max "
-              f"{row['dU_max']:.1e} kJ/mol; max|dF|/max|F| median {row['dF_rel_median']:.1e} max "
-              f"{row['dF_rel_max']:.1e} (|U| ~ {row['U_median']:.0f}, max|F| ~ {row['Fmax_median']:.0f})", flush=True)
-    if args.precision_only:
+    if "precision" in args.only:
+        # Precision: float32 positions for every variant.
+        flow32 = copy.deepcopy(flow).float()
+        net32 = copy.deepcopy(net).float()
+        rows = precision_rows("flow", {
+            "all float32": lambda x: _energy_and_forces(lambda y: flow32.energy(y, 300.0), x),
+            "float64 geometry, float32 flow": lambda x: _energy_and_forces(FlowEnergy(flow, 300.0, torch.float32), x),
+            "float64, output rounded to float32": lambda x: tuple(
+                t.float() for t in _energy_and_forces(lambda y: flow.energy(y, 300.0), x.double())),
+        }, x32, lambda y: flow.energy(y, 300.0))
+        rows += precision_rows("cg", {
+            "all float32": lambda x: _energy_and_forces(net32, x),
+            "float64 priors+features, float32 MLP": lambda x: _energy_and_forces(CGEnergy(net, torch.float32), x),
+            "float64, output rounded to float32": lambda x: tuple(
+                t.float() for t in _energy_and_forces(net, x.double())),
+        }, b32, net)
+        results["precision"] += rows
+        for row in rows:
+            print(f"precision {row['model']:4s} {row['variant']:38s} |dU| median {row['dU_median']:.1e} max "
+                  f"{row['dU_max']:.1e} kJ/mol; max|dF|/max|F| median {row['dF_rel_median']:.1e} max "
+                  f"{row['dF_rel_max']:.1e} (|U| ~ {row['U_median']:.0f}, max|F| ~ {row['Fmax_median']:.0f})",
+                  flush=True)
+    if args.only == ["precision"]:
         return
 
     def say(message: str) -> None:
@@ -266,83 +270,89 @@ def main() -> None:
         packages[label] = load_package(path)
     print("compile seconds:", {k: round(v) for k, v in results.get("compile_s", {}).items()}, flush=True)
 
-    # float32 packages against float64 eager (the error that ships).
-    for name, package, xs, reference in (("flow", packages["flow32"], x32, lambda y: flow.energy(y, 300.0)),
-                                         ("cg", packages["cg32"], b32, net)):
-        out = [package(x) for x in xs]
-        rows = precision_rows(name, {"AOTI package float32": lambda x: (
-            torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out]))}, xs, reference)
-        results["precision"] += rows
-        row = rows[0]
-        print(f"precision {name:4s} {row['variant']:38s} |dU| median {row['dU_median']:.1e} max {row['dU_max']:.1e}; "
-              f"max|dF|/max|F| median {row['dF_rel_median']:.1e} max {row['dF_rel_max']:.1e}", flush=True)
+    if "precision" in args.only:
+        # float32 packages against float64 eager (the error that ships).
+        for name, package, xs, reference in (("flow", packages["flow32"], x32, lambda y: flow.energy(y, 300.0)),
+                                             ("cg", packages["cg32"], b32, net)):
+            out = [package(x) for x in xs]
+            rows = precision_rows(name, {"AOTI package float32": lambda x: (
+                torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out]))}, xs, reference)
+            results["precision"] += rows
+            row = rows[0]
+            print(f"precision {name:4s} {row['variant']:38s} |dU| median {row['dU_median']:.1e} "
+                  f"max {row['dU_max']:.1e}; "
+                  f"max|dF|/max|F| median {row['dF_rel_median']:.1e} max {row['dF_rel_max']:.1e}", flush=True)
 
-    # Single configuration.
-    timing: dict[str, dict[str, float]] = {}
-    for name, model, positions in (("flow", flow, frames[450]), ("cg", cg, beads[450])):
-        exportable = resolve_exportable(model)
-        pt = export_potential(model, args.workdir / f"{name}.pt")
-        old_pt = energy_only_torchscript(pt, args.workdir / f"{name}_energy_only.pt")
-        with_forces = load_exported(pt).module
-        energy_only = load_exported(old_pt).module
-        eager = EnergyAndForces(energy_module(exportable, torch.float64))
-        x64 = torch.as_tensor(positions, dtype=torch.float64)
-        x32_one = x64.float()
-        run32, run64 = packages[f"{name}32"].runner, packages[f"{name}64"].runner
+    if "single" in args.only:
+        # Single configuration.
+        timing: dict[str, dict[str, float]] = {}
+        for name, model, positions in (("flow", flow, frames[450]), ("cg", cg, beads[450])):
+            exportable = resolve_exportable(model)
+            pt = export_potential(model, args.workdir / f"{name}.pt")
+            old_pt = energy_only_torchscript(pt, args.workdir / f"{name}_energy_only.pt")
+            with_forces = load_exported(pt).module
+            energy_only = load_exported(old_pt).module
+            eager = EnergyAndForces(energy_module(exportable, torch.float64))
+            x64 = torch.as_tensor(positions, dtype=torch.float64)
+            x64_grad = x64.clone().requires_grad_(True)  # as OpenMM-torch passes positions
+            x32_one = x64.float()
+            run32, run64 = packages[f"{name}32"].runner, packages[f"{name}64"].runner
 
-        def torchscript_energy_only(module=energy_only, x=x64):
-            y = x.detach().requires_grad_(True)
-            energy = module(y)
-            return energy.detach(), -torch.autograd.grad(energy, y)[0]
+            def torchscript_energy_only(module=energy_only, x=x64):
+                y = x.detach().requires_grad_(True)
+                energy = module(y)
+                return energy.detach(), -torch.autograd.grad(energy, y)[0]
 
-        methods = {"eager float64": lambda: eager(x64),
-                   "TorchScript energy only + autograd": torchscript_energy_only,
-                   "TorchScript with forces": lambda: with_forces(x64),
-                   "AOTI package float64": lambda: run64(x64),
-                   "AOTI package float32": lambda: run32(x32_one)}
-        timing[name] = interleaved(methods, args.repeats)
-        # OpenMM steps (Reference): per step.
-        import openmmtorch
-        from openmm_flowforce.export.backends import make_force
+            methods = {"eager float64": lambda: eager(x64),
+                       "TorchScript energy only + autograd": torchscript_energy_only,
+                       "TorchScript with forces": lambda: with_forces(x64_grad),
+                       "AOTI package float64": lambda: run64(x64),
+                       "AOTI package float32": lambda: run32(x32_one)}
+            timing[name] = interleaved(methods, args.repeats)
+            # OpenMM steps (Reference): per step.
+            import openmmtorch
+            from openmm_flowforce.export.backends import make_force
 
-        masses = [1.0] * exportable.n_atoms if exportable.masses is None else exportable.masses
-        n_steps = 20 if name == "flow" else 200
-        old_force = openmmtorch.TorchForce(str(old_pt))
-        new_force = openmmtorch.TorchForce(str(pt))
-        new_force.setOutputsForces(True)
-        steppers = {"OpenMM step: TorchForce, energy-only file": _steps(_system(old_force, masses), positions, n_steps),
-                    "OpenMM step: TorchForce, setOutputsForces(True)": _steps(_system(new_force, masses), positions,
+            masses = [1.0] * exportable.n_atoms if exportable.masses is None else exportable.masses
+            n_steps = 20 if name == "flow" else 200
+            old_force = openmmtorch.TorchForce(str(old_pt))
+            new_force = openmmtorch.TorchForce(str(pt))
+            new_force.setOutputsForces(True)
+            steppers = {"OpenMM step: TorchForce, energy-only file": _steps(_system(old_force, masses), positions,
                                                                               n_steps),
-                    "OpenMM step: PythonForce, AOTI package float32": _steps(
-                        _system(make_force(packages[f"{name}32"].path), masses), positions, n_steps)}
-        for label, seconds in interleaved(steppers, args.repeats).items():
-            timing[name][label] = seconds / n_steps
-    results["single"] = timing
-    print("\nper evaluation (µs, median):")
-    for label in timing["flow"]:
-        print(f"  {label:50s} flow {1e6 * timing['flow'][label]:9.1f}   cg {1e6 * timing['cg'][label]:8.1f}")
+                        "OpenMM step: TorchForce, setOutputsForces(True)": _steps(_system(new_force, masses), positions,
+                                                                                  n_steps),
+                        "OpenMM step: PythonForce, AOTI package float32": _steps(
+                            _system(make_force(packages[f"{name}32"].path), masses), positions, n_steps)}
+            for label, seconds in interleaved(steppers, args.repeats).items():
+                timing[name][label] = seconds / n_steps
+        results["single"] = timing
+        print("\nper evaluation (µs, median):")
+        for label in timing["flow"]:
+            print(f"  {label:50s} flow {1e6 * timing['flow'][label]:9.1f}   cg {1e6 * timing['cg'][label]:8.1f}")
 
-    # Batched: per configuration.
-    batched: dict[str, dict[str, float]] = {}
-    for name, model, data in (("flow", flow, frames), ("cg", cg, beads)):
-        exportable = resolve_exportable(model)
-        eager64 = EnergyAndForces(energy_module(exportable, torch.float64), batched=True)
-        compiled = compile_batched(model)
-        runner = packages[f"{name}32_batch"].runner
-        for b in args.batches:
-            idx = np.arange(b) % len(data)
-            xb64 = torch.as_tensor(data[idx], dtype=torch.float64)
-            xb32 = xb64.float()
-            methods = {"eager float64": lambda: eager64(xb64),
-                       "torch.compile float32": lambda: compiled.evaluate(xb32),
-                       "AOTI package float32": lambda: runner(xb32)}
-            for label, seconds in interleaved(methods, args.repeats).items():
-                batched.setdefault(name, {}).setdefault(label, {})[b] = seconds / b
-    results["batched_per_config"] = batched
-    print("\nbatched, per configuration (µs, median):")
-    for name in batched:
-        for label, per_b in batched[name].items():
-            print(f"  {name:4s} {label:24s} " + "  ".join(f"B={b}: {1e6 * s:9.2f}" for b, s in per_b.items()))
+    if "batched" in args.only:
+        # Batched: per configuration.
+        batched: dict[str, dict[str, float]] = {}
+        for name, model, data in (("flow", flow, frames), ("cg", cg, beads)):
+            exportable = resolve_exportable(model)
+            eager64 = EnergyAndForces(energy_module(exportable, torch.float64), batched=True)
+            compiled = compile_batched(model)
+            runner = packages[f"{name}32_batch"].runner
+            for b in args.batches:
+                idx = np.arange(b) % len(data)
+                xb64 = torch.as_tensor(data[idx], dtype=torch.float64)
+                xb32 = xb64.float()
+                methods = {"eager float64": lambda: eager64(xb64),
+                           "torch.compile float32": lambda: compiled.evaluate(xb32),
+                           "AOTI package float32": lambda: runner(xb32)}
+                for label, seconds in interleaved(methods, args.repeats).items():
+                    batched.setdefault(name, {}).setdefault(label, {})[b] = seconds / b
+        results["batched_per_config"] = batched
+        print("\nbatched, per configuration (µs, median):")
+        for name in batched:
+            for label, per_b in batched[name].items():
+                print(f"  {name:4s} {label:24s} " + "  ".join(f"B={b}: {1e6 * s:9.2f}" for b, s in per_b.items()))
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
 

@@ -240,7 +240,8 @@ def compile_package(model_or_path: Any, out_path: str | os.PathLike, temperature
             vectorize = False
             _aoti_compile(program, compiled, device, vectorize=False)
         final = workdir / out.name
-        _add_metadata(compiled, final, _metadata(exportable, dtype, device, batch, vectorize if device == "cpu" else None))
+        vectorized = vectorize if device == "cpu" else None
+        _add_metadata(compiled, final, _metadata(exportable, dtype, device, batch, vectorized))
         say("checking the package against the eager model")
         package = load_package(final)
         check_against_eager(package.runner, reference, example, rtol)

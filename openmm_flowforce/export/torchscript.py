@@ -5,11 +5,12 @@ The exported module computes the potential of mean force of a Boltzmann generato
     U(x) = −kT·log q(x)   (kJ/mol, positions x in nm, T fixed at export time),
 
 through ``forward(positions)`` with positions ``(N, 3)`` in nm, float32 or float64, on
-CPU or CUDA, returning ``(energy, forces)`` in the positions' dtype: energy 0-dim in
-kJ/mol and forces F = −∂U/∂x ``(N, 3)`` in kJ/mol/nm, computed by autograd inside the
-module, so ``openmmtorch.TorchForce`` runs it with ``setOutputsForces(True)`` and does no
-autograd of its own. Files written before this (no ``outputs`` entry in the metadata,
-:func:`outputs_forces` is False) return the energy only; every reader here handles both.
+CPU or CUDA, requiring grad (as OpenMM-torch passes them), returning ``(energy, forces)``
+in the positions' dtype: energy 0-dim in kJ/mol and forces F = −∂U/∂x ``(N, 3)`` in
+kJ/mol/nm, computed by autograd inside the module, so ``openmmtorch.TorchForce`` runs it
+with ``setOutputsForces(True)`` and does no autograd of its own. Files written before this
+(no ``outputs`` entry in the metadata, :func:`outputs_forces` is False) return the energy
+only; every reader here handles both.
 
 How: the model's own eager code is *traced* (``torch.jit.trace``) once on a float64
 example ``(1, N, 3)``, which records the tensor operations of ``log_prob`` without
@@ -116,11 +117,10 @@ class ExportedPotential:
         positions = in_openmm_units(positions, "length", "positions")
         if isinstance(positions, Tensor):
             positions = positions.detach().cpu().numpy()
-        x = torch.as_tensor(np.asarray(positions, dtype=np.float64))
+        x = torch.as_tensor(np.asarray(positions, dtype=np.float64)).requires_grad_(True)
         if self.outputs_forces:
             energy, forces = self.module(x)
             return energy, forces
-        x.requires_grad_(True)
         energy = self.module(x)
         (gradient,) = torch.autograd.grad(energy, x)
         return energy.detach(), -gradient
@@ -213,7 +213,8 @@ def export_potential(model: BoltzmannGenerator | str | os.PathLike, out_path: st
     """Write the flow potential U = −kT·log q as a TorchScript file for ``openmmtorch.TorchForce``.
 
     Args:
-        model: a :class:`BoltzmannGenerator`, or the path of a trainer checkpoint of one.
+        model: a :class:`BoltzmannGenerator`, or the path of a trainer checkpoint of one (or
+            a CG model, handed to its exporter in :data:`EXPORTERS`).
         out_path: file to write (atomically: a reader never sees a partial file).
         temperature: K or an ``openmm.unit`` Quantity; the energy scale is fixed at export time.
             Default: the temperature stored in the checkpoint (the data's; 300 K for a model
