@@ -248,6 +248,8 @@ def test_package_metadata_errors_and_bad_options(flow, tmp_path):
         compile_package(flow, tmp_path / "model.pt2", dtype="float16")
     with pytest.raises(ValueError, match="valid: cpu, cuda"):
         compile_package(flow, tmp_path / "model.pt2", device="tpu")
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        compile_package(flow, tmp_path / "model.pt2", threads=0)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs a CUDA GPU"):
             compile_package(flow, tmp_path / "model.pt2", device="cuda")
@@ -283,6 +285,7 @@ def test_cg_package_matches_eager_and_finite_differences(cg, cg_package, alanine
     assert meta["dtype"] == "float64" and meta["device"] == "cpu" and meta["temperature"] == 300.0
     assert meta["masses"] == pytest.approx(list(mapping.masses)) and meta["topology_pdb"] == pdb
     assert meta["torch_version"] == torch.__version__ and not meta["batched"]
+    assert meta["vectorized"] is True and meta["cpu_threads"] == torch.get_num_threads()
     with zipfile.ZipFile(cg_package) as archive:
         assert f"cg/{METADATA_ENTRY}" in archive.namelist()
     assert is_package_file(cg_package)
@@ -399,19 +402,3 @@ def test_cli_export_compile_writes_the_package_beside(cg, tmp_path, capsys):
     assert read_package_metadata(tmp_path / "cg.pt2")["dtype"] == "float64"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cg.ckpt", "cg.pt", "cg.pt2"]
 
-
-@pytest.mark.slow
-def test_compile_batched_in_process(cg, alanine_md):
-    from openmm_flowforce.export.batched import compile_batched
-
-    net, mapping, _ = cg
-    evaluate = compile_batched(cg)
-    beads = mapping.map_positions(alanine_md["positions"])
-    for batch in (1, 5, 300):
-        energy, forces = evaluate(beads[:batch])  # numpy float64 in, cast to float32 inside
-        assert energy.shape == (batch,) and forces.shape == (batch, 5, 3) and energy.dtype == torch.float64
-        want_energy, want_forces = net.energy_and_forces(torch.as_tensor(beads[:batch]))
-        np.testing.assert_allclose(energy.numpy(), want_energy.detach().numpy(), rtol=1e-5, atol=1e-5)
-        assert float((forces - want_forces).abs().max()) <= FLOAT32_FORCE_RTOL * float(want_forces.abs().max())
-    with pytest.raises(ValueError, match="positions have 6 atoms, but the model has 5"):
-        evaluate(np.zeros((2, 6, 3)))
