@@ -17,7 +17,7 @@ length (~6e-9 nm) moves u by ~2e-6 standard deviations, and a trained flow's den
 sharp in u. Measured on the default flow architecture (8 layers, hidden 128, 8 components,
 300 Adam steps of NLL on alanine dipeptide MD) and a 5-bead CG net, on 100 held-out frames,
 float32 positions given to every variant, errors against float64 eager on the same
-positions (``python bench/bench_compiled.py --precision-only``; |ΔU| in kJ/mol, |ΔF| as
+positions (``python bench/bench_compiled.py --only precision``; |ΔU| in kJ/mol, |ΔF| as
 max|ΔF| / max|F| per frame; median / worst):
 
 =====================================  ===================  ===================
