@@ -135,6 +135,20 @@ def test_energy_modules_equal_the_models_in_float64_and_are_close_in_float32(flo
                                atol=1e-4)
 
 
+# -- the models' own energy code traces without graph breaks ---------------------------------------------------
+def test_energy_code_traces_without_graph_breaks(flow, cg, alanine_md):
+    """Narrow torsions are index buffers decided at fit time: TorchDynamo traces the flow's
+    energy (and the CG net's) in one graph, and strict export takes it directly."""
+    positions = torch.as_tensor(alanine_md["positions"][:2])
+    beads = torch.as_tensor(cg[1].map_positions(alanine_md["positions"][:2]))
+    for energy, x in ((FlowEnergy(flow, 300.0, torch.float32), positions.float()),
+                      (CGEnergy(cg[0], torch.float32), beads.float())):
+        explained = torch._dynamo.explain(energy)(x)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        program = torch.export.export(energy, (x,), strict=True)
+        torch.testing.assert_close(program.module()(x), energy(x), rtol=1e-6, atol=1e-6)
+
+
 # -- strict torch.export of the energy+forces graph ----------------------------------------------------------
 def _check_graph(gm):
     ops = {_op_name(n.target) for n in gm.graph.nodes if n.op == "call_function"}
