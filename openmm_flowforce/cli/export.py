@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "float64"], default=None,
                         help="dtype of the package's positions, energy, forces and networks (with --compile; "
                              "default: float32, geometry always float64)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="OpenMP threads of a CPU package's kernels, fixed at compile time (with --compile; "
+                             "default: torch's thread count; 1 compiles serial code)")
     parser.add_argument("--batch", action="store_true",
                         help="compile positions (B, N, 3) -> (energy (B,), forces (B, N, 3)) with a dynamic batch B "
                              "(with --compile; for sampling and reweighting, not for MD)")
@@ -73,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     from openmm_flowforce.potentials.cg_net import MODEL_KIND as CG_MODEL_KIND
 
     compile_only = [flag for flag, value in (("--device", args.device), ("--dtype", args.dtype),
-                                             ("--batch", args.batch or None)) if value is not None]
+                                             ("--threads", args.threads), ("--batch", args.batch or None))
+                    if value is not None]
     if compile_only and not args.compile:
         print(f"flowforce export: error: {', '.join(compile_only)} only apply with --compile", file=sys.stderr)
         return 2
@@ -107,7 +111,7 @@ def _compile(args: argparse.Namespace, out: Path, temperature: float) -> int:
     say(f"compiling {out} for {device}, {dtype}{', batched' if args.batch else ''}: this takes minutes")
     try:
         compile_package(args.model, out, temperature=temperature, device=device, dtype=dtype, batch=args.batch,
-                        progress=say)
+                        threads=args.threads, progress=say)
     except (FileNotFoundError, ValueError, TypeError) as error:
         print(f"flowforce export: error: {error}", file=sys.stderr)
         return 2

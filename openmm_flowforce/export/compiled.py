@@ -16,18 +16,21 @@ dtype, with measured errors) in :mod:`.models`.
 
 Metadata travel inside the package, as the PT2 archive's own extra file
 ``<archive root>/extra/flowforce.json`` (:data:`METADATA_ENTRY`: the archive's single
-top-level folder, then ``extra/flowforce.json``), plain JSON written with the archive
-writer torch uses for the package itself (so the loaders ignore it). :func:`read_package_metadata`
-reads it with :mod:`zipfile` alone: no model is loaded and no code runs. Fields:
-``format`` (:data:`PACKAGE_FORMAT`), ``kind``, ``n_atoms``, ``temperature`` (K), ``dtype``
+top-level folder, then ``extra/flowforce.json``), plain JSON written with the archive writer
+torch uses for the package itself (so the loaders ignore it). :func:`read_package_metadata`
+reads it with :mod:`zipfile` alone: no model is loaded and no code runs. Fields: ``format``
+(:data:`PACKAGE_FORMAT`), ``kind``, ``n_atoms``, ``temperature`` (K), ``dtype``
 (``float32``/``float64``), ``device`` (``cpu``/``cuda``), ``batched``, ``masses`` (dalton
 for CG beads, else null), ``topology_pdb``, ``torch_version``, ``vectorized`` (whether the
-CPU kernels use SIMD; null for CUDA), ``precision``, ``inputs``/``outputs`` (shapes and units in words)
-and, for CG nets, ``mapping``.
+CPU kernels use SIMD; null for CUDA), ``cpu_threads`` (null for CUDA), ``precision``,
+``inputs``/``outputs`` (shapes and units in words) and, for CG nets, ``mapping``.
 
 A package is tied to the torch version, the device kind (and on CPU the instruction set)
-and one atom count. Compiling a flow takes minutes (C++ compilation of thousands of fused
-kernels) and needs a C++ compiler; CUDA packages are compiled on a machine with the GPU.
+and one atom count. Its CPU kernels use a number of OpenMP threads fixed at compile time
+(``threads``; Inductor's default is ``torch.get_num_threads()`` of the compiling process;
+1 compiles serial code). Compiling a flow takes minutes (C++ compilation of thousands of
+fused kernels) and needs a C++ compiler; CUDA packages are compiled on a machine with the
+GPU.
 
 Inductor's CPU code generator (torch 2.12) emits C++ that does not compile for the default
 flow architecture (``error: 'tmp22' was not declared in this scope``): an indirect load in
@@ -127,7 +130,7 @@ def _example_positions(exportable: ExportableModel) -> Tensor:
 
 
 def _metadata(exportable: ExportableModel, dtype: torch.dtype, device: str, batched: bool,
-              vectorized: bool | None) -> dict[str, Any]:
+              vectorized: bool | None, threads: int | None) -> dict[str, Any]:
     n = exportable.n_atoms
     shape = f"(B, {n}, 3)" if batched else f"({n}, 3)"
     energy_shape = "(B,)" if batched else "()"
@@ -137,7 +140,8 @@ def _metadata(exportable: ExportableModel, dtype: torch.dtype, device: str, batc
     metadata = {"format": PACKAGE_FORMAT, "kind": exportable.kind, "n_atoms": n,
                 "temperature": float(exportable.temperature), "dtype": _dtype_name(dtype), "device": device,
                 "batched": bool(batched), "masses": exportable.masses, "topology_pdb": exportable.topology_pdb,
-                "torch_version": torch.__version__, "vectorized": vectorized, "energy": energy,
+                "torch_version": torch.__version__, "vectorized": vectorized, "cpu_threads": threads,
+                "energy": energy,
                 "inputs": f"positions {shape} {_dtype_name(dtype)} nm",
                 "outputs": f"(energy {energy_shape} kJ/mol, forces {shape} kJ/mol/nm = -dU/dx), {_dtype_name(dtype)}",
                 "precision": f"geometry float64, {network} {_dtype_name(dtype)}"}
@@ -145,11 +149,13 @@ def _metadata(exportable: ExportableModel, dtype: torch.dtype, device: str, batc
     return metadata
 
 
-def _aoti_compile(program: torch.export.ExportedProgram, package_path: Path, device: str, vectorize: bool) -> None:
+def _aoti_compile(program: torch.export.ExportedProgram, package_path: Path, device: str, vectorize: bool,
+                  threads: int) -> None:
     """``aoti_compile_and_package`` with the CPU code-generation workarounds (module docstring)."""
     configs: dict[str, Any] = {}
     if device == "cpu":
         configs = {"cpp.enable_loop_tail_vec": False} if vectorize else {"cpp.vec_isa_ok": False}
+        configs["cpp.threads"] = threads
     torch._inductor.aoti_compile_and_package(program, package_path=str(package_path), inductor_configs=configs)
 
 
@@ -178,7 +184,7 @@ def _add_metadata(compiled: Path, out: Path, metadata: dict[str, Any]) -> None:
 
 def compile_package(model_or_path: Any, out_path: str | os.PathLike, temperature: Any = None,
                     device: str = "cpu", dtype: torch.dtype | str = torch.float32, batch: bool = False,
-                    progress: Callable[[str], None] | None = None) -> Path:
+                    threads: int | None = None, progress: Callable[[str], None] | None = None) -> Path:
     """Compile a potential's energy and forces into an AOTInductor package (``.pt2``).
 
     Args:
@@ -193,6 +199,9 @@ def compile_package(model_or_path: Any, out_path: str | os.PathLike, temperature
             dtype of positions, energy and forces, and the compute dtype of the networks.
         batch: compile ``(B, N, 3) → ((B,), (B, N, 3))`` with a dynamic B instead of one
             configuration.
+        threads: OpenMP threads of the CPU kernels, fixed in the package (default:
+            ``torch.get_num_threads()`` now; 1: serial code, often fastest for one small
+            molecule per call). Ignored for CUDA.
         progress: called with a short status line before each stage (compiling takes minutes).
 
     Returns:
@@ -211,6 +220,9 @@ def compile_package(model_or_path: Any, out_path: str | os.PathLike, temperature
     if out.suffix != ".pt2":
         raise ValueError(f"an AOTInductor package must be a .pt2 file, got {out}")
     device, dtype = _check_device(device), _dtype(dtype)
+    threads = torch.get_num_threads() if threads is None else int(threads)
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
     exportable = resolve_exportable(model_or_path, temperature)
     energy = energy_module(exportable, dtype).to(device)
     reference = energy if dtype == torch.float64 else energy_module(exportable, torch.float64).to(device)
@@ -231,17 +243,18 @@ def compile_package(model_or_path: Any, out_path: str | os.PathLike, temperature
         vectorize = device == "cpu"
         say(f"compiling with AOTInductor for {device} (C++ compilation: minutes for a flow)")
         try:
-            _aoti_compile(program, compiled, device, vectorize=vectorize)
+            _aoti_compile(program, compiled, device, vectorize=vectorize, threads=threads)
         except Exception as error:  # noqa: BLE001 - Inductor wraps C++ errors in several types
             if not (vectorize and _is_cpp_compile_error(error)):
                 raise
             say("vectorised CPU kernels did not compile (an Inductor code-generation bug); "
                 "compiling again with scalar kernels")
             vectorize = False
-            _aoti_compile(program, compiled, device, vectorize=False)
+            _aoti_compile(program, compiled, device, vectorize=False, threads=threads)
         final = workdir / out.name
-        vectorized = vectorize if device == "cpu" else None
-        _add_metadata(compiled, final, _metadata(exportable, dtype, device, batch, vectorized))
+        cpu = device == "cpu"
+        _add_metadata(compiled, final, _metadata(exportable, dtype, device, batch, vectorize if cpu else None,
+                                                 threads if cpu else None))
         say("checking the package against the eager model")
         package = load_package(final)
         check_against_eager(package.runner, reference, example, rtol)

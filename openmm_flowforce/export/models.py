@@ -17,7 +17,7 @@ length (~6e-9 nm) moves u by ~2e-6 standard deviations, and a trained flow's den
 sharp in u. Measured on the default flow architecture (8 layers, hidden 128, 8 components,
 300 Adam steps of NLL on alanine dipeptide MD) and a 5-bead CG net, on 100 held-out frames,
 float32 positions given to every variant, errors against float64 eager on the same
-positions (``python bench/bench_compiled.py --precision-only``; |ΔU| in kJ/mol, |ΔF| as
+positions (``python bench/bench_compiled.py --only precision``; |ΔU| in kJ/mol, |ΔF| as
 max|ΔF| / max|F| per frame; median / worst):
 
 =====================================  ===================  ===================
@@ -33,9 +33,9 @@ at no measurable cost (eager energy + forces of the default flow, interleaved me
 90.5 ms all float32 vs 90.1 ms mixed for one configuration, 505 vs 489 ms for 256). For the
 CG net (|U| ≈ 25 kJ/mol, max|F| ≈ 1.5e3) all float32 gives 7.6e-6 kJ/mol and 2.1e-6
 relative force error (medians; worst 3.9e-5 and 9.6e-6); float64 priors and features bring
-both to the float32 output floor (4.0e-7 kJ/mol, 3.5e-8). Energies are summed in float64 and cast to the export dtype at the end.
-With ``dtype=torch.float64`` everything is float64 and the module equals the eager model
-to rounding.
+both to the float32 output floor (4.0e-7 kJ/mol, 3.5e-8). Energies are summed in float64
+and cast to the export dtype at the end. With ``dtype=torch.float64`` everything is
+float64 and the module equals the eager model to rounding.
 """
 from __future__ import annotations
 
