@@ -75,9 +75,12 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.flo
 #: The traced graph and the compiled package must reproduce the float64 eager model to this
 #: relative tolerance (of the largest |U| or |F|, plus 1) before a package is written: a check
 #: against miscompilation, not a precision claim. float64: rounding (fusion and folding
-#: reassociate sums). float32: 25× the worst error measured on a trained flow (4e-5, see
-#: :mod:`.models`), since a stiffer model amplifies float32 rounding more.
+#: reassociate sums). float32: ~15× the worst force error measured for the float32 package
+#: of a trained flow (7e-5, BENCHMARKS.md), since a stiffer model amplifies rounding more.
 CHECK_RTOL: dict[torch.dtype, float] = {torch.float64: 1e-9, torch.float32: 1e-3}
+#: Largest batch a batched package accepts.
+MAX_BATCH = 1 << 20
+
 
 def trace_batch_size(n_atoms: int) -> int:
     """Batch size of the example a batched program is traced with: ≥ 2 (0 and 1 are
@@ -91,8 +94,6 @@ def batch_example(example: Tensor) -> Tensor:
     noise = torch.randn((trace_batch_size(example.shape[0]), *example.shape),
                         generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     return example + (0.002 * noise).to(example)
-#: Largest batch a batched package accepts.
-MAX_BATCH = 1 << 20
 
 
 def _dtype(dtype: torch.dtype | str) -> torch.dtype:
