@@ -152,17 +152,16 @@ def compiled_force_info(force: Any) -> dict[str, Any] | None:
             "particles": [int(p.get("index")) for p in root.iter("Particle")]}
 
 
-class _ToyEnergyForces:
-    """E = Σ|r|² (kJ/mol), F = −2r (kJ/mol/nm): the analytic toy of ``flowforce doctor``."""
+def _toy_module():
+    """E = Σ|r|² (kJ/mol), F = −2r (kJ/mol/nm): the analytic toy of ``flowforce doctor``, built on
+    call so that importing this file does not import torch."""
+    import torch
 
-    def __new__(cls):  # a module built lazily, so importing this file does not import torch
-        import torch
+    class Toy(torch.nn.Module):
+        def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return (positions * positions).sum(), -2.0 * positions
 
-        class Toy(torch.nn.Module):
-            def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                return (positions * positions).sum(), -2.0 * positions
-
-        return Toy()
+    return Toy()
 
 
 def write_toy_package(path: str | os.PathLike, n_atoms: int, dtype: str = "float64") -> Path:
@@ -174,7 +173,7 @@ def write_toy_package(path: str | os.PathLike, n_atoms: int, dtype: str = "float
     import torch
 
     torch_dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
-    program = torch.export.export(_ToyEnergyForces(), (torch.zeros(int(n_atoms), 3, dtype=torch_dtype),), strict=True)
+    program = torch.export.export(_toy_module(), (torch.zeros(int(n_atoms), 3, dtype=torch_dtype),), strict=True)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch._inductor.aoti_compile_and_package(program, package_path=str(path))
