@@ -119,6 +119,7 @@ setup(
         "matplotlib",
         "tqdm",
         "pyyaml",
+        "deeptime",  # TICA in `flowforce evaluate --protein`
     ],
     extras_require={
         # openmmml: so that the test run exercises the openmm-ml entry point (tests/test_openmmml.py).
