@@ -146,7 +146,7 @@ def test_folded_fraction_and_its_error_cover_the_known_population() -> None:
     states = transition_based_assignment(q, 0.3, 0.7)
     fraction = folded_fraction(states, n_blocks=10)
     assert fraction.blocks == "time" and len(fraction.block_values) == 10
-    # The error is a real one: the SE is ~0.035 here (about 25 transitions per block).
+    # The error is a real one: the SE is ~0.035 here (about 16 transitions per block).
     assert 0.005 < fraction.stderr < 0.06
     assert abs(fraction.value - population) < 3 * fraction.stderr
     # The same frames as 6 independent replicas: the error comes from the replicas.

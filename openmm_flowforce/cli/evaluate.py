@@ -26,9 +26,10 @@ Example:
       --out report.json --plot fes.png
 
 Proteins (--protein): compare a model of a small protein (e.g. chignolin) with reference MD on
-the C-alpha level. MODEL is a CG trajectory (DCD, ... with --topology CG.pdb), a samples or
-dataset .npz, all-atom or CG with CA beads (flowforce cg --mapping ca or backbone); --reference is all-atom
-(mapped to its CA atoms) or CG; --folded is the folded structure (PDB). For both ensembles:
+the C-alpha level. TRAJ (the model) is a CG trajectory (DCD, ... with --topology CG.pdb) or
+a samples or dataset .npz, all-atom or CG with CA beads (flowforce cg --mapping ca or
+backbone); --reference is all-atom (mapped to its CA atoms) or CG with CA beads; --folded is
+the folded structure (PDB). For both ensembles:
   Q       fraction of native CA contacts (Best, Hummer, Eaton, PNAS 2013: pairs > 3 residues
           apart within 0.8 nm in --folded, beta = 50/nm, lambda = 1.5);
   RMSD    CA-RMSD to --folded after optimal superposition, nm;
