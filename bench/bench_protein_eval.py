@@ -71,11 +71,11 @@ def main() -> None:
         x += rng.normal(scale=0.01, size=x.shape).astype(np.float32)
         residues = folded.residues
         if which == "reference":
-            ensembles.append(ProteinFrames(ca=x[:, ca].astype(np.float64), residues=residues, replica=None,
+            ensembles.append(ProteinFrames(ca=x[:, ca].astype(np.float64), residues=residues, sequence=folded.sequence, replica=None,
                                            frame_ps=10.0, source="bench reference (all-atom)",
                                            all_atom=x, topology=hairpin.topology))
         else:
-            ensembles.append(ProteinFrames(ca=x[:, ca].astype(np.float64), residues=residues, replica=None,
+            ensembles.append(ProteinFrames(ca=x[:, ca].astype(np.float64), residues=residues, sequence=folded.sequence, replica=None,
                                            frame_ps=10.0, source="bench model (Ca)"))
     timings["make frames"] = time.perf_counter() - start
     start = time.perf_counter()

@@ -65,8 +65,11 @@ def cln025_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     mapping.write_pdb(d / "cg.pdb", ca[0])
     mdtraj.Trajectory(ca.astype(np.float32), mdtraj.load(str(d / "cg.pdb")).topology).save_dcd(str(d / "same.dcd"))
     only_folded = mapping.map_positions(_frames([0, 0, 0, 0], 1, folded, extended).astype(np.float64))
+    cg_text = mapping.pdb_text(only_folded[0])
+    # Two replicas of 30 samples (flat (n, 3N) positions, as flowforce sample writes them).
     np.savez(d / "folded_samples.npz", positions=only_folded.reshape(len(only_folded), -1).astype(np.float32),
-             topology_pdb=np.array(mapping.pdb_text(only_folded[0])))
+             topology_pdb=np.array(cg_text), replica=np.repeat([0, 1], 30))
+    np.savez(d / "other_protein.npz", positions=only_folded, topology_pdb=np.array(cg_text.replace("TRP", "ALA")))
     np.savez(d / "no_topology.npz", positions=only_folded)
     eight = CGMapping.from_topology(hairpin.topology, selection="name CA and resid 1 to 8")
     np.savez(d / "eight_beads.npz", positions=eight.map_positions(reference.astype(np.float64)),
@@ -129,6 +132,7 @@ def test_protein_evaluation_of_an_always_folded_samples_file(cln025_files: dict[
     report = json.loads(out.read_text())
     model = report["ensembles"]["model"]
     assert model["folded_fraction"]["value"] == 1.0 and model["events"] == {"folding": 0, "unfolding": 0}
+    assert model["replicas"] == 2 and model["folded_fraction"]["error_from"] == "2 replica blocks"
     assert model["q_mean"] > 0.9 and model["rmsd_nm_mean"] < 0.05
     # Half the reference is unfolded and the model never is. Were the folded halves' histograms
     # identical, JS = ½·½ log(½/¾) + ½·½ log(½/¼) + ½ log(1/¾) = 0.216 nats; sampling noise in the
@@ -149,6 +153,7 @@ def test_protein_evaluation_of_an_always_folded_samples_file(cln025_files: dict[
     (["--model", "{d}/no_topology.npz"], "needs positions and topology_pdb"),
     (["--model", "{d}/eight_beads.npz"], "different numbers of Cα"),
     (["--model", "{d}/same.dcd"], "need a topology"),
+    (["--model", "{d}/other_protein.npz"], "different proteins"),
 ])
 def test_protein_bad_inputs_are_one_line_errors(cln025_files: dict[str, Path], capsys: pytest.CaptureFixture,
                                                 extra: list[str], expected: str) -> None:

@@ -40,6 +40,7 @@ class ProteinFrames:
     Attributes:
         ca: ``(T, n_res, 3)`` nm.
         residues: ``(n_res,)`` residue index of each Cα (sequence order).
+        sequence: residue name of each Cα (protonation variants as the plain amino acid).
         replica: ``(T,)`` int replica ids, or None (one trajectory).
         frame_ps: time between frames in ps, or None when the file does not say.
         source: the file(s) read.
@@ -49,6 +50,7 @@ class ProteinFrames:
 
     ca: np.ndarray
     residues: np.ndarray
+    sequence: tuple[str, ...]
     replica: np.ndarray | None
     frame_ps: float | None
     source: str
@@ -60,12 +62,19 @@ class ProteinFrames:
         return int(len(self.ca))
 
 
-def _from_topology(topology: Any, positions: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
+#: Residue names that are one amino acid in another protonation or bonding state.
+RESIDUE_ALIASES = {"HID": "HIS", "HIE": "HIS", "HIP": "HIS", "HSD": "HIS", "HSE": "HIS", "HSP": "HIS",
+                   "CYX": "CYS", "CYM": "CYS", "ASH": "ASP", "GLH": "GLU", "LYN": "LYS"}
+
+
+def _from_topology(topology: Any, positions: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     ca = ca_indices(topology)
     if len(ca) < 4:
         raise FlowforceError(f"{source} has {len(ca)} atoms or beads named CA; protein evaluation compares Cα "
                              "positions: give all-atom frames, or CG frames made with --mapping ca or backbone")
-    return positions[:, ca], residues_of(topology, ca)
+    atoms = list(topology.atoms())
+    names = tuple(RESIDUE_ALIASES.get(atoms[i].residue.name, atoms[i].residue.name) for i in ca)
+    return positions[:, ca], residues_of(topology, ca), names
 
 
 def _replica_from(arrays: dict[str, np.ndarray] | None, dataset: Any, n_frames: int, where: str) -> np.ndarray | None:
@@ -150,9 +159,9 @@ def load_protein_frames(paths: str | os.PathLike | Sequence[str | os.PathLike], 
     if len(keep) == 0:
         raise FlowforceError(f"{name}: stride {stride} and skip {skip} leave none of its {len(x)} frames")
     x = x[keep]
-    ca, residues = _from_topology(top, x, name)
+    ca, residues, sequence = _from_topology(top, x, name)
     all_atom = x if x.shape[1] > len(residues) else None
-    return ProteinFrames(ca=ca, residues=residues, replica=None if replica is None else replica[keep],
+    return ProteinFrames(ca=ca, residues=residues, sequence=sequence, replica=None if replica is None else replica[keep],
                          frame_ps=None if frame_ps is None else float(frame_ps) * int(stride), source=name,
                          all_atom=all_atom, topology=top if all_atom is not None else None)
 
@@ -171,15 +180,36 @@ def load_folded_structure(path: str | os.PathLike) -> ProteinFrames:
         raise bad_file(path, "a PDB of the folded structure", error, "give the folded protein as a PDB file") from None
     top = structure.topology.to_openmm()
     x = np.asarray(structure.xyz[:1], dtype=np.float64)  # mdtraj: nm
-    ca, residues = _from_topology(top, x, str(path))
+    ca, residues, sequence = _from_topology(top, x, str(path))
     all_atom = x if x.shape[1] > len(residues) else None
-    return ProteinFrames(ca=ca, residues=residues, replica=None, frame_ps=None, source=str(path), all_atom=all_atom,
+    return ProteinFrames(ca=ca, residues=residues, sequence=sequence, replica=None, frame_ps=None, source=str(path), all_atom=all_atom,
                          topology=top if all_atom is not None else None)
 
 
-def heavy_atoms(frames: ProteinFrames) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(T, n_heavy, 3)`` nm heavy-atom positions and their residue indices, or None for CG frames."""
-    if frames.all_atom is None:
+def _atom_keys(topology: Any) -> list[tuple[int, str]]:
+    """(residue ordinal, atom name) of every atom: how two files of one molecule name an atom."""
+    return [(atom.residue.index, atom.name) for atom in topology.atoms()]
+
+
+def heavy_atoms(frames: ProteinFrames, like: ProteinFrames | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Heavy-atom positions ``(T, n_heavy, 3)`` nm and their residue indices.
+
+    With ``like``, the heavy atoms of ``like`` in its order, found in ``frames`` by residue
+    ordinal and atom name (two files of one protein need not list atoms in the same order).
+
+    Returns:
+        None for CG frames, or when an atom of ``like`` has no namesake in ``frames`` (other
+        naming, other protonation of a heavy atom's residue, missing caps).
+    """
+    if frames.all_atom is None or (like is not None and like.all_atom is None):
         return None
-    heavy = heavy_atom_indices(frames.topology)
-    return frames.all_atom[:, heavy], residues_of(frames.topology, heavy)
+    if like is None:
+        heavy = heavy_atom_indices(frames.topology)
+        return frames.all_atom[:, heavy], residues_of(frames.topology, heavy)
+    wanted = heavy_atom_indices(like.topology)
+    keys = _atom_keys(like.topology)
+    where = {key: i for i, key in enumerate(_atom_keys(frames.topology))}
+    if any(keys[i] not in where for i in wanted):
+        return None
+    found = np.asarray([where[keys[i]] for i in wanted], dtype=np.int64)
+    return frames.all_atom[:, found], residues_of(like.topology, wanted)

@@ -185,8 +185,8 @@ def _ensemble(frames: ProteinFrames, folded: ProteinFrames, contacts: NativeCont
     states = transition_based_assignment(q, options.q_unfolded, options.q_folded, frames.replica)
     fraction = folded_fraction(states, frames.replica, options.n_blocks)
     q_heavy = None
-    heavy = heavy_atoms(frames)
-    if heavy_contacts is not None and heavy is not None and heavy[0].shape[1] == heavy_atoms(folded)[0].shape[1]:
+    heavy = heavy_atoms(frames, like=folded) if heavy_contacts is not None else None
+    if heavy is not None:
         q_heavy = fraction_native_contacts(heavy[0], heavy_contacts)
     return EnsembleResult(frames, q, rmsd, states, count_events(states, frames.replica), fraction,
                           np.zeros((frames.n_frames, 2)), q_heavy)
@@ -204,6 +204,10 @@ def evaluate_protein(reference: ProteinFrames, model: ProteinFrames, folded: Pro
     if len(set(n.values())) != 1:
         raise FlowforceError("the inputs have different numbers of Cα: " + ", ".join(f"{k} {v}" for k, v in n.items())
                              + "; they must be the same protein")
+    sequences = {"reference": reference.sequence, "model": model.sequence, "folded structure": folded.sequence}
+    if len(set(sequences.values())) != 1:
+        raise FlowforceError("the inputs are different proteins: " + ", ".join(f"{k} {'-'.join(v)}" for k, v in
+                                                                               sequences.items()))
     contacts = native_contacts(folded.ca[0], folded.residues, "ca")
     heavy_contacts = None
     folded_heavy = heavy_atoms(folded)
@@ -257,9 +261,11 @@ def _plot_q_series(evaluation: ProteinEvaluation, path: Path) -> Path:
         for segment in replica_segments(result.frames.n_frames, result.frames.replica):
             s = result.states[segment]
             step = np.flatnonzero((s[1:] != s[:-1]) & (s[:-1] != -1)) + 1
-            for k in step:
-                folding = s[k] == FOLDED and s[k - 1] == UNFOLDED
-                ax.axvline(t[segment[k]], color="tab:green" if folding else "tab:red", lw=0.8, alpha=0.7)
+            folding = step[s[step] == FOLDED]
+            unfolding = step[s[step] == UNFOLDED]
+            # One vlines call per kind: a long run has thousands of events.
+            ax.vlines(t[segment[folding]], 0, 1, color="tab:green", lw=0.8, alpha=0.7)
+            ax.vlines(t[segment[unfolding]], 0, 1, color="tab:red", lw=0.8, alpha=0.7)
         f = result.fraction
         ax.set_title(f"{name} ({Path(result.frames.source.split()[0]).name}): folded fraction "
                      f"{f.value:.3f} ± {f.stderr:.3f}, {result.events['folding']} folding (green) / "
