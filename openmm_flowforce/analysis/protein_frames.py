@@ -151,7 +151,10 @@ def load_protein_frames(paths: str | os.PathLike | Sequence[str | os.PathLike], 
         if topology is None:
             raise FlowforceError(f"{name}: trajectory files need a topology (the PDB written with them, e.g. the CG.pdb "
                                  "of flowforce cg)")
-        dataset = load_data(files[0] if len(files) == 1 else files, topology=topology)
+        from ..io import silenced_native_stdout
+
+        with silenced_native_stdout():  # mdtraj's DCD plugin prints to fd 1
+            dataset = load_data(files[0] if len(files) == 1 else files, topology=topology)
         top, x = dataset.topology, np.asarray(dataset.positions, dtype=np.float64)
     replica = _replica_from(arrays, dataset, len(x), name)
     frame_ps = getattr(dataset, "save_every_ps", None) if dataset is not None else None
