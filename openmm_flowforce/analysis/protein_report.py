@@ -212,7 +212,10 @@ def evaluate_protein(reference: ProteinFrames, model: ProteinFrames, folded: Pro
     heavy_contacts = None
     folded_heavy = heavy_atoms(folded)
     if folded_heavy is not None and reference.all_atom is not None:
-        heavy_contacts = native_contacts(folded_heavy[0][0], folded_heavy[1], "heavy-atom")
+        try:  # an extra: without heavy-atom contacts the Cα evaluation still stands
+            heavy_contacts = native_contacts(folded_heavy[0][0], folded_heavy[1], "heavy-atom")
+        except FlowforceError:
+            heavy_contacts = None
     ref = _ensemble(reference, folded, contacts, options, heavy_contacts)
     mod = _ensemble(model, folded, contacts, options, heavy_contacts)
 
