@@ -335,3 +335,42 @@ def test_esh_needs_starting_positions_for_openmm_targets():
     x, log_w = model.weighted_samples()
     assert x.shape == (2 * 10, 6) and torch.isfinite(log_w).all()
     assert float(torch.logsumexp(log_w, 0)) == pytest.approx(0.0, abs=1e-12)
+
+
+# -- flowforce simulate --integrator esh -----------------------------------------------------------
+@pytest.mark.slow  # ≈ 10 s: exporting and loading the TorchScript potential dominates
+def test_cli_simulate_with_esh_writes_weights_per_frame(alanine_md, tmp_path, capsys):
+    """A tiny exported flow potential of alanine dipeptide under ``--integrator esh``: one
+    weight row per DCD frame, the ESH energy conserved along the run, no temperature column."""
+    import mdtraj
+    from openmm import app
+
+    from openmm_flowforce.cli import simulate as cli_simulate
+    from openmm_flowforce.cli.main import main
+    from openmm_flowforce.export.torchscript import export_potential
+    from openmm_flowforce.md.simulate import INTEGRATORS
+    from openmm_flowforce.potentials import BoltzmannGenerator
+
+    assert cli_simulate.INTEGRATORS == INTEGRATORS
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(F64)
+    try:
+        torch.manual_seed(0)
+        model = BoltzmannGenerator.from_topology(alanine_md["topology"], alanine_md["positions"][:600], n_layers=2,
+                                                 hidden=8, n_components=2).eval()
+        pt = export_potential(model, tmp_path / "ala.pt", temperature=300.0)
+    finally:
+        torch.set_default_dtype(old)
+    top = tmp_path / "top.pdb"
+    with open(top, "w") as handle:
+        app.PDBFile.writeFile(alanine_md["topology"], alanine_md["positions"][0] * unit.nanometer, handle)
+    out, log = tmp_path / "traj.dcd", tmp_path / "log.csv"
+    assert main(["simulate", str(pt), "--topology", str(top), "--steps", "60", "--report-interval", "20",
+                 "--platform", "Reference", "--integrator", "esh", "--esh-step", "0.002", "--esh-refresh", "25",
+                 "--out", str(out), "--report", str(log)]) == 0
+    assert "ESH frames need weights" in capsys.readouterr().out
+    traj = mdtraj.load(str(out), top=str(top))
+    table = np.loadtxt(tmp_path / "traj.esh_weights.csv", delimiter=",", skiprows=1)
+    assert traj.n_frames == 3 and table.shape == (3, 3) and list(table[:, 0]) == [20, 40, 60]
+    assert np.isfinite(table).all() and np.ptp(table[:, 2]) < 0.5  # H (reduced) barely moves
+    assert "Temperature" not in log.read_text().splitlines()[0]
