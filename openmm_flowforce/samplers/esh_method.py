@@ -43,7 +43,7 @@ Tensor = torch.Tensor
 #: are uniform in [−40, 40]²). Chosen from the short scans in bench/bench_esh.py.
 _PRESETS: dict[str, dict[str, float]] = {
     "gmm40": dict(step_size=1.0, init_scale=25.0),
-    "dw4": dict(step_size=0.5, init_scale=2.0),
+    "dw4": dict(step_size=0.25, init_scale=2.0),
     "lj13": dict(step_size=0.05, init_scale=1.0),
     "lj55": dict(step_size=0.02, init_scale=1.5),
     "default": dict(step_size=0.01, init_scale=1.0),
