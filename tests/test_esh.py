@@ -244,6 +244,31 @@ def test_openmm_integrator_samples_the_harmonic_variance_with_weights(tmp_path):
     assert np.ptp(table[:, 2]) < 0.5  # H stays near its start (the reporter's second column)
 
 
+def test_openmm_integrator_runs_a_force_field_system():
+    """Alanine dipeptide, amber14 in vacuum (no constraints, no CMMotionRemover), Reference:
+    over 500 steps of 0.004 nm with refreshment, H (reduced) stays within 0.5 of its start
+    (measured: 0.15), and d counts all 66 coordinates."""
+    from openmm import app
+
+    from openmm_flowforce.data import alanine_dipeptide_pdb
+
+    pdb = app.PDBFile(alanine_dipeptide_pdb())
+    system = app.ForceField("amber14-all.xml").createSystem(pdb.topology, nonbondedMethod=app.NoCutoff,
+                                                            constraints=None, removeCMMotion=False)
+    check_esh_system(system)
+    integrator = ESHIntegrator(0.004, TEMPERATURE, refresh_every=50)
+    integrator.setRandomNumberSeed(3)
+    context = _context(system, integrator, pdb.positions)
+    openmm.LocalEnergyMinimizer.minimize(context, maxIterations=50)
+    hamiltonians = []
+    for _ in range(50):
+        integrator.step(10)
+        energy = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+        hamiltonians.append(integrator.hamiltonian(energy))
+    assert integrator.getGlobalVariableByName("ndof") == 66
+    assert np.isfinite(hamiltonians).all() and np.ptp(hamiltonians) < 0.5
+
+
 def test_esh_refuses_systems_it_cannot_run():
     system = _harmonic_system(2)
     system.addConstraint(0, 1, 0.1)
