@@ -20,9 +20,12 @@ the canonical ensemble frame by frame:
   log|v|, :meth:`ESHIntegrator.log_weight`): unweighted frames are too hot by d/(d − 1).
   :class:`ESHWeightsReporter` writes r next to every frame; normalise e^r over one run.
 
-Systems with constraints, virtual sites that move, or a ``CMMotionRemover`` (which
-would edit û behind the integrator's back and change d) are refused by
-:func:`check_esh_system`. Particles of mass 0 stay fixed and do not count in d.
+Systems with constraints or a ``CMMotionRemover`` (which would edit û behind the
+integrator's back and change d) are refused by :func:`check_esh_system`. Particles of
+mass 0 are not moved by the ESH step and do not count in d; Systems with virtual sites
+have not been tested. Only the Reference platform has been tested (the integrator is
+plain ``CustomIntegrator`` expressions, which every platform compiles; per-DOF
+arithmetic is single precision on GPU platforms unless mixed/double is chosen).
 """
 from __future__ import annotations
 
