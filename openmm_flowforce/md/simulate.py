@@ -86,11 +86,13 @@ class StabilityReporter:
             anything is non-finite.
         last_good_pdb: where the last good positions go on failure.
         positions: nm ``(N, 3)``, the initial (good) positions.
+        step_flag: the flag the failure message suggests making smaller.
     """
 
     def __init__(self, interval: int, reference_energy: float, limit: float, last_good_pdb: Path,
-                 positions: np.ndarray):
+                 positions: np.ndarray, step_flag: str = "--timestep-fs"):
         self.interval, self.reference_energy, self.limit = int(interval), float(reference_energy), float(limit)
+        self.step_flag = step_flag
         self.last_good_pdb = last_good_pdb
         self.last_good_positions, self.last_good_step = np.asarray(positions), 0
 
@@ -118,7 +120,7 @@ class StabilityReporter:
             f"simulation blew up at step {simulation.currentStep}: potential energy {potential:.6g} kJ/mol, "
             f"kinetic {kinetic:.6g} kJ/mol (the energy {why}; limit {self.limit:.4g} kJ/mol). "
             f"Last good state (step {self.last_good_step}) written to {self.last_good_pdb}. "
-            "Try a smaller --timestep-fs, or check the model (is it trained? at this temperature?)",
+            f"Try a smaller {self.step_flag}, or check the model (is it trained? at this temperature?)",
             simulation.currentStep, potential, self.last_good_pdb)
 
 
@@ -205,7 +207,8 @@ def simulate(model: Any, topology_pdb: str | os.PathLike, steps: int, out: str |
     n_atoms = system.getNumParticles()
     stability = StabilityReporter(report_interval, energy0, explosion_factor * n_atoms * kT(temp_k),
                                   out.with_name(out.stem + ".last_good.pdb"),
-                                  start.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
+                                  start.getPositions(asNumpy=True).value_in_unit(unit.nanometer),
+                                  step_flag="--esh-step" if esh else "--timestep-fs")
     dcd = app.DCDReporter(str(out), report_interval)
     # The stability check runs first, so a blown-up frame never reaches the trajectory.
     simulation.reporters.extend([stability, dcd])
