@@ -152,7 +152,9 @@ class ESHMethod(SamplerMethod):
     def train(self, model: ESHModel, target: Any, options: Mapping[str, Any], checkpoint: str | Path | None,
               progress: bool = True, log_path: str | Path | None = None) -> dict[str, Any]:
         """Run (or resume) the chains to ``steps``; returns ``{"steps", "energy_evaluations",
-        "wall_time_s", "resumed_from", "ess", "max_energy_drift"}``."""
+        "wall_time_s", "resumed_from", "ess", "max_energy_drift"}``: ``ess`` is the Kish ESS
+        fraction of the pooled weights, ``max_energy_drift`` the largest |H − H(end of
+        burn-in)| of any chain (reduced units), the integration error that moves the weights."""
         return _Run(self, model, target, self.resolve(target, options), checkpoint, progress, log_path).run()
 
     def sample(self, model: ESHModel, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -236,7 +238,7 @@ class _Run:
             model.r = torch.zeros_like(model.r)
             model.started.fill_(1)
         self.state = ESHState.start(model.x, model.u, self.evaluate, model.r)
-        if self.h0 is None:
+        if self.h0 is None and int(self.opts["burn_in"]) == 0:
             self.h0 = esh_hamiltonian(self.state, self.d)
 
     def _grow_record(self) -> None:
@@ -264,6 +266,10 @@ class _Run:
             i = int(model.n_recorded)
             model.samples[i], model.log_speeds[i] = state.x, state.r
             model.n_recorded += 1
+        if self.h0 is None:
+            if k + 1 < int(opts["burn_in"]):
+                return {"energy": float(state.energy.mean())}
+            self.h0 = esh_hamiltonian(state, self.d)  # drift counts from the end of burn-in, where weights start
         drift = (esh_hamiltonian(state, self.d) - self.h0).abs()
         drift = float(drift[torch.isfinite(drift)].max()) if bool(torch.isfinite(drift).any()) else math.inf
         self.max_drift = max(self.max_drift, drift)
