@@ -112,7 +112,8 @@ def esh_half_step(u: Tensor, r: Tensor, g: Tensor, eps: float, d: int) -> tuple[
     delta = eps * g_norm / d
     zeta = torch.exp(-delta)
     denominator = (1.0 + c) + (1.0 - c) * zeta * zeta
-    u_new = (2.0 * zeta[:, None] * u + ((1.0 - zeta * zeta) + c * (1.0 - zeta) ** 2)[:, None] * e) / denominator[:, None]
+    along = (1.0 - zeta * zeta) + c * (1.0 - zeta) ** 2
+    u_new = (2.0 * zeta[:, None] * u + along[:, None] * e) / denominator[:, None]
     u_new = u_new / u_new.norm(dim=-1, keepdim=True)
     return u_new, r + delta + torch.log(0.5 * denominator)
 
