@@ -129,11 +129,13 @@ def evaluate_sampler(method: Any, model: torch.nn.Module, target: Any, reference
         except ValueError:
             # No generated distance inside the reference's range: the histograms are disjoint.
             report["tv_distances"] = 1.0
-    log_q_ref = method.log_prob(model, ref_t.to(next(model.parameters()).dtype))
+    parameter = next(model.parameters(), None)  # a method without a model (ESH) has none
+    dtype = parameter.dtype if parameter is not None else torch.float64
+    log_q_ref = method.log_prob(model, ref_t.to(dtype))
     if log_q_ref is None:
         report["nll"] = report["ess"] = None
     else:
         report["nll"] = float(-log_q_ref.detach().to(torch.float64).mean())
-        log_q_gen = method.log_prob(model, x.to(next(model.parameters()).dtype)).detach().to(torch.float64)
+        log_q_gen = method.log_prob(model, x.to(dtype)).detach().to(torch.float64)
         report["ess"] = ess(torch.where(finite, -u_gen - log_q_gen, torch.full_like(u_gen, -torch.inf)))
     return report

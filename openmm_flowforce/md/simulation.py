@@ -75,7 +75,8 @@ def _positive(value: float, name: str, unit_name: str, zero_ok: bool = False) ->
 
 def create_simulation(topology: Any, model: Any, positions: Any = None, *, temperature: Any = None,
                       timestep: Any = DEFAULT_TIMESTEP, friction: Any = DEFAULT_FRICTION, platform: str = "auto",
-                      backend: str = "auto", seed: int | None = None, platform_properties: dict | None = None) -> Any:
+                      backend: str = "auto", seed: int | None = None, platform_properties: dict | None = None,
+                      integrator: Any = None) -> Any:
     """An ``openmm.app.Simulation`` of the molecule under its learned potential, Langevin dynamics.
 
     Args:
@@ -91,9 +92,12 @@ def create_simulation(topology: Any, model: Any, positions: Any = None, *, tempe
         seed: Langevin noise seed (OpenMM treats 0 as "random": ``seed + 1`` is passed);
             None: OpenMM's random seed.
         platform_properties: passed to ``app.Simulation``.
+        integrator: an ``openmm.Integrator`` to use instead of Langevin dynamics (e.g.
+            :class:`~openmm_flowforce.md.esh.ESHIntegrator`); ``timestep`` and ``friction``
+            are then ignored and ``seed`` seeds its random numbers.
 
     Returns:
-        ``app.Simulation`` with a ``LangevinMiddleIntegrator``; velocities are not set.
+        ``app.Simulation`` with a ``LangevinMiddleIntegrator`` (or ``integrator``); velocities are not set.
 
     Raises:
         OptionError: a bad value or a Quantity of the wrong dimension.
@@ -116,8 +120,9 @@ def create_simulation(topology: Any, model: Any, positions: Any = None, *, tempe
         positions = pdb.positions if positions is None else positions
     source = resolve_potential(model, temperature)
     system = create_system(topology, source, backend=backend)
-    integrator = openmm.LangevinMiddleIntegrator(source.temperature * unit.kelvin, friction / unit.picosecond,
-                                                 timestep * unit.picosecond)
+    if integrator is None:
+        integrator = openmm.LangevinMiddleIntegrator(source.temperature * unit.kelvin, friction / unit.picosecond,
+                                                     timestep * unit.picosecond)
     if seed is not None:
         integrator.setRandomNumberSeed(int(seed) + 1)
     args: tuple = (topology, system, integrator)
