@@ -197,13 +197,14 @@ class CRAFTMethod(FlowSamplerMethod):
 
     Options beyond the common training ones: ``n_transitions`` (K), ``spacing``
     (``geometric``/``linear`` β), ``n_layers`` (coupling layers per transition flow),
-    ``hidden``, ``n_components``, ``transform``, ``scale`` (π₀'s s; None: the target's
+    ``hidden``, ``n_components``, ``transform`` (default ``"spline"``: exactly the identity
+    at initialisation), ``scale`` (π₀'s s; None: the target's
     preset), ``ess_threshold``, ``n_hmc``, ``n_leapfrog``, ``step_size`` (None: preset),
     ``target_accept``. A training "step" is one SMC pass of ``batch_size`` particles.
     """
 
     name = "craft"
-    defaults = dict(COMMON_DEFAULTS, n_layers=2, n_transitions=8, spacing="geometric", ess_threshold=0.3,
+    defaults = dict(COMMON_DEFAULTS, n_layers=2, transform="spline", n_transitions=8, spacing="geometric", ess_threshold=0.3,
                     n_hmc=1, n_leapfrog=5, step_size=None, target_accept=0.65)
 
     def option_schema(self) -> dict[str, Option]:

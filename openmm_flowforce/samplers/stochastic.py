@@ -102,7 +102,8 @@ def make_evaluator(prior_energy: Callable[[Tensor], Tensor], target_energy: Call
             xi = x if tracked else x.detach().requires_grad_(True)
             u0, u1 = prior_energy(xi), target_energy(xi)
             (g0,) = torch.autograd.grad(u0.sum(), xi, create_graph=create_graph, retain_graph=True)
-            (g1,) = torch.autograd.grad(u1.sum(), xi, create_graph=create_graph, retain_graph=tracked)
+            (g1,) = torch.autograd.grad(u1.sum(), xi, create_graph=create_graph,
+                                        retain_graph=tracked or create_graph)
         if not tracked:
             u0, u1 = u0.detach(), u1.detach()
         if not create_graph:

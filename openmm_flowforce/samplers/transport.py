@@ -6,9 +6,9 @@ hyperplane of a particle system) and a bijection ℝ^D → ℝ^D built from a cu
   orthogonal projection onto the hyperplane, used to keep noise and drifts in it).
 * :class:`RealCoupling`: ``y = s·Φ⁻¹(c(Φ(x/s)))`` per free coordinate, ``c`` a
   :class:`~openmm_flowforce.flows.CouplingFlow` on the unit cube. The forward map is
-  analytic (the cube flow's ``to_latent``); the inverse uses its root finding. With the
-  cube flow at its identity initialisation the map is the identity, so a CRAFT or SNF
-  whose transport layers are untrained is exactly SMC/AIS or a flow plus MCMC. On the
+  analytic (the cube flow's ``to_latent``); the inverse uses its root finding. With a
+  ``"spline"`` cube flow at its identity initialisation the map is exactly the identity
+  (``"smooth"``: close to it), so an untrained CRAFT is exactly SMC/AIS. On the
   free coordinates ``t = x/s``, ``t' = y/s``,
 
       log|det ∂y/∂x| = log|det ∂c/∂u| + Σ_i log φ(t_i) − Σ_i log φ(t'_i),
@@ -124,7 +124,7 @@ class RealCoupling(_FreeCoordinates):
     """
 
     def __init__(self, dim: int, scale: float, n_particles: int | None = None, spatial_dim: int | None = None,
-                 transform: str = "smooth", n_layers: int = 2, hidden: int | Sequence[int] = 32,
+                 transform: str = "spline", n_layers: int = 2, hidden: int | Sequence[int] = 32,
                  n_components: int = 8):
         super().__init__(dim, n_particles, spatial_dim)
         self.scale = float(scale)
