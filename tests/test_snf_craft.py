@@ -265,3 +265,41 @@ def test_craft_training_lowers_the_transport_kl_and_keeps_log_z_unbiased(float64
     torch.manual_seed(2)
     assert smc(model, 512, ess_threshold=0.5).loss.item() < 0.7 * first
     assert std1 < std0
+
+
+# -- an OpenMM System as the target -----------------------------------------------------------
+def test_snf_and_craft_sample_an_openmm_system(float64, tmp_path):
+    """A real OpenMM System (three particles, harmonic bonds and angle): SNF trains with
+    constant forces in its drifts (OpenMM forces are not differentiable twice), CRAFT runs
+    SMC; both give finite path weights whose energies match OpenMM's."""
+    import openmm
+
+    from openmm_flowforce.targets import get_target
+
+    system = openmm.System()
+    for _ in range(3):
+        system.addParticle(12.0)
+    bonds = openmm.HarmonicBondForce()
+    bonds.addBond(0, 1, 0.15, 2000.0)
+    bonds.addBond(1, 2, 0.15, 2000.0)
+    angle = openmm.HarmonicAngleForce()
+    angle.addAngle(0, 1, 2, 1.9, 200.0)
+    system.addForce(bonds)
+    system.addForce(angle)
+    target = get_target("openmm", system=system, temperature=300.0)
+    common = dict(steps=1, batch_size=16, scale=0.1, step_size=0.01, hidden=8, n_components=4, log_every=1)
+    snf = get_method("snf")
+    options = snf.options(dict(common, n_layers=2, n_blocks=2, block_steps=1))
+    model = snf.build(target, options)
+    summary = snf.train(model, target, options, tmp_path / "snf.ckpt", progress=False)
+    assert math.isfinite(summary["loss"]) and summary["energy_evaluations"] == 16 * 3
+    x, log_w = snf.sample_with_log_weights(model, 8)
+    assert x.shape == (8, 9) and torch.isfinite(log_w).all()
+    craft = get_method("craft")
+    options = craft.options(dict(common, n_transitions=2, n_leapfrog=2))
+    model = craft.build(target, options)
+    summary = craft.train(model, target, options, tmp_path / "craft.ckpt", progress=False)
+    assert math.isfinite(summary["loss"]) and summary["energy_evaluations"] == 16 * (1 + 2 * (1 + 2))
+    x, log_w = craft.sample_with_log_weights(model, 8)
+    energies, _ = target.energies_and_forces(x.reshape(8, 3, 3).numpy())
+    assert np.isfinite(energies).all() and torch.isfinite(log_w).all()

@@ -52,7 +52,7 @@ from .ais import STEP_FACTOR, PointState, beta_schedule, hmc_step
 from .common import particle_shape
 from .flow_training import COMMON_DEFAULTS, FlowSamplerMethod, TrainContext, resolve_options
 from .registry import register_method
-from .transport import GaussianPrior, RealCoupling
+from .transport import GaussianPrior, RealCoupling, as_sampler_target
 
 Tensor = torch.Tensor
 
@@ -215,6 +215,7 @@ class CRAFTMethod(FlowSamplerMethod):
 
     def build(self, target: Any, options: Mapping[str, Any]) -> CRAFTModel:
         """Prior, K identity-initialised transport flows, schedule and step sizes for ``target``."""
+        target = as_sampler_target(target)
         opts = resolve_options(self.options(options), target)
         shape = particle_shape(target) if opts["mean_free"] else None
         particles = dict(n_particles=shape[0], spatial_dim=shape[1]) if shape else {}
@@ -251,6 +252,11 @@ class CRAFTMethod(FlowSamplerMethod):
     def log_prob(self, model: CRAFTModel, x: Tensor) -> None:
         """CRAFT has no tractable density (its samples are SMC particles)."""
         return None
+
+    def train(self, model, target: Any, options: Mapping[str, Any], checkpoint, progress: bool = True,
+              log_path=None) -> dict[str, Any]:
+        """:meth:`FlowSamplerMethod.train` on the target (an OpenMM energy is seen as flat positions)."""
+        return super().train(model, as_sampler_target(target), options, checkpoint, progress, log_path)
 
     def train_step(self, ctx: TrainContext) -> dict[str, float]:
         result = self._smc(ctx.model, int(ctx.options["batch_size"]), ctx.options, energy=ctx.energy, adapt=True,

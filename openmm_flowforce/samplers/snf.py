@@ -56,7 +56,7 @@ from .flow_training import COMMON_DEFAULTS, EnergyCounter, FlowSamplerMethod, Tr
 from .registry import register_method
 from .reverse_kl import regularised_energy
 from .stochastic import STOCHASTIC_LAYERS, EnergyPoint, StochasticLayer, make_evaluator, make_layer
-from .transport import GaussianPrior, RealCoupling
+from .transport import GaussianPrior, RealCoupling, as_sampler_target
 
 Tensor = torch.Tensor
 PATHS = ("flow", "gaussian")
@@ -164,7 +164,7 @@ def _differentiable_twice(target: Any) -> bool:
     """OpenMM energies refuse double backward (their forces are not differentiable)."""
     from ..targets.openmm_energy import OpenMMEnergy
 
-    return not isinstance(target, OpenMMEnergy)
+    return not isinstance(getattr(target, "target", target), OpenMMEnergy)
 
 
 class SNFMethod(FlowSamplerMethod):
@@ -194,6 +194,7 @@ class SNFMethod(FlowSamplerMethod):
 
     def build(self, target: Any, options: Mapping[str, Any]) -> StochasticNormalizingFlow:
         """The SNF for ``target``: the RealFlow of :class:`FlowSamplerMethod` plus its layers."""
+        target = as_sampler_target(target)
         opts = resolve_options(self.options(options), target)
         flow = super().build(target, options)
         shape = particle_shape(target) if opts["mean_free"] else None
@@ -238,6 +239,11 @@ class SNFMethod(FlowSamplerMethod):
         force_gradients = options["force_gradients"]
         return {"data": _load_data(str(options["data"]), target) if options["data"] is not None else None,
                 "create_graph": _differentiable_twice(target) if force_gradients is None else bool(force_gradients)}
+
+    def train(self, model, target: Any, options: Mapping[str, Any], checkpoint, progress: bool = True,
+              log_path=None) -> dict[str, Any]:
+        """:meth:`FlowSamplerMethod.train` on the target (an OpenMM energy is seen as flat positions)."""
+        return super().train(model, as_sampler_target(target), options, checkpoint, progress, log_path)
 
     def train_step(self, ctx: TrainContext) -> dict[str, float]:
         model: StochasticNormalizingFlow = ctx.model

@@ -24,7 +24,7 @@ for :class:`~openmm_flowforce.flows.RealFlow`.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -149,3 +149,38 @@ class RealCoupling(_FreeCoordinates):
         u, ladj = self.cube.to_data(torch.special.ndtr(t))
         t_in = self._quantile(u)
         return self.from_free(self.scale * t_in), ladj + _log_phi(t) - _log_phi(t_in)
+
+
+class FlatParticleTarget:
+    """A target over positions ``(B, N, 3)`` (an :class:`~openmm_flowforce.targets.openmm_energy.OpenMMEnergy`)
+    seen as a sampler target over flat positions ``x (B, 3N)`` (nm): ``energy(x)`` is the
+    reduced energy u = E/kT ``(B,)``, ``dim = 3N``, ``n_particles = N``, ``spatial_dim = 3``
+    (so flows and priors are mean free). The registry name a target got from
+    :func:`~openmm_flowforce.samplers.common.make_target` is kept, for checkpoints.
+    """
+
+    def __init__(self, target: Callable[[Tensor], Tensor], n_particles: int):
+        self.target, self.n_particles, self.spatial_dim = target, int(n_particles), 3
+        self.dim = 3 * self.n_particles
+        for name in ("_flowforce_target_name", "_flowforce_target_kwargs"):
+            if hasattr(target, name):
+                setattr(self, name, getattr(target, name))
+
+    def energy(self, x: Tensor) -> Tensor:
+        return self.target(x.reshape(x.shape[0], self.n_particles, 3))
+
+
+def as_sampler_target(target: Any) -> Any:
+    """``target`` itself when it has ``dim`` and ``energy`` (the toys), else an OpenMM energy
+    wrapped in :class:`FlatParticleTarget`.
+
+    Raises:
+        FlowforceError: a target that is neither.
+    """
+    if hasattr(target, "dim") and callable(getattr(target, "energy", None)):
+        return target
+    n = getattr(target, "n_particles", None)
+    if callable(target) and isinstance(n, int):
+        return FlatParticleTarget(target, n)
+    raise FlowforceError(f"cannot sample {type(target).__name__}: a sampler target needs dim and energy(x), or "
+                         "must be an OpenMM energy (get_target('openmm', system=..., temperature=...))")
