@@ -271,7 +271,7 @@ def test_craft_training_lowers_the_transport_kl_and_keeps_log_z_unbiased(float64
 def test_snf_and_craft_sample_an_openmm_system(float64, tmp_path):
     """A real OpenMM System (three particles, harmonic bonds and angle): SNF trains with
     constant forces in its drifts (OpenMM forces are not differentiable twice), CRAFT runs
-    SMC; both give finite path weights whose energies match OpenMM's."""
+    SMC; both give finite path weights at configurations OpenMM evaluates to finite energies."""
     import openmm
 
     from openmm_flowforce.targets import get_target
