@@ -148,7 +148,7 @@ def test_metropolis_layer_acceptance_and_detailed_balance(float64):
 
 
 def test_snf_trains_by_reverse_kl_and_resumes_exactly(float64, tmp_path):
-    target = make_target("dw4")
+    target = make_target("gmm40")
     method = get_method("snf")
     options = method.options(dict(steps=2, batch_size=16, n_layers=2, hidden=8, n_components=4, n_blocks=2,
                                   block_steps=1, checkpoint_every=1, log_every=1))
@@ -163,7 +163,7 @@ def test_snf_trains_by_reverse_kl_and_resumes_exactly(float64, tmp_path):
         assert torch.equal(p, q), k
     loaded = load_sampler(tmp_path / "a.ckpt")
     x, log_w = loaded.method.sample_with_log_weights(loaded.model, 16)
-    assert x.shape == (16, 8) and torch.isfinite(log_w).all()
+    assert x.shape == (16, 2) and torch.isfinite(log_w).all()
 
 
 @pytest.mark.slow
@@ -303,3 +303,13 @@ def test_snf_and_craft_sample_an_openmm_system(float64, tmp_path):
     x, log_w = craft.sample_with_log_weights(model, 8)
     energies, _ = target.energies_and_forces(x.reshape(8, 3, 3).numpy())
     assert np.isfinite(energies).all() and torch.isfinite(log_w).all()
+
+
+def test_cli_snf_forward_kl_without_readable_data_exits_2_and_writes_nothing(tmp_path, capsys):
+    from openmm_flowforce.cli.main import main
+
+    (tmp_path / "c.yaml").write_text(f"options: {{objective: forward, data: {tmp_path / 'missing.npy'}, steps: 1}}\n")
+    code = main(["sampler", "train", "--target", "dw4", "--method", "snf", "--out", str(tmp_path / "s.ckpt"),
+                 "--config", str(tmp_path / "c.yaml"), "--quiet"])
+    assert code == 2 and "missing.npy" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
