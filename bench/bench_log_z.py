@@ -153,21 +153,24 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     workdir = Path(tempfile.mkdtemp(prefix="bench_log_z_"))
     rows = []
-    for name in args.targets:
-        (workdir / name).mkdir()
-        rows.extend(run_target(name, args, workdir))
     columns = ("bias", "std", "ess", "nll", "n_per_estimate", "training_energy_evaluations", "training_wall_time_s")
     print("| target | method | " + " | ".join(columns) + " |")
-    print("|" + "---|" * (len(columns) + 2))
-    for row in rows:
-        cells = [f"{row[c]:.3g}" if isinstance(row[c], float) else ("—" if row[c] is None else f"{row[c]:,}")
-                 for c in columns]
-        print(f"| {row['target']} | {row['method']} | " + " | ".join(cells) + " |")
-    result = {"machine": {"platform": platform.platform(), "torch": torch.__version__,
-                          "threads": torch.get_num_threads()},
-              "command": " ".join(["python", "bench/bench_log_z.py", *(argv if argv is not None else sys.argv[1:])]),
-              "rows": rows}
-    Path(args.out).write_text(json.dumps(result, indent=2, default=float) + "\n")
+    print("|" + "---|" * (len(columns) + 2), flush=True)
+    for name in args.targets:
+        (workdir / name).mkdir()
+        new_rows = run_target(name, args, workdir)
+        for row in new_rows:
+            cells = [f"{row[c]:.3g}" if isinstance(row[c], float) else ("—" if row[c] is None else f"{row[c]:,}")
+                     for c in columns]
+            print(f"| {row['target']} | {row['method']} | " + " | ".join(cells) + " |", flush=True)
+        rows.extend(new_rows)
+        # written after every target, so a long run interrupted later keeps what it measured
+        result = {"machine": {"platform": platform.platform(), "torch": torch.__version__,
+                              "threads": torch.get_num_threads()},
+                  "command": " ".join(["python", "bench/bench_log_z.py",
+                                       *(argv if argv is not None else sys.argv[1:])]),
+                  "rows": rows}
+        Path(args.out).write_text(json.dumps(result, indent=2, default=float) + "\n")
     print(f"-> {args.out}", file=sys.stderr)
     return 0
 

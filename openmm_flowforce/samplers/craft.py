@@ -226,11 +226,14 @@ class CRAFTMethod(FlowSamplerMethod):
             flows = [RealCoupling(int(target.dim), float(opts["scale"]), **particles, transform=opts["transform"],
                                   n_layers=int(opts["n_layers"]), hidden=opts["hidden"],
                                   n_components=int(opts["n_components"])).double() for _ in range(k)]
-        return CRAFTModel(prior, flows, beta_schedule(k, opts["spacing"]),
-                          torch.full((k,), float(opts["step_size"]), dtype=torch.float64), target)
+        model = CRAFTModel(prior, flows, beta_schedule(k, opts["spacing"]),
+                           torch.full((k,), float(opts["step_size"]), dtype=torch.float64), target)
+        # the SMC settings a model is sampled with after training (load_sampler rebuilds them)
+        model.smc_options = {key: opts[key] for key in ("ess_threshold", "n_hmc", "n_leapfrog", "target_accept")}
+        return model
 
     def _smc(self, model: CRAFTModel, n: int, options: Mapping[str, Any] | None = None, **kwargs: Any) -> SMCResult:
-        opts = {**self.defaults, **(options or {})}
+        opts = {**self.defaults, **getattr(model, "smc_options", {}), **(options or {})}
         return smc(model, int(n), ess_threshold=float(opts["ess_threshold"]), n_hmc=int(opts["n_hmc"]),
                    n_leapfrog=int(opts["n_leapfrog"]), target_accept=float(opts["target_accept"]), **kwargs)
 

@@ -133,16 +133,17 @@ class StochasticNormalizingFlow(nn.Module):
             return self.flow.log_prob(x)
         evaluate = self._evaluator(energy, create_graph)
         log_q = torch.zeros(x.shape[0], dtype=x.dtype)
-        point = evaluate(x)
+        point = None if self.couplings else evaluate(x)
         for k in reversed(range(len(self.layers))):
             if self.couplings:
-                x_prev, ladj_inv = self.couplings[k].inverse(point.x)
+                x, ladj_inv = self.couplings[k].inverse(x)
                 log_q = log_q + ladj_inv
-                point = evaluate(x_prev)
+                point = evaluate(x)
             # the layer is its own backward kernel: running it samples B, its −ΔS is the forward ΔS
             point, delta = self.layers[k](point, evaluate, self.prior)
             log_q = log_q + delta
-        return log_q + self.flow.log_prob(point.x)
+            x = point.x
+        return log_q + self.flow.log_prob(x)
 
 
 def _load_data(path: str, target: Any) -> Tensor:
