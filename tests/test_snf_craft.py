@@ -313,3 +313,17 @@ def test_cli_snf_forward_kl_without_readable_data_exits_2_and_writes_nothing(tmp
                  "--config", str(tmp_path / "c.yaml"), "--quiet"])
     assert code == 2 and "missing.npy" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+
+
+def test_sampler_report_takes_ess_and_log_z_from_the_methods_own_weights(float64):
+    from openmm_flowforce.analysis.sampler_report import evaluate_sampler
+
+    target = make_target("gmm40")
+    reference = target.sample(64).numpy()
+    for name, options, has_nll in (("craft", dict(n_transitions=4, hidden=8, n_components=4), False),
+                                   ("snf", dict(n_layers=2, hidden=8, n_components=4, n_blocks=2, block_steps=1), True)):
+        method = get_method(name)
+        model = method.build(target, method.options(options))
+        report = evaluate_sampler(method, model, target, reference, align=False)
+        assert 0.0 < report["ess"] <= 1.0 and math.isfinite(report["log_z"]), name
+        assert (report["nll"] is not None) == has_nll
