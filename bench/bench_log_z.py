@@ -53,7 +53,7 @@ def _reference_log_z(target, name: str, chains: int, levels: int, scale: float, 
     from openmm_flowforce.analysis.metrics import log_partition
     from openmm_flowforce.samplers.ais import annealed_importance_sampling, beta_schedule
     from openmm_flowforce.samplers.common import particle_shape
-    from openmm_flowforce.samplers.craft import _log_densities
+    from openmm_flowforce.samplers.craft import annealing_log_densities
     from openmm_flowforce.samplers.transport import GaussianPrior
 
     if name == "gmm40":
@@ -61,7 +61,7 @@ def _reference_log_z(target, name: str, chains: int, levels: int, scale: float, 
     shape = particle_shape(target)
     prior = GaussianPrior(target.dim, scale, *(shape or (None, None)))
     torch.manual_seed(123)
-    result = annealed_importance_sampling(prior.sample(chains), _log_densities(prior, target.energy),
+    result = annealed_importance_sampling(prior.sample(chains), annealing_log_densities(prior, target.energy),
                                           beta_schedule(levels, "geometric"),
                                           torch.full((levels,), step, dtype=torch.float64), n_leapfrog=5)
     return log_partition(result.log_w)
@@ -71,7 +71,7 @@ def run_target(name: str, args, workdir: Path) -> list[dict]:
     from openmm_flowforce.analysis.metrics import ess, log_partition
     from openmm_flowforce.samplers.ais import annealed_importance_sampling
     from openmm_flowforce.samplers.common import make_target
-    from openmm_flowforce.samplers.craft import _log_densities
+    from openmm_flowforce.samplers.craft import annealing_log_densities
     from openmm_flowforce.samplers.flow_training import flow_presets
 
     target = make_target(name)
@@ -106,7 +106,7 @@ def run_target(name: str, args, workdir: Path) -> list[dict]:
         for _ in range(args.repeats):
             if method_name == "ais":
                 prior = craft_model.prior
-                result = annealed_importance_sampling(prior.sample(n), _log_densities(prior, target.energy),
+                result = annealed_importance_sampling(prior.sample(n), annealing_log_densities(prior, target.energy),
                                                       craft_model.betas, torch.full((args.levels,), preset["step_size"],
                                                                                     dtype=torch.float64))
                 log_w = result.log_w

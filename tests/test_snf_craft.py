@@ -15,9 +15,9 @@ from openmm_flowforce.flows import RealFlow
 from openmm_flowforce.samplers import get_method
 from openmm_flowforce.samplers.ais import annealed_importance_sampling
 from openmm_flowforce.samplers.common import load_sampler, make_target
-from openmm_flowforce.samplers.craft import CRAFTModel, _log_densities, smc, systematic_resample
+from openmm_flowforce.samplers.craft import CRAFTModel, annealing_log_densities, smc, systematic_resample
 from openmm_flowforce.samplers.snf import StochasticNormalizingFlow
-from openmm_flowforce.samplers.stochastic import EnergyPoint, MetropolisHastings, make_evaluator, make_layer
+from openmm_flowforce.samplers.stochastic import MetropolisHastings, make_evaluator, make_layer
 from openmm_flowforce.samplers.transport import GaussianPrior, RealCoupling
 
 
@@ -208,7 +208,7 @@ def test_craft_with_identity_flows_is_ais(float64):
     torch.manual_seed(7)
     result = smc(model, 300, ess_threshold=0.0, n_hmc=2, n_leapfrog=3, x0=x0)
     torch.manual_seed(7)
-    ais = annealed_importance_sampling(x0, _log_densities(model.prior, target.energy), model.betas,
+    ais = annealed_importance_sampling(x0, annealing_log_densities(model.prior, target.energy), model.betas,
                                        model.step_sizes.clone(), n_leapfrog=3, n_hmc=2)
     assert result.resamples == 0
     assert torch.allclose(result.x, ais.x, atol=1e-8)
@@ -320,8 +320,9 @@ def test_sampler_report_takes_ess_and_log_z_from_the_methods_own_weights(float64
 
     target = make_target("gmm40")
     reference = target.sample(64).numpy()
-    for name, options, has_nll in (("craft", dict(n_transitions=4, hidden=8, n_components=4), False),
-                                   ("snf", dict(n_layers=2, hidden=8, n_components=4, n_blocks=2, block_steps=1), True)):
+    small = dict(hidden=8, n_components=4)
+    for name, options, has_nll in (("craft", dict(small, n_transitions=4), False),
+                                   ("snf", dict(small, n_layers=2, n_blocks=2, block_steps=1), True)):
         method = get_method(name)
         model = method.build(target, method.options(options))
         report = evaluate_sampler(method, model, target, reference, align=False)

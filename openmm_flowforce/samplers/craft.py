@@ -109,7 +109,10 @@ def systematic_resample(log_w: Tensor) -> Tensor:
     return torch.searchsorted(cdf, positions).clamp(max=n - 1)
 
 
-def _log_densities(prior: GaussianPrior, energy: Callable[[Tensor], Tensor]):
+def annealing_log_densities(prior: GaussianPrior, energy: Callable[[Tensor], Tensor]):
+    """The joint log densities of :mod:`~openmm_flowforce.samplers.ais` for π₀ = ``prior`` and
+    π₁ = exp(−``energy``): ``x -> (log π₀, log π₁, ∇log π₀, ∇log π₁)``, all detached."""
+
     def log_densities(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
@@ -155,7 +158,7 @@ def smc(model: CRAFTModel, n: int, energy: Callable[[Tensor], Tensor] | None = N
     """
     energy = energy or model.target.energy
     prior, betas = model.prior, [float(b) for b in model.betas]
-    log_densities = _log_densities(prior, energy)
+    log_densities = annealing_log_densities(prior, energy)
     x0 = prior.sample(n) if x0 is None else x0.detach()
     state = PointState.at(x0, log_densities)
     log_w = torch.full((n,), -math.log(n), dtype=torch.float64)
@@ -204,8 +207,8 @@ class CRAFTMethod(FlowSamplerMethod):
     """
 
     name = "craft"
-    defaults = dict(COMMON_DEFAULTS, n_layers=2, transform="spline", n_transitions=8, spacing="geometric", ess_threshold=0.3,
-                    n_hmc=1, n_leapfrog=5, step_size=None, target_accept=0.65)
+    defaults = dict(COMMON_DEFAULTS, n_layers=2, transform="spline", n_transitions=8, spacing="geometric",
+                    ess_threshold=0.3, n_hmc=1, n_leapfrog=5, step_size=None, target_accept=0.65)
 
     def option_schema(self) -> dict[str, Option]:
         schema = super().option_schema()

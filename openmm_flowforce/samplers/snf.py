@@ -38,7 +38,6 @@ Logged per step: ``loss``, ``ess`` and ``log_z`` of the batch's path weights,
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -52,10 +51,10 @@ from ..options import COUNT, Option
 from ..reweighting import effective_sample_size
 from .ais import beta_schedule
 from .common import particle_shape
-from .flow_training import COMMON_DEFAULTS, EnergyCounter, FlowSamplerMethod, TrainContext, resolve_options
+from .flow_training import COMMON_DEFAULTS, FlowSamplerMethod, TrainContext, resolve_options
 from .registry import register_method
 from .reverse_kl import regularised_energy
-from .stochastic import STOCHASTIC_LAYERS, EnergyPoint, StochasticLayer, make_evaluator, make_layer
+from .stochastic import STOCHASTIC_LAYERS, StochasticLayer, make_evaluator, make_layer
 from .transport import GaussianPrior, RealCoupling, as_sampler_target
 
 Tensor = torch.Tensor
