@@ -248,6 +248,9 @@ def test_craft_log_z_is_unbiased(float64):
     mean, std = _log_z_repeats(method, method.build(target, options), options)
     assert abs(mean - target.log_z) < 4 * std / math.sqrt(20) + 0.5 * std ** 2 + 1e-3, (mean, std)
     assert 0.0 < std < 0.3
+    torch.manual_seed(1)
+    mean_api, sem = method.log_z_with_error(method.build(target, options), 256, repeats=20, options=options)
+    assert mean_api == pytest.approx(mean, abs=1e-12) and sem == pytest.approx(std / math.sqrt(20), rel=1e-9)
 
 
 @pytest.mark.slow
