@@ -120,6 +120,8 @@ class StochasticNormalizingFlow(nn.Module):
                 point = evaluate(y)
         return point.x, log_q, point.u1
 
+    forward = forward_path  # so torch.func.functional_call and hooks see the sampling path
+
     def path_log_prob(self, x: Tensor, energy: Callable[[Tensor], Tensor] | None = None,
                       create_graph: bool = False) -> Tensor:
         """The path estimate log q̂(x) ``(B,)`` on one backward path from ``x (B, dim)``.
