@@ -17,7 +17,9 @@ the iDEM paper's tables (Akhound-Sadegh et al. 2024, arXiv 2402.06121):
   the reference's range (iDEM's ``dist_total_var``); particle targets only.
 * ``nll`` (−mean log q on the reference) and ``ess`` (Kish, from
   ``log w = −u(x) − log q(x)`` on the model's samples) when the method has a density;
-  None otherwise.
+  None otherwise. Methods with ``sample_with_log_weights`` (SNF, CRAFT) take the ESS from
+  their own path/SMC weights (a fresh batch of n) and add ``log_z`` (log-mean-exp of those
+  weights); SNF's ``nll`` is its path estimate (an upper bound in expectation).
 """
 from __future__ import annotations
 
@@ -138,4 +140,13 @@ def evaluate_sampler(method: Any, model: torch.nn.Module, target: Any, reference
         report["nll"] = float(-log_q_ref.detach().to(torch.float64).mean())
         log_q_gen = method.log_prob(model, x.to(dtype)).detach().to(torch.float64)
         report["ess"] = ess(torch.where(finite, -u_gen - log_q_gen, torch.full_like(u_gen, -torch.inf)))
+    weighted = getattr(method, "sample_with_log_weights", None)
+    if weighted is not None:  # path or SMC weights (SNF, CRAFT): the ESS of the samples' own weights
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            log_w = weighted(model, n)[1].detach().to(torch.float64)
+        log_w = torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -torch.inf))
+        finite_w = bool(torch.isfinite(log_w).any())
+        report["ess"] = ess(log_w) if finite_w else 0.0
+        report["log_z"] = float(torch.logsumexp(log_w, 0) - np.log(n)) if finite_w else None
     return report

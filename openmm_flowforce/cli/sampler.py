@@ -13,7 +13,7 @@ from openmm_flowforce.cli.config import CommandFiles, flag
 from openmm_flowforce.errors import FlowforceError
 from openmm_flowforce.options import POSITIVE_INT, SEED, Option
 
-HELP = "train, sample and evaluate energy-only samplers (iDEM, FAB, reverse KL) on toy targets"
+HELP = "train, sample and evaluate energy-only samplers (iDEM, FAB, reverse KL, SNF, CRAFT) on toy targets"
 
 EPILOG = """\
 examples:
@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train = sub.add_parser("train", help="train a sampler from the target's energy alone",
                            description="train a sampler from the target's energy alone (resumes if --out exists)")
     train.add_argument("--target", required=True, help="target name (gmm40, dw4, lj13, lj55)")
-    train.add_argument("--method", required=True, help="sampler method (idem, fab, reverse-kl, ...)")
+    train.add_argument("--method", required=True, help="sampler method (idem, fab, reverse-kl, snf, craft, ...)")
     train.add_argument("--out", required=True, metavar="S.ckpt", help="checkpoint to write (resumes if present)")
     train.add_argument("--steps", type=flag(POSITIVE_INT), help="total training steps (method default otherwise)")
     train.add_argument("--config", metavar="FILE.yaml", help="YAML with 'options' and 'target_options'")

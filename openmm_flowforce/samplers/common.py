@@ -130,6 +130,8 @@ METHOD_MODULES: tuple[str, ...] = (
     "openmm_flowforce.samplers.idem",
     "openmm_flowforce.samplers.fab",
     "openmm_flowforce.samplers.reverse_kl",
+    "openmm_flowforce.samplers.snf",
+    "openmm_flowforce.samplers.craft",
     "openmm_flowforce.samplers.esh_method",
 )
 

@@ -82,6 +82,11 @@ class SamplerMethod:
         """Normalised log density of the samples, or None for methods without one."""
         return None
 
+    #: Methods whose samples carry their own importance weights (SNF path weights, SMC
+    #: weights) also define ``sample_with_log_weights(model, n) -> (x (n, dim), log_w (n,))``,
+    #: log w with respect to exp(−u) whose log-mean-exp estimates log Z; the sampler
+    #: report then takes the ESS from those weights.
+
 
 _METHODS: dict[str, Callable[[], SamplerMethod]] = {}
 
