@@ -15,7 +15,8 @@ that are not done yet and :func:`assemble_dataset` writes them into one dataset.
 * **Workers**: every replica runs in a fresh ``spawn`` process with its own Context; on
   the CPU platform with one thread each (``workers`` processes fill ``workers`` cores),
   else on the platform ``auto`` picks (CUDA when present: every worker its own Context on
-  the GPU).
+  the GPU). With one worker, or one replica left to run, the replicas run in this process
+  instead (no process start-up, same frames).
 * **Resume**: each finished replica is written atomically as ``replica-NNNNN.npz`` in the
   work folder (``OUT.parts/`` next to the output), with the run's fingerprint. An
   interrupted run (Ctrl-C, SIGTERM, a crash) keeps them, and running the same plan again
@@ -139,6 +140,8 @@ def _unfolded_start(job: ReplicaJob, system: Any) -> tuple[np.ndarray, dict[str,
                            time_ns=s.unfold_ps / 1000.0, save_every_ps=s.unfold_ps, timestep_fs=s.timestep_fs,
                            friction_per_ps=s.friction_per_ps, seed=unfold_seed, platform=job.platform,
                            progress=False, equilibration_ps=0.0, minimize=False, cpu_threads=job.cpu_threads)
+    if hot["interrupted"]:
+        raise KeyboardInterrupt
     if hot["error"] or len(hot["positions"]) != 1:
         raise FlowforceError(f"replica {job.index}: the unfolding run at {s.unfold_temperature:g} K failed "
                              f"({hot['error'] or 'no frame'}); lower --unfold-temperature or the time step")
@@ -175,6 +178,8 @@ def run_replica(job: ReplicaJob) -> dict[str, Any]:
                               save_every_ps=s.save_every_ps, timestep_fs=s.timestep_fs,
                               friction_per_ps=s.friction_per_ps, seed=seed, platform=job.platform, progress=False,
                               equilibration_ps=s.equilibration_ps, minimize=False, cpu_threads=job.cpu_threads)
+    if result["interrupted"]:  # run in the main process: Ctrl-C or SIGTERM; no part for an unfinished replica
+        raise KeyboardInterrupt
     if result["error"]:
         raise FlowforceError(f"replica {job.index} ({job.start} start): {result['error']}")
     positions, forces = result["positions"], result["forces"]
@@ -350,9 +355,10 @@ def _bytes(text: str) -> np.ndarray:
     return np.frombuffer(text.encode(), dtype=np.uint8)
 
 
-def _cpu_threads(plan: ReplicaPlan) -> int | None:
-    """One CPU thread per worker when several run at once; all cores for a single worker."""
-    return 1 if plan.workers > 1 else None
+#: CPU platform threads of every replica. Always one, also for a single worker: the CPU
+#: platform's sums depend on the thread count, so a replica resumed with another --workers
+#: would otherwise not repeat its frames; parallelism comes from the workers.
+REPLICA_CPU_THREADS = 1
 
 
 def run_missing_replicas(plan: ReplicaPlan, progress: bool = True) -> dict[str, Any]:
@@ -381,35 +387,67 @@ def run_missing_replicas(plan: ReplicaPlan, progress: bool = True) -> dict[str, 
         return report
     started = time.perf_counter()
     folded, _, _ = minimize_energy(plan.system, plan.positions, plan.platform)
-    context = multiprocessing.get_context("spawn")
-    pending = list(todo)
-    running: dict[Any, tuple[Any, int]] = {}
     mapping = None if plan.mapping is None else plan.mapping.to_dict()
-    previous_term = _raise_on_sigterm()
+
+    def job(index: int) -> ReplicaJob:
+        return ReplicaJob(index, plan.start_of(index), plan._system_xml, folded, plan.settings, plan.platform,
+                          REPLICA_CPU_THREADS, mapping, str(plan.part(index)), plan.key())
+
+    signalled: list[str] = []
+    previous_term = _raise_on_sigterm(signalled)
     try:
         with tqdm(total=plan.n_replicas, initial=len(done), desc="replicas", unit="replica",
                   disable=not progress) as bar:
-            while pending or running:
-                while pending and len(running) < plan.workers:
-                    index = pending.pop(0)
+            if plan.workers == 1 or len(todo) == 1:
+                _run_here([job(i) for i in todo], report, bar, signalled)
+            else:
+                _run_in_workers([job(i) for i in todo], plan, report, bar)
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+        report["wall_time_s"] = time.perf_counter() - started
+    return report
+
+
+def _run_here(jobs: list[ReplicaJob], report: dict[str, Any], bar: Any, signalled: list[str]) -> None:
+    """One worker: the replicas one after the other in this process (no start-up cost)."""
+    for job in jobs:
+        try:
+            run_replica(job)
+        except FlowforceError as error:
+            report["failed"][job.index] = str(error)
+            continue
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(*signalled[-1:]) from None
+        report["ran"].append(job.index)
+        bar.update(1)
+
+
+def _run_in_workers(jobs: list[ReplicaJob], plan: ReplicaPlan, report: dict[str, Any], bar: Any) -> None:
+    """``plan.workers`` spawned processes at a time, one per replica; on any exit from here
+    (Ctrl-C, SIGTERM, a bug) the running ones are ended."""
+    context = multiprocessing.get_context("spawn")
+    pending = list(jobs)
+    running: dict[Any, tuple[Any, int]] = {}
+    try:
+        while pending or running:
+            while pending and len(running) < plan.workers:
+                job = pending.pop(0)
+                index = job.index
+                Path(job.part + ".error").unlink(missing_ok=True)
+                process = context.Process(target=_worker_main, args=(job,), daemon=True)
+                _start_ignoring_sigint(process)
+                running[process.sentinel] = (process, index)
+            for sentinel in multiprocessing.connection.wait(list(running), timeout=1.0):
+                process, index = running.pop(sentinel)
+                process.join()
+                if plan.read_part(index) is not None:
+                    report["ran"].append(index)
+                    bar.update(1)
+                else:
                     error_file = Path(str(plan.part(index)) + ".error")
-                    error_file.unlink(missing_ok=True)
-                    job = ReplicaJob(index, plan.start_of(index), plan._system_xml, folded, plan.settings,
-                                     plan.platform, _cpu_threads(plan), mapping, str(plan.part(index)), plan.key())
-                    process = context.Process(target=_worker_main, args=(job,), daemon=True)
-                    _start_ignoring_sigint(process)
-                    running[process.sentinel] = (process, index)
-                for sentinel in multiprocessing.connection.wait(list(running), timeout=1.0):
-                    process, index = running.pop(sentinel)
-                    process.join()
-                    if plan.read_part(index) is not None:
-                        report["ran"].append(index)
-                        bar.update(1)
-                    else:
-                        error_file = Path(str(plan.part(index)) + ".error")
-                        message = (error_file.read_text().strip().splitlines() or ["?"])[-1] if error_file.is_file() \
-                            else f"the worker process ended with status {process.exitcode} and wrote nothing"
-                        report["failed"][index] = message
+                    message = (error_file.read_text().strip().splitlines() or ["?"])[-1] if error_file.is_file() \
+                        else f"the worker process ended with status {process.exitcode} and wrote nothing"
+                    report["failed"][index] = message
     finally:
         for process, _ in running.values():
             process.terminate()
@@ -418,9 +456,6 @@ def run_missing_replicas(plan: ReplicaPlan, progress: bool = True) -> dict[str, 
             if process.is_alive():
                 process.kill()
                 process.join()
-        signal.signal(signal.SIGTERM, previous_term)
-        report["wall_time_s"] = time.perf_counter() - started
-    return report
 
 
 def _start_ignoring_sigint(process: Any) -> None:
@@ -436,9 +471,11 @@ def _start_ignoring_sigint(process: Any) -> None:
         signal.signal(signal.SIGINT, previous)
 
 
-def _raise_on_sigterm() -> Any:
-    """Make SIGTERM raise ``KeyboardInterrupt("SIGTERM")`` (the package's one interrupt path)."""
+def _raise_on_sigterm(signalled: list[str]) -> Any:
+    """Make SIGTERM raise ``KeyboardInterrupt("SIGTERM")`` (the package's one interrupt path),
+    noting it in ``signalled`` (MD in this process catches the interrupt and stops cleanly)."""
     def handler(number: int, frame: Any) -> None:
+        signalled.append("SIGTERM")
         raise KeyboardInterrupt("SIGTERM")
 
     return signal.signal(signal.SIGTERM, handler)
