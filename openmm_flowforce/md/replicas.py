@@ -386,7 +386,9 @@ def run_missing_replicas(plan: ReplicaPlan, progress: bool = True) -> dict[str, 
     if not todo:
         return report
     started = time.perf_counter()
-    folded, _, _ = minimize_energy(plan.system, plan.positions, plan.platform)
+    # One thread here too: with several, the CPU platform's sums (and so the minimum) can vary
+    # from run to run, and a resumed replica would not repeat its frames.
+    folded, _, _ = minimize_energy(plan.system, plan.positions, plan.platform, REPLICA_CPU_THREADS)
     mapping = None if plan.mapping is None else plan.mapping.to_dict()
 
     def job(index: int) -> ReplicaJob:
