@@ -164,8 +164,8 @@ def _resolve(args: argparse.Namespace) -> None:
             raise OptionError(f"{', '.join(given)} apply to replica runs; add --replicas N")
         return
     if args.dcd:
-        raise OptionError("--dcd is for a single run; with --replicas every frame is in the --out dataset "
-                          "(flowforce convert can write it as a trajectory)")
+        raise OptionError("--dcd is for a single run; with --replicas every frame is in the --out dataset, "
+                          "with the replica of each frame in its replica array: drop --dcd")
     for name, default in REPLICA_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)

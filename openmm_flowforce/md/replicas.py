@@ -34,6 +34,7 @@ import multiprocessing.connection
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -203,8 +204,6 @@ def run_replica(job: ReplicaJob) -> dict[str, Any]:
 def _worker_main(job: ReplicaJob) -> None:
     """Entry point of a worker process: run one replica; on failure leave the reason next to
     its part file (``.error``) and exit with status 1."""
-    import threading
-
     import tqdm
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the process group; the parent decides
@@ -254,6 +253,7 @@ class ReplicaPlan:
     platform: str = "auto"
     source: str = ""
     _system_xml: str = field(default="", repr=False)
+    _key: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         import openmm
@@ -299,7 +299,10 @@ class ReplicaPlan:
         return fingerprint(data_hash(_bytes(self._system_xml), self.positions, mapping), options)
 
     def key(self) -> str:
-        return json.dumps(self.fingerprint(), sort_keys=True)
+        """:meth:`fingerprint` as one string (stored in every part)."""
+        if not self._key:
+            self._key = json.dumps(self.fingerprint(), sort_keys=True)
+        return self._key
 
     def prepare_folder(self) -> None:
         """Create the work folder with its manifest, or check that an existing one holds parts of
@@ -405,7 +408,8 @@ def run_missing_replicas(plan: ReplicaPlan, progress: bool = True) -> dict[str, 
             else:
                 _run_in_workers([job(i) for i in todo], plan, report, bar)
     finally:
-        signal.signal(signal.SIGTERM, previous_term)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous_term)
         report["wall_time_s"] = time.perf_counter() - started
     return report
 
@@ -463,7 +467,7 @@ def _run_in_workers(jobs: list[ReplicaJob], plan: ReplicaPlan, report: dict[str,
 def _start_ignoring_sigint(process: Any) -> None:
     """Start ``process`` with SIGINT ignored from its first instruction (an ignored signal stays
     ignored across exec), so a Ctrl-C during its start-up prints no traceback."""
-    if sys.platform == "win32":
+    if sys.platform == "win32" or threading.current_thread() is not threading.main_thread():
         process.start()
         return
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -480,6 +484,8 @@ def _raise_on_sigterm(signalled: list[str]) -> Any:
         signalled.append("SIGTERM")
         raise KeyboardInterrupt("SIGTERM")
 
+    if threading.current_thread() is not threading.main_thread():
+        return signal.getsignal(signal.SIGTERM)  # only the main thread may set handlers; leave SIGTERM as it is
     return signal.signal(signal.SIGTERM, handler)
 
 
