@@ -227,6 +227,35 @@ def test_cg_trains_on_a_pre_mapped_dataset(cg_replicas, tmp_path, capsys):
     assert not (tmp_path / "other.ckpt").exists()
 
 
+def test_single_run_with_hmr_saves_cg_frames(tmp_path, capsys):
+    out = tmp_path / "one.npz"
+    assert main(["md", "--hmr", "--save-cg", "backbone", "--time-ns", "0.002", "--save-every-ps", "0.2",
+                 "--equilibration-ps", "0", "--platform", "Reference", "--no-progress", "--out", str(out)]) == 0
+    assert "saved as 5 backbone beads" in capsys.readouterr().out
+    data = load_dataset(out)
+    assert data.timestep_fs == 4.0 and data.n_frames == 10 and data.n_atoms == 5 and data.replica is None
+    assert "--hmr --hydrogen-mass 1.5" in data.source and "--constraints hbonds" in data.source
+    assert data.provenance["ns_per_day"]["Reference"]["ns_per_day_per_replica"] > 0
+    assert data.provenance["steps"] == 500
+
+
+def test_more_workers_than_replicas_and_extending_a_run(tmp_path, capsys):
+    out = tmp_path / "ext.npz"
+    short = ["md", "--time-ns", "0.0005", "--save-every-ps", "0.1", "--equilibration-ps", "0", "--starts", "folded",
+             "--platform", "Reference", "--no-progress", "--workers", "3", "--out", str(out)]
+    assert main([*short, "--replicas", "1", "--keep-parts"]) == 0
+    first = load_dataset(out)
+    assert first.provenance["workers"] == 3 and first.replica.tolist() == [0] * 5
+    capsys.readouterr()
+    # The same command with more replicas keeps the finished one (seeds depend on the index only).
+    assert main([*short, "--replicas", "2"]) == 0
+    assert "1 run now, 1 already done" in capsys.readouterr().out
+    extended = load_dataset(out)
+    assert extended.replica.tolist() == [0] * 5 + [1] * 5
+    np.testing.assert_array_equal(extended.positions[:5], first.positions)
+    assert not np.array_equal(extended.positions[5:], first.positions)
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--replicas", "0"], "argument --replicas: must be an integer ≥ 1"),
     (["--replicas", "2", "--workers", "0"], "argument --workers"),
