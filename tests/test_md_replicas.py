@@ -22,7 +22,7 @@ import pytest
 
 openmm = pytest.importorskip("openmm")
 parmed = pytest.importorskip("parmed")
-from openmm import app, unit  # noqa: E402
+from openmm import unit  # noqa: E402
 
 from openmm_flowforce.cli.main import main  # noqa: E402
 from openmm_flowforce.coordinates.cg_mapping import CGMapping  # noqa: E402

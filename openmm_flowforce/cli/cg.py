@@ -142,8 +142,9 @@ def run(args: argparse.Namespace) -> int:
     if world()[0] != 0:
         return 0
     how = "stored in the dataset" if mapped else "applied now"
-    print(f"method      {result.method}, mapping {_mapping_name(result.mapping)} ({how}): {result.mapping.n_atoms} atoms "
-          f"-> {result.mapping.n_beads} beads, {data.n_frames} frames at {data.temperature:g} K")
+    print(f"method      {result.method}, mapping {_mapping_name(result.mapping)} ({how}): "
+          f"{result.mapping.n_atoms} atoms -> {result.mapping.n_beads} beads, {data.n_frames} frames at "
+          f"{data.temperature:g} K")
     if "dropped_samples" in info:
         print(f"flow        {info['flow_steps']} steps, validation NLL {info['flow_best_val_nll']}, "
               f"{info['flow_seconds']:.1f} s")

@@ -109,7 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     replicas.add_argument("--replicas", type=flag(POSITIVE_INT), default=None, metavar="N",
                           help="number of independent replicas, each --time-ns long (default: one plain run)")
     replicas.add_argument("--workers", type=flag(POSITIVE_INT), default=None, metavar="K",
-                          help="replicas run at once, each in its own process (one CPU thread each when K > 1) (default 1; "
+                          help="replicas run at once, each in its own process (one CPU thread each) (default 1; "
                                "more workers than replicas is allowed, the extra ones stay idle)")
     replicas.add_argument("--starts", default=None, metavar="KIND[,KIND]",
                           help="start structures cycled over the replicas: folded (the minimised input), unfolded "

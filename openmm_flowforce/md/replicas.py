@@ -319,7 +319,8 @@ class ReplicaPlan:
             try:
                 saved = json.loads(manifest.read_text())
             except (OSError, ValueError) as error:
-                raise BadFileError(f"{manifest} is not readable ({error}); delete {self.folder} to start over") from None
+                raise BadFileError(f"{manifest} is not readable ({error}); delete {self.folder} to start "
+                                   "over") from None
             if saved.get("format") != PARTS_FORMAT or saved.get("fingerprint") != current:
                 what = "; ".join(fingerprint_differences(saved.get("fingerprint", {}), current)) or "another format"
                 raise FlowforceError(f"{self.folder} holds replicas of another run ({what}); run the same command as "
