@@ -5,7 +5,7 @@ hydrogen-mass repartitioning (1.5 Da) and rigid X–H bonds at 4 fs, run as para
         [--platforms Reference CPU] [--workers 1 2] [--replicas 2] [--ps Reference=2 CPU=4] \
         [--json bench/results/bench_md_replicas.json]
 
-Each row runs ``--replicas`` folded-start replicas of the given length through the code
+Each row runs ``--replicas`` replicas started from the (minimised) input of the given length through the code
 ``flowforce md --replicas N --workers K`` uses (:mod:`openmm_flowforce.md.replicas`), one
 CPU thread per replica, and reports
 
@@ -37,7 +37,7 @@ def measure(pdb: str, platform: str, workers: int, replicas: int, ps: float) -> 
     topology, system, positions = load_system(pdb=pdb, solvent="gbn2", constraints="hbonds",
                                               hydrogen_mass=DEFAULT_HYDROGEN_MASS)
     settings = ReplicaSettings(temperature=300.0, time_ns=ps / 1000.0, save_every_ps=ps / 10.0, timestep_fs=4.0,
-                               equilibration_ps=0.0, starts=("folded",))
+                               equilibration_ps=0.0, starts=("input",))
     with tempfile.TemporaryDirectory() as folder:
         plan = ReplicaPlan(topology, system, positions, replicas, settings, Path(folder) / "bench.npz",
                            workers=workers, platform=platform)

@@ -35,8 +35,8 @@ SHARED_DATA = Path(os.environ.get("FLOWFORCE_SHARED_DATA") or ROOT.parent / "sha
 CLN025 = SHARED_DATA / "cln025" / "cln025.pdb"
 needs_cln025 = pytest.mark.skipif(not CLN025.is_file(), reason=f"chignolin file not found at {CLN025}")
 
-#: A tiny replica run of alanine dipeptide: 2 replicas x 20 frames, one folded and one
-#: unfolded start (0.5 ps at 600 K), on the Reference platform (bit-reproducible).
+#: A tiny replica run of alanine dipeptide: 2 replicas x 20 frames, one from the input and one
+#: from an unfolded start (0.5 ps at 600 K), on the Reference platform (bit-reproducible).
 TINY_REPLICAS = ["md", "--replicas", "2", "--workers", "2", "--time-ns", "0.002", "--save-every-ps", "0.1",
                  "--equilibration-ps", "0.2", "--unfold-ps", "0.5", "--platform", "Reference", "--no-progress"]
 
@@ -187,7 +187,7 @@ def test_replicas_write_one_dataset_with_provenance(cg_replicas):
     assert data.n_frames == 40 and data.n_atoms == 5 and data.replica.tolist() == [0] * 20 + [1] * 20
     assert data.mapping().source == {"preset": "backbone"}
     replicas = data.provenance["replicas"]
-    assert [r["start"] for r in replicas] == ["folded", "unfolded"]
+    assert [r["start"] for r in replicas] == ["input", "unfolded"]
     assert [r["seed"] for r in replicas] == [replica_seeds(0, 0)[0], replica_seeds(0, 1)[0]]
     assert all(r["platform"] == "Reference" and r["frames"] == 20 for r in replicas)
     # 200 equilibration + 2000 production steps at 1 fs; the unfolded start adds 500 at 600 K.
@@ -241,7 +241,7 @@ def test_single_run_with_hmr_saves_cg_frames(tmp_path, capsys):
 
 def test_more_workers_than_replicas_and_extending_a_run(tmp_path, capsys):
     out = tmp_path / "ext.npz"
-    short = ["md", "--time-ns", "0.0005", "--save-every-ps", "0.1", "--equilibration-ps", "0", "--starts", "folded",
+    short = ["md", "--time-ns", "0.0005", "--save-every-ps", "0.1", "--equilibration-ps", "0", "--starts", "input",
              "--platform", "Reference", "--no-progress", "--workers", "3", "--out", str(out)]
     assert main([*short, "--replicas", "1", "--keep-parts"]) == 0
     first = load_dataset(out)
@@ -260,7 +260,7 @@ def test_more_workers_than_replicas_and_extending_a_run(tmp_path, capsys):
     (["--replicas", "0"], "argument --replicas: must be an integer ≥ 1"),
     (["--replicas", "2", "--workers", "0"], "argument --workers"),
     (["--save-cg", "martini"], "argument --save-cg: invalid choice"),
-    (["--replicas", "2", "--starts", "folded,melted"], "unknown start kind melted"),
+    (["--replicas", "2", "--starts", "input,melted"], "unknown start kind melted"),
     (["--workers", "2"], "--workers apply to replica runs; add --replicas N"),
     (["--replicas", "2", "--dcd", "x.dcd"], "--dcd is for a single run"),
     (["--hydrogen-mass", "2"], "--hydrogen-mass 2 applies only with --hmr"),
@@ -315,7 +315,7 @@ def test_chignolin_gbn2_hmr_replicas_cg_equals_mapped_all_atom(tmp_path, capsys)
 @pytest.mark.slow  # a real SIGTERM to a real `flowforce md` process: ~30 s
 def test_sigterm_keeps_finished_replicas_and_the_rerun_completes(tmp_path):
     argv = [sys.executable, "-m", "openmm_flowforce.cli.main", "md", "--replicas", "3", "--workers", "2",
-            "--time-ns", "0.02", "--equilibration-ps", "0", "--starts", "folded", "--platform", "Reference",
+            "--time-ns", "0.02", "--equilibration-ps", "0", "--starts", "input", "--platform", "Reference",
             "--no-progress", "--out", str(tmp_path / "x.npz")]
     process = subprocess.Popen(argv, cwd=tmp_path, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -37,7 +37,7 @@ the default method) uses positions only, so it does not need forces at all.
 Replicas (--replicas N --workers K): N independent runs, K at a time in separate
 processes (one CPU thread each; CUDA when present), all written into ONE dataset with the
 replica of every frame and each replica's start, seed, platform, steps, wall time and
-ns/day. Starts cycle through --starts: folded (the minimised input) and unfolded (the end of
+ns/day. Starts cycle through --starts: input (the minimised input) and unfolded (the end of
 --unfold-ps at --unfold-temperature, with the replica's own seed). Finished replicas are kept
 in OUT.parts/; after Ctrl-C, SIGTERM or a crash, the same command runs only the missing
 ones (and asking for more replicas later extends the run). OUT.parts/ is removed once OUT
@@ -112,8 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="replicas run at once, each in its own process (one CPU thread each) (default 1; "
                                "more workers than replicas is allowed, the extra ones stay idle)")
     replicas.add_argument("--starts", default=None, metavar="KIND[,KIND]",
-                          help="start structures cycled over the replicas: folded (the minimised input), unfolded "
-                               "(after --unfold-ps at --unfold-temperature) (default: folded,unfolded)")
+                          help="start structures cycled over the replicas: input (the minimised input), unfolded "
+                               "(after --unfold-ps at --unfold-temperature) (default: input,unfolded)")
     replicas.add_argument("--unfold-ps", type=flag(POSITIVE), default=None, metavar="P",
                           help="length of the unfolding run of an unfolded start, ps (default 100)")
     replicas.add_argument("--unfold-temperature", type=flag(POSITIVE), default=None, metavar="K",
@@ -143,7 +143,7 @@ def _source(args: argparse.Namespace) -> str:
 
 
 #: Options of the replica runner and their defaults (None on the command line: not given).
-REPLICA_DEFAULTS = {"workers": 1, "starts": "folded,unfolded", "unfold_ps": 100.0, "unfold_temperature": 600.0}
+REPLICA_DEFAULTS = {"workers": 1, "starts": "input,unfolded", "unfold_ps": 100.0, "unfold_temperature": 600.0}
 
 
 def _resolve(args: argparse.Namespace) -> None:

@@ -6,9 +6,10 @@ practice, e.g. Lindorff-Larsen, Piana, Dror, Shaw, Science 334, 517 (2011) for c
 :class:`ReplicaPlan` describes such a run; :func:`run_missing_replicas` runs the replicas
 that are not done yet and :func:`assemble_dataset` writes them into one dataset.
 
-* **Starts** (:data:`START_KINDS`, cycled over the replica index): ``folded``, the
-  minimised input; ``unfolded``, the end of a ``unfold_ps`` run at ``unfold_temperature``
-  from it (with the replica's own seed, so every unfolded start differs).
+* **Starts** (:data:`START_KINDS`, cycled over the replica index): ``input``, the
+  minimised input structure (the folded state when the input is folded); ``unfolded``, the
+  end of a ``unfold_ps`` run at ``unfold_temperature`` from it (with the replica's own
+  seed, so every unfolded start differs).
 * **Seeds**: replica ``i`` of a run with seed ``s`` uses the seeds of
   ``SeedSequence([s, i])`` (:func:`replica_seeds`): independent of the number of replicas,
   so a run can be extended later by asking for more.
@@ -78,7 +79,7 @@ class ReplicaSettings:
     friction_per_ps: float = 1.0
     equilibration_ps: float = 10.0
     seed: int = 0
-    starts: tuple[str, ...] = ("folded",)
+    starts: tuple[str, ...] = ("input",)
     unfold_ps: float = 100.0
     unfold_temperature: float = 600.0
 
@@ -90,7 +91,7 @@ class ReplicaJob:
     index: int
     start: str
     system_xml: str
-    folded_nm: np.ndarray
+    input_nm: np.ndarray
     settings: ReplicaSettings
     platform: str
     cpu_threads: int | None
@@ -128,8 +129,8 @@ class StartKind:
     make: StartFunction
 
 
-def _folded_start(job: ReplicaJob, system: Any) -> tuple[np.ndarray, dict[str, Any]]:
-    return job.folded_nm, {}
+def _input_start(job: ReplicaJob, system: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    return job.input_nm, {}
 
 
 def _unfolded_start(job: ReplicaJob, system: Any) -> tuple[np.ndarray, dict[str, Any]]:
@@ -137,7 +138,7 @@ def _unfolded_start(job: ReplicaJob, system: Any) -> tuple[np.ndarray, dict[str,
 
     s = job.settings
     _, unfold_seed = replica_seeds(s.seed, job.index)
-    hot = run_reference_md(None, system, job.folded_nm, temperature=s.unfold_temperature,
+    hot = run_reference_md(None, system, job.input_nm, temperature=s.unfold_temperature,
                            time_ns=s.unfold_ps / 1000.0, save_every_ps=s.unfold_ps, timestep_fs=s.timestep_fs,
                            friction_per_ps=s.friction_per_ps, seed=unfold_seed, platform=job.platform,
                            progress=False, equilibration_ps=0.0, minimize=False, cpu_threads=job.cpu_threads)
@@ -152,8 +153,8 @@ def _unfolded_start(job: ReplicaJob, system: Any) -> tuple[np.ndarray, dict[str,
 
 #: Start kinds, by name.
 START_KINDS: dict[str, StartKind] = {
-    "folded": StartKind("the input structure, energy-minimised", _folded_start),
-    "unfolded": StartKind("the end of a short run at --unfold-temperature from the folded start", _unfolded_start),
+    "input": StartKind("the input structure, energy-minimised", _input_start),
+    "unfolded": StartKind("the end of a short run at --unfold-temperature from the input structure", _unfolded_start),
 }
 
 
@@ -190,7 +191,7 @@ def run_replica(job: ReplicaJob) -> dict[str, Any]:
         mapping = CGMapping.from_dict(job.mapping)
         positions, forces = mapping.map_positions(positions), mapping.map_forces(forces)
     info = {"replica": job.index, "start": job.start, "seed": seed, **start_info,
-            "start_rmsd_nm": kabsch_rmsd(np.asarray(start_nm), job.folded_nm),
+            "start_rmsd_nm": kabsch_rmsd(np.asarray(start_nm), job.input_nm),
             "platform": result["platform"], "steps": result["steps"] + start_info.get("unfold_steps", 0),
             "frames": int(len(result["energies"])), "simulated_ns": result["simulated_ns"],
             "production_wall_time_s": result["production_wall_time_s"], "ns_per_day": result["ns_per_day"],
@@ -392,11 +393,11 @@ def run_missing_replicas(plan: ReplicaPlan, progress: bool = True) -> dict[str, 
     started = time.perf_counter()
     # One thread here too: with several, the CPU platform's sums (and so the minimum) can vary
     # from run to run, and a resumed replica would not repeat its frames.
-    folded, _, _ = minimize_energy(plan.system, plan.positions, plan.platform, REPLICA_CPU_THREADS)
+    relaxed, _, _ = minimize_energy(plan.system, plan.positions, plan.platform, REPLICA_CPU_THREADS)
     mapping = None if plan.mapping is None else plan.mapping.to_dict()
 
     def job(index: int) -> ReplicaJob:
-        return ReplicaJob(index, plan.start_of(index), plan._system_xml, folded, plan.settings, plan.platform,
+        return ReplicaJob(index, plan.start_of(index), plan._system_xml, relaxed, plan.settings, plan.platform,
                           REPLICA_CPU_THREADS, mapping, str(plan.part(index)), plan.key())
 
     signalled: list[str] = []
