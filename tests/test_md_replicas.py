@@ -256,6 +256,18 @@ def test_more_workers_than_replicas_and_extending_a_run(tmp_path, capsys):
     assert not np.array_equal(extended.positions[5:], first.positions)
 
 
+@pytest.mark.parametrize("workers", ["1", pytest.param("2", marks=pytest.mark.slow)])
+def test_replicas_that_blow_up_are_reported_and_nothing_is_assembled(workers, tmp_path, capsys):
+    out = tmp_path / "bad.npz"
+    code = main(["md", "--replicas", "2", "--workers", workers, "--timestep-fs", "20", "--time-ns", "0.002",
+                 "--save-every-ps", "0.1", "--equilibration-ps", "0", "--starts", "input", "--platform", "Reference",
+                 "--no-progress", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and "2 of 2 replicas failed (replica 0: input start: the potential energy became nan" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+    assert not list(work_folder(out).glob("replica-*.npz"))
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--replicas", "0"], "argument --replicas: must be an integer ≥ 1"),
     (["--replicas", "2", "--workers", "0"], "argument --workers"),

@@ -280,9 +280,9 @@ def _run_replicas(args: argparse.Namespace, topology, system, positions, mapping
         return _fail(str(error), 1)
     if report["failed"]:
         failed = "; ".join(f"replica {i}: {message}" for i, message in sorted(report["failed"].items()))
-        return _fail(f"{len(report['failed'])} of {args.replicas} replicas failed ({failed}); the "
-                     f"{args.replicas - len(report['failed'])} others are kept in {plan.folder}; fix the cause and "
-                     "run the same command again to run only the failed ones", 1)
+        return _fail(f"{len(report['failed'])} of {args.replicas} replicas failed ({failed}); the finished ones are "
+                     f"kept in {plan.folder}: the same command retries only the failed ones (after changing an "
+                     f"option, delete {plan.folder} first)", 1)
     provenance = assemble_dataset(plan, report)
     if not args.keep_parts:
         remove_work_folder(plan)

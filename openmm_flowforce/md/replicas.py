@@ -183,7 +183,7 @@ def run_replica(job: ReplicaJob) -> dict[str, Any]:
     if result["interrupted"]:  # run in the main process: Ctrl-C or SIGTERM; no part for an unfinished replica
         raise KeyboardInterrupt
     if result["error"]:
-        raise FlowforceError(f"replica {job.index} ({job.start} start): {result['error']}")
+        raise FlowforceError(f"{job.start} start: {result['error']}")
     positions, forces = result["positions"], result["forces"]
     if job.mapping is not None:
         from ..coordinates.cg_mapping import CGMapping
