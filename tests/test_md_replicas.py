@@ -163,6 +163,28 @@ def test_cg_mapped_dataset_round_trip(chignolin, preset, tmp_path):
     assert not (tmp_path / "bad.npz").exists()
 
 
+@needs_cln025
+def test_damaged_cg_fields_are_refused_naming_the_file(chignolin, tmp_path):
+    topology, _, x = chignolin["vacuum"]
+    mapping = CGMapping.from_topology(topology, "ca")
+    good = tmp_path / "good.npz"
+    save_dataset(good, topology=None, positions=mapping.map_positions(x[None]), energies=np.zeros(1),
+                 temperature=300.0, cg_mapping=mapping, replica=np.array([0]), provenance={})
+    arrays = dict(np.load(good))
+    other = CGMapping.from_topology(topology, "backbone").to_dict()
+    for key, value, expected in (("provenance", "{not json", "provenance is not valid JSON"),
+                                 ("provenance", "[1, 2]", "provenance must be a JSON object"),
+                                 ("replica", np.array([0, 1], dtype=np.int32), r"replica must be \(1,\)"),
+                                 ("replica", np.array([-1], dtype=np.int32), "non-negative"),
+                                 ("cg_mapping", json.dumps(other), "cg_mapping has 32 beads but the frames have 10"),
+                                 ("cg_mapping", json.dumps({"format": "x"}), "cg_mapping is not a valid CG mapping")):
+        bad = tmp_path / f"bad_{key}.npz"
+        np.savez(bad, **{**arrays, key: np.array(value)})
+        with pytest.raises(ValueError, match=expected) as caught:
+            load_dataset(bad)
+        assert str(bad) in str(caught.value)
+
+
 def test_old_dataset_files_load_as_before(tmp_path):
     topology, system, x = load_system()
     save_dataset(tmp_path / "old.npz", topology=topology, positions=x[None], energies=np.zeros(1), temperature=300.0)

@@ -192,15 +192,18 @@ def _validate_replicas(where: str, replica: np.ndarray | None, n_frames: int) ->
                              f"shape {replica.shape} dtype {replica.dtype}")
 
 
-def _mapping_from_dict(where: str, data: Any, n_beads: int) -> Any:
+def _mapping_from_dict(where: str, data: Any, n_beads: int | None) -> Any:
     """The CGMapping of a stored dict, checked against the number of beads in the frames."""
     from ..coordinates.cg_mapping import CGMapping
 
     if not isinstance(data, dict):
         raise FlowforceError(f"{where}: cg_mapping must be a JSON object (CGMapping.to_dict()), got "
                              f"{type(data).__name__}")
-    mapping = CGMapping.from_dict(data)
-    if mapping.n_beads != n_beads:
+    try:
+        mapping = CGMapping.from_dict(data)
+    except FlowforceError as error:
+        raise FlowforceError(f"{where}: cg_mapping is not a valid CG mapping ({error})") from None
+    if n_beads is not None and mapping.n_beads != n_beads:
         raise FlowforceError(f"{where}: cg_mapping has {mapping.n_beads} beads but the frames have {n_beads}")
     return mapping
 
@@ -367,7 +370,7 @@ def load_dataset(path: str | os.PathLike, trust: bool | None = None) -> Dataset:
     threshold = ANGSTROM_BOND_THRESHOLD_NM
     if json_fields["cg_mapping"] is not None:
         # The mapping, not the PDB text, defines the CG topology (PDB readers add template bonds).
-        n_beads = positions.shape[1] if positions.ndim == 3 else -1
+        n_beads = positions.shape[1] if positions.ndim == 3 else None  # else _validate names the bad shape
         topology = _mapping_from_dict(where, json_fields["cg_mapping"], n_beads).cg_topology()
         threshold = CG_ANGSTROM_BOND_THRESHOLD_NM
     else:
