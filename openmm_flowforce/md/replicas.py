@@ -23,9 +23,8 @@ that are not done yet and :func:`assemble_dataset` writes them into one dataset.
   interrupted run (Ctrl-C, SIGTERM, a crash) keeps them, and running the same plan again
   runs only the missing replicas; parts of another plan are refused (their folder named).
   On the Reference platform, and on CPU (always one thread per replica, the minimisation
-  too), a replica run again gives the same frames bit for bit; on CUDA/OpenCL not
-  necessarily (their sums are not ordered), which a resumed run then shows as other, equally
-  valid samples.
+  too), a replica run again gives the same frames bit for bit (tested); on CUDA/OpenCL this
+  was not checked (no GPU here): if not, a resumed replica is another, equally valid sample.
 * **CG frames**: with a mapping, workers store only bead positions and mapped forces.
 """
 from __future__ import annotations
