@@ -294,7 +294,8 @@ def _run_replicas(args: argparse.Namespace, topology, system, positions, mapping
                        for name, speed in provenance["ns_per_day"].items())
     if "session" in provenance:
         session = provenance["session"]
-        speeds += f", {session['ns_per_day_all_workers']:.1f} ns/day with {args.workers} workers"
+        speeds += (f", {session['ns_per_day_all_workers']:.1f} ns/day overall with {args.workers} worker(s) "
+                   "(minimisation and start-up included)")
     what = f"{mapping.n_beads} {args.save_cg} beads" if mapping is not None else f"{system.getNumParticles()} atoms"
     print(f"replicas    {args.replicas} ({kinds}): {len(report['ran'])} run now, {len(report['already_done'])} "
           "already done")
