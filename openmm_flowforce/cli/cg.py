@@ -61,9 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add_data_arguments(parser, "DATA.npz")
-    parser.add_argument("--mapping", default="backbone", choices=list(MAPPING_PRESETS),
+    parser.add_argument("--mapping", default=None, choices=list(MAPPING_PRESETS),
                         help="which atoms become beads (default: backbone; for alanine dipeptide 5 beads whose "
-                             "dihedrals are phi and psi)")
+                             "dihedrals are phi and psi). A dataset saved CG-mapped (flowforce md --save-cg) "
+                             "is used with its own mapping")
     parser.add_argument("--out", required=True, metavar="CG.ckpt", help="CG model file to write (CG.pdb goes next to it)")
     parser.add_argument("--method", default="flow-matching", choices=METHODS, help="default: flow-matching")
     parser.add_argument("--flow-samples", type=flag(CG_OPTIONS["flow_samples"]), metavar="N",
@@ -73,6 +74,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--restart", action="store_true",
                         help="start over: ignore CG.flow.ckpt, CG.samples.npz, CG.state.ckpt (kept as NAME.prev)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _mapping_name(mapping) -> str:
+    return str(mapping.source.get("preset") or mapping.source.get("selection") or mapping.source)
+
+
+def _mapping(args: argparse.Namespace, data):
+    """``(mapping, mapped)``: the dataset's own mapping for a CG-mapped dataset (a different
+    --mapping is refused: beads cannot be mapped again), else the --mapping preset."""
+    from openmm_flowforce.errors import OptionError
+
+    stored = data.mapping()
+    if stored is None:
+        return args.mapping or "backbone", False
+    name = _mapping_name(stored)
+    if args.mapping is not None and args.mapping != stored.source.get("preset"):
+        raise OptionError(f"--mapping {args.mapping}: {args.data[0]} holds frames already mapped with {name} "
+                          f"({stored.n_beads} beads), which cannot be mapped again; drop --mapping, or make an "
+                          f"all-atom dataset (flowforce md without --save-cg)")
+    return stored, True
 
 
 def _work_files(out: Path) -> dict[str, Path]:
@@ -105,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
     if args.flow_samples is not None:
         options["flow_samples"] = args.flow_samples
     data = load_data_from_args(args)
+    mapping, mapped = _mapping(args, data)
     if args.restart and world()[0] == 0:
         from openmm_flowforce.engine import restart
 
@@ -113,13 +135,16 @@ def run(args: argparse.Namespace) -> int:
         import torch.distributed as dist
 
         dist.barrier()  # no process may read the work files while rank 0 moves them away
-    result = coarse_grain(data.positions, data.topology, data.temperature, args.out, mapping=args.mapping,
-                          method=args.method, forces=data.forces, options=options, progress=not args.quiet)
+    result = coarse_grain(data.positions, data.topology, data.temperature, args.out, mapping=mapping,
+                          method=args.method, forces=data.forces, options=options, progress=not args.quiet,
+                          mapped=mapped)
     info = result.info
     if world()[0] != 0:
         return 0
-    print(f"method      {result.method}, mapping {args.mapping}: {data.n_atoms} atoms -> {result.mapping.n_beads} beads, "
-          f"{data.n_frames} frames at {data.temperature:g} K")
+    how = "stored in the dataset" if mapped else "applied now"
+    print(f"method      {result.method}, mapping {_mapping_name(result.mapping)} ({how}): "
+          f"{result.mapping.n_atoms} atoms -> {result.mapping.n_beads} beads, {data.n_frames} frames at "
+          f"{data.temperature:g} K")
     if "dropped_samples" in info:
         print(f"flow        {info['flow_steps']} steps, validation NLL {info['flow_best_val_nll']}, "
               f"{info['flow_seconds']:.1f} s")

@@ -37,8 +37,10 @@ def run(args: argparse.Namespace) -> int:
     from openmm_flowforce.data.dataset import save_dataset
 
     data = load_data_from_args(args)
-    save_dataset(args.out, topology=data.topology, positions=data.positions, energies=data.energies,
-                 temperature=data.temperature, forces=data.forces, source=data.source)
+    mapping = data.mapping()  # a CG-mapped dataset stays one, with its replicas and provenance
+    save_dataset(args.out, topology=None if mapping is not None else data.topology, positions=data.positions,
+                 energies=data.energies, temperature=data.temperature, forces=data.forces, source=data.source,
+                 replica=data.replica, provenance=data.provenance or None, cg_mapping=mapping)
     print(f"wrote {args.out}: {data.n_frames} frames of {data.n_atoms} atoms at {data.temperature:g} K"
           + (", with forces" if data.forces is not None else ", no forces"))
     return 0

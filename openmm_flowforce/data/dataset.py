@@ -16,7 +16,20 @@ save_every_ps    ()            float64     time between frames, ps (optional)
 source           ()            str         free text: how the data was made (optional)
 system_xml       ()            str         the reference ``openmm.System`` (XmlSerializer), so
                                            samples can be reweighted to it later (optional)
+replica          (T,)          int32       index of the MD replica each frame comes from
+                                           (optional; ``flowforce md --replicas``)
+provenance       ()            str         JSON object: how each replica was run (start kind,
+                                           seed, platform, steps, wall time, ns/day) (optional)
+cg_mapping       ()            str         JSON of ``CGMapping.to_dict()``: the frames are
+                                           already coarse-grained (optional, see below)
 ===============  ============  ==========  ==================================================
+
+A *CG-mapped* dataset (``flowforce md --save-cg``) stores bead positions and mapped forces
+(``F_I = Σ_{i∈G_I} f_i``) instead of atoms, so N is the number of beads, ``topology_pdb``
+is the CG topology (:meth:`CGMapping.pdb_text`) and the topology is rebuilt from the mapping
+on load; it has no ``system_xml`` (the all-atom System does not describe the beads). The
+energies are still the all-atom potential energies. Files without the three new keys are
+the files of earlier versions and load as before.
 
 :func:`save_dataset` writes it atomically; :func:`load_dataset` validates it and returns a
 :class:`Dataset`. Both apply the same checks, so a file that saves also loads.
@@ -24,9 +37,10 @@ system_xml       ()            str         the reference ``openmm.System`` (XmlS
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -42,11 +56,15 @@ __all__ = ["DATASET_FORMAT", "Dataset", "load_dataset", "save_dataset", "topolog
 DATASET_FORMAT = "openmm-flowforce/dataset/1"
 
 REQUIRED_KEYS = ("positions", "energies", "temperature", "topology_pdb")
-OPTIONAL_KEYS = ("format", "forces", "timestep_fs", "save_every_ps", "source", "system_xml")
+OPTIONAL_KEYS = ("format", "forces", "timestep_fs", "save_every_ps", "source", "system_xml", "replica",
+                 "provenance", "cg_mapping")
 
 #: Median bond length (nm) above which positions are taken to be in Å: real bonds are
 #: 0.1–0.2 nm, i.e. 1–2 in Å.
 ANGSTROM_BOND_THRESHOLD_NM = 0.5
+#: The same for CG beads: bonded beads are 0.15 nm (backbone) to ~0.7 nm (centres of mass of
+#: large residues) apart, i.e. ≥ 1.4 in Å.
+CG_ANGSTROM_BOND_THRESHOLD_NM = 1.2
 
 
 @dataclass
@@ -62,6 +80,11 @@ class Dataset:
         timestep_fs: MD time step in fs, or ``None``.
         save_every_ps: time between frames in ps, or ``None``.
         source: how the data was made.
+        system_xml: the reference System as XML, or ``""``.
+        replica: ``(T,)`` int replica index of every frame, or ``None`` (one trajectory).
+        provenance: how the replicas were run (a JSON object; ``{}`` when not recorded).
+        cg_mapping: the mapping the frames were coarse-grained with
+            (``CGMapping.to_dict()``), or ``None`` for all-atom frames.
     """
 
     topology: Any
@@ -73,6 +96,18 @@ class Dataset:
     save_every_ps: float | None = None
     source: str = ""
     system_xml: str = ""
+    replica: np.ndarray | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    cg_mapping: dict[str, Any] | None = None
+
+    def mapping(self) -> Any:
+        """The :class:`~openmm_flowforce.coordinates.cg_mapping.CGMapping` of a CG-mapped
+        dataset, or ``None`` for all-atom frames."""
+        if self.cg_mapping is None:
+            return None
+        from ..coordinates.cg_mapping import CGMapping
+
+        return CGMapping.from_dict(self.cg_mapping)
 
     @property
     def n_frames(self) -> int:
@@ -116,7 +151,7 @@ def _median_bond_length(topology, positions: np.ndarray) -> float | None:
 
 
 def _validate(where: str, topology, positions: np.ndarray, forces: np.ndarray | None, energies: np.ndarray,
-              temperature: float) -> None:
+              temperature: float, angstrom_threshold: float = ANGSTROM_BOND_THRESHOLD_NM) -> None:
     """Shapes, finiteness, units and atom count; raises ValueError naming ``where`` and the fix."""
     if positions.ndim != 3 or positions.shape[-1] != 3:
         raise FlowforceError(f"{where}: positions must have shape (frames, atoms, 3), got {positions.shape}")
@@ -143,9 +178,34 @@ def _validate(where: str, topology, positions: np.ndarray, forces: np.ndarray | 
             raise FlowforceError(f"{where}: {_frames(bad)} of {name} contain NaN or inf; drop those frames "
                                  f"(e.g. keep = np.isfinite({name}).all(axis=...)) or regenerate the data")
     bond = _median_bond_length(topology, positions)
-    if bond is not None and bond > ANGSTROM_BOND_THRESHOLD_NM:
+    if bond is not None and bond > angstrom_threshold:
         raise FlowforceError(f"{where}: positions look like Ångström (median bond length {bond:.3g}, real bonds "
-                             f"are 0.1–0.2 nm); positions must be in nm: divide them by 10")
+                             f"are 0.1–0.2 nm, CG bonds below {CG_ANGSTROM_BOND_THRESHOLD_NM:g} nm); positions must "
+                             "be in nm: divide them by 10")
+
+
+def _validate_replicas(where: str, replica: np.ndarray | None, n_frames: int) -> None:
+    if replica is None:
+        return
+    if replica.shape != (n_frames,) or not np.issubdtype(replica.dtype, np.integer) or (replica < 0).any():
+        raise FlowforceError(f"{where}: replica must be ({n_frames},) non-negative integers, one per frame, got "
+                             f"shape {replica.shape} dtype {replica.dtype}")
+
+
+def _mapping_from_dict(where: str, data: Any, n_beads: int | None) -> Any:
+    """The CGMapping of a stored dict, checked against the number of beads in the frames."""
+    from ..coordinates.cg_mapping import CGMapping
+
+    if not isinstance(data, dict):
+        raise FlowforceError(f"{where}: cg_mapping must be a JSON object (CGMapping.to_dict()), got "
+                             f"{type(data).__name__}")
+    try:
+        mapping = CGMapping.from_dict(data)
+    except FlowforceError as error:
+        raise FlowforceError(f"{where}: cg_mapping is not a valid CG mapping ({error})") from None
+    if n_beads is not None and mapping.n_beads != n_beads:
+        raise FlowforceError(f"{where}: cg_mapping has {mapping.n_beads} beads but the frames have {n_beads}")
+    return mapping
 
 
 def save_dataset(
@@ -160,6 +220,9 @@ def save_dataset(
     save_every_ps: float | None = None,
     source: str = "",
     system=None,
+    replica: np.ndarray | None = None,
+    provenance: dict[str, Any] | None = None,
+    cg_mapping: Any = None,
 ) -> None:
     """Validate and write a dataset file atomically (schema in the module docstring).
 
@@ -172,7 +235,13 @@ def save_dataset(
         forces: ``(T, N, 3)`` kJ/mol/nm (stored as float32), optional.
         timestep_fs, save_every_ps, source: metadata.
         system: the reference ``openmm.System``; stored as XML so samples can be
-            reweighted to it (a System holding a TorchForce cannot be stored).
+            reweighted to it (a System holding a TorchForce cannot be stored). Not with
+            ``cg_mapping``.
+        replica: ``(T,)`` replica index of every frame (stored as int32).
+        provenance: JSON-able dict: how the data was made, per replica.
+        cg_mapping: a :class:`~openmm_flowforce.coordinates.cg_mapping.CGMapping`: the
+            positions and forces are its beads' (``(T, n_beads, 3)``), already mapped;
+            ``topology`` may then be None (the CG topology is the mapping's).
 
     Raises:
         ValueError: the data would not load back (shapes, NaN frames, Å positions, atom count).
@@ -180,15 +249,34 @@ def save_dataset(
     positions = np.asarray(positions, dtype=np.float32)
     energies = np.asarray(energies, dtype=np.float64)
     forces = None if forces is None else np.asarray(forces, dtype=np.float32)
-    _validate(f"dataset for {path}", topology, positions, forces, energies, float(temperature))
+    where = f"dataset for {path}"
+    threshold = ANGSTROM_BOND_THRESHOLD_NM
+    if cg_mapping is not None:
+        if system is not None:
+            raise FlowforceError(f"{where}: a CG-mapped dataset cannot store the all-atom System; pass system=None")
+        if positions.ndim == 3 and positions.shape[1] != cg_mapping.n_beads:
+            raise FlowforceError(f"{where}: positions have {positions.shape[1]} particles but the CG mapping has "
+                                 f"{cg_mapping.n_beads} beads: map them first (CGMapping.map_positions)")
+        topology, threshold = cg_mapping.cg_topology(), CG_ANGSTROM_BOND_THRESHOLD_NM
+    _validate(where, topology, positions, forces, energies, float(temperature), threshold)
+    replica = None if replica is None else np.asarray(replica)
+    _validate_replicas(where, replica, len(positions))
+    topology_pdb = (cg_mapping.pdb_text(positions[0]) if cg_mapping is not None
+                    else topology_to_pdb_text(topology, positions[0]))
     arrays: dict[str, np.ndarray] = {
         "format": np.array(DATASET_FORMAT),
         "positions": positions,
         "energies": energies,
         "temperature": np.array(float(temperature)),
-        "topology_pdb": np.array(topology_to_pdb_text(topology, positions[0])),
+        "topology_pdb": np.array(topology_pdb),
         "source": np.array(str(source)),
     }
+    if replica is not None:
+        arrays["replica"] = replica.astype(np.int32)
+    if provenance is not None:
+        arrays["provenance"] = np.array(json.dumps(provenance, allow_nan=False))
+    if cg_mapping is not None:
+        arrays["cg_mapping"] = np.array(json.dumps(cg_mapping.to_dict(), allow_nan=False))
     if forces is not None:
         arrays["forces"] = forces
     if timestep_fs is not None:
@@ -208,6 +296,14 @@ def _scalar(where: str, name: str, value: np.ndarray, kind: type) -> Any:
         return kind(value.item())
     except (TypeError, ValueError):
         raise FlowforceError(f"{where}: {name} must be a {kind.__name__}, got {value.item()!r}") from None
+
+
+def _json(where: str, name: str, value: np.ndarray) -> Any:
+    text = _scalar(where, name, value, str)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise FlowforceError(f"{where}: {name} is not valid JSON ({error})") from None
 
 
 def _numeric(where: str, name: str, value: np.ndarray, dtype: type) -> np.ndarray:
@@ -267,21 +363,40 @@ def load_dataset(path: str | os.PathLike, trust: bool | None = None) -> Dataset:
             raise FlowforceError(f"{where}: format {found!r} is not {DATASET_FORMAT!r}; this version of flowforce "
                                  "cannot read it")
 
-    text = _scalar(where, "topology_pdb", arrays["topology_pdb"], str)
-    try:
-        topology = topology_from_pdb_text(text)
-    except Exception as error:  # PDBFile raises several types on malformed text
-        raise FlowforceError(f"{where}: topology_pdb is not valid PDB text ({type(error).__name__}: {error})") from None
     positions = _numeric(where, "positions", arrays["positions"], np.float32)
+    json_fields = {name: _json(where, name, arrays[name]) if name in arrays else None
+                   for name in ("provenance", "cg_mapping")}
+    text = _scalar(where, "topology_pdb", arrays["topology_pdb"], str)
+    threshold = ANGSTROM_BOND_THRESHOLD_NM
+    if json_fields["cg_mapping"] is not None:
+        # The mapping, not the PDB text, defines the CG topology (PDB readers add template bonds).
+        n_beads = positions.shape[1] if positions.ndim == 3 else None  # else _validate names the bad shape
+        topology = _mapping_from_dict(where, json_fields["cg_mapping"], n_beads).cg_topology()
+        threshold = CG_ANGSTROM_BOND_THRESHOLD_NM
+    else:
+        try:
+            topology = topology_from_pdb_text(text)
+        except Exception as error:  # PDBFile raises several types on malformed text
+            raise FlowforceError(f"{where}: topology_pdb is not valid PDB text ({type(error).__name__}: "
+                                 f"{error})") from None
     forces = _numeric(where, "forces", arrays["forces"], np.float32) if "forces" in arrays else None
     energies = _numeric(where, "energies", arrays["energies"], np.float64)
     temperature = _scalar(where, "temperature", arrays["temperature"], float)
-    _validate(where, topology, positions, forces, energies, temperature)
+    _validate(where, topology, positions, forces, energies, temperature, threshold)
+    replica = arrays.get("replica")
+    _validate_replicas(where, replica, len(positions))
+    provenance = json_fields["provenance"]
+    if provenance is not None and not isinstance(provenance, dict):
+        raise FlowforceError(f"{where}: provenance must be a JSON object, got {type(provenance).__name__}")
     optional = {name: _scalar(where, name, arrays[name], float) if name in arrays else None
                 for name in ("timestep_fs", "save_every_ps")}
     text_fields = {name: _scalar(where, name, arrays[name], str) if name in arrays else ""
                    for name in ("source", "system_xml")}
     if text_fields["system_xml"]:
         check_xml(text_fields["system_xml"], f"the reference System (system_xml) in {where}", trust)
+    if text_fields["system_xml"] and json_fields["cg_mapping"] is not None:
+        raise FlowforceError(f"{where}: a CG-mapped dataset cannot hold an all-atom system_xml; the file was altered")
     return Dataset(topology=topology, positions=positions, forces=forces, energies=energies,
-                   temperature=temperature, **text_fields, **optional)
+                   temperature=temperature, **text_fields, **optional,
+                   replica=None if replica is None else replica.astype(np.int64),
+                   provenance=provenance or {}, cg_mapping=json_fields["cg_mapping"])

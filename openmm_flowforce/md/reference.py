@@ -31,7 +31,8 @@ import numpy as np
 from ..conventions import in_openmm_units
 from ..errors import FlowforceError
 
-__all__ = ["PLATFORM_ORDER", "SMALL_SYSTEM_ATOMS", "choose_platform", "derive_seeds", "run_reference_md"]
+__all__ = ["PLATFORM_ORDER", "SMALL_SYSTEM_ATOMS", "choose_platform", "derive_seeds", "minimize_energy",
+           "platform_properties", "run_reference_md"]
 
 #: Platforms in the order ``platform="auto"`` tries them (fastest first for real systems).
 PLATFORM_ORDER: tuple[str, ...] = ("CUDA", "OpenCL", "CPU", "Reference")
@@ -82,14 +83,24 @@ def choose_platform(system, platform: str = "auto") -> list[str]:
     return [name for name in order if name in available]
 
 
-def _make_context(system, integrator_factory, platform: str):
+def platform_properties(name: str, cpu_threads: int | None = None) -> dict[str, str]:
+    """Context properties this package uses on platform ``name``: mixed precision on GPUs;
+    on CPU, ``cpu_threads`` threads (None: OpenMM's default, all cores)."""
+    if name in ("CUDA", "OpenCL"):
+        return {"Precision": "mixed"}
+    if name == "CPU" and cpu_threads is not None:
+        return {"Threads": str(int(cpu_threads))}
+    return {}
+
+
+def _make_context(system, integrator_factory, platform: str, cpu_threads: int | None = None):
     """The first context that can be created on the candidate platforms, and its platform name."""
     import openmm
 
     failures = []
     for name in choose_platform(system, platform):
         integrator = integrator_factory()
-        properties = {"Precision": "mixed"} if name in ("CUDA", "OpenCL") else {}
+        properties = platform_properties(name, cpu_threads)
         try:
             context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName(name), properties)
         except Exception as error:  # OpenMMException: no device, driver too old, ...
@@ -97,6 +108,30 @@ def _make_context(system, integrator_factory, platform: str):
             continue
         return context, integrator, name
     raise RuntimeError("no OpenMM platform could create a context: " + "; ".join(failures))
+
+
+def minimize_energy(system, positions_nm: np.ndarray, platform: str = "auto",
+                    cpu_threads: int | None = None) -> tuple[np.ndarray, float, str]:
+    """Local energy minimisation (OpenMM's L-BFGS, default tolerance) of ``(N, 3)`` nm positions.
+
+    Returns:
+        ``(positions (N, 3) nm float64, energy kJ/mol, platform name)``.
+
+    Raises:
+        FlowforceError: the energy is not finite after minimisation.
+    """
+    import openmm
+    from openmm import unit
+
+    context, _, name = _make_context(system, lambda: openmm.VerletIntegrator(0.001), platform, cpu_threads)
+    context.setPositions(np.asarray(positions_nm, dtype=np.float64) * unit.nanometer)
+    openmm.LocalEnergyMinimizer.minimize(context)
+    state = context.getState(getPositions=True, getEnergy=True)
+    energy = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+    if not math.isfinite(energy):
+        raise FlowforceError(f"the potential energy is {energy} after minimisation: the start structure or the "
+                             "System is broken (overlapping atoms, missing parameters, positions not in nm?)")
+    return np.asarray(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer), dtype=np.float64), energy, name
 
 
 def _steps(what: str, duration_fs: float, timestep_fs: float) -> int:
@@ -121,6 +156,8 @@ def run_reference_md(
     progress: bool = True,
     dcd: str | os.PathLike | None = None,
     equilibration_ps: float = 10.0,
+    minimize: bool = True,
+    cpu_threads: int | None = None,
 ) -> dict[str, Any]:
     """Minimise, equilibrate and run Langevin MD, recording positions, forces and energies.
 
@@ -139,12 +176,16 @@ def run_reference_md(
         progress: show a tqdm progress bar (on stderr).
         dcd: also write the recorded frames to this DCD file (atomically at the end).
         equilibration_ps: unrecorded dynamics after minimisation, in ps (0: none).
+        minimize: minimise the energy first (False: the caller's positions are already
+            relaxed, e.g. minimised once for many replicas, or an MD snapshot).
+        cpu_threads: threads of the CPU platform (None: all cores; 1 for parallel replicas).
 
     Returns:
         A dict with ``positions`` ``(T, N, 3)`` nm, ``forces`` ``(T, N, 3)`` kJ/mol/nm,
         ``energies`` ``(T,)`` kJ/mol (float64 numpy); the settings used (``temperature``,
         ``timestep_fs``, ``save_every_ps``, ``friction_per_ps``, ``seed``,
-        ``equilibration_ps``, ``platform``); ``minimized_energy`` kJ/mol, ``wall_time_s``
+        ``equilibration_ps``, ``platform``); ``minimized_energy`` kJ/mol (of the start when
+        ``minimize`` is False), ``steps`` (integration steps taken), ``wall_time_s``
         (all stages), ``production_wall_time_s``, ``simulated_ns`` (recorded), ``ns_per_day``
         (production speed), and how it ended: ``interrupted`` (Ctrl-C) and ``error``
         (``None``, or why the run stopped early, e.g. a non-finite energy). T is smaller
@@ -191,12 +232,13 @@ def run_reference_md(
         return integrator
 
     started = time.perf_counter()
-    context, integrator, platform_name = _make_context(system, make_integrator, platform)
+    context, integrator, platform_name = _make_context(system, make_integrator, platform, cpu_threads)
     context.setPositions(positions_nm * unit.nanometer)
-    openmm.LocalEnergyMinimizer.minimize(context)
+    if minimize:
+        openmm.LocalEnergyMinimizer.minimize(context)
     minimized = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
     if not math.isfinite(minimized):
-        raise FlowforceError(f"the potential energy is {minimized} after minimisation: the start structure or the "
+        raise FlowforceError(f"the potential energy of the start is {minimized}: the start structure or the "
                              "System is broken (overlapping atoms, missing parameters, positions not in nm?)")
     context.setVelocitiesToTemperature(temperature * unit.kelvin, velocity_seed)
 
@@ -268,6 +310,7 @@ def run_reference_md(
         "equilibration_ps": float(equilibration_ps),
         "platform": platform_name,
         "minimized_energy": float(minimized),
+        "steps": int(context.getStepCount()),
         "wall_time_s": finished - started,
         "production_wall_time_s": production_s,
         "simulated_ns": recorded_ns,

@@ -323,7 +323,7 @@ def _options(options: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def coarse_grain(positions: Any, topology: Any, temperature: float, out: str | Path, mapping: str | CGMapping = "backbone",
                  method: str = "flow-matching", forces: Any = None, options: Mapping[str, Any] | None = None,
-                 progress: bool = True) -> CoarseGrainResult:
+                 progress: bool = True, mapped: bool = False) -> CoarseGrainResult:
     """Learn a CG force field from all-atom MD frames and write it to ``out``.
 
     Args:
@@ -341,6 +341,9 @@ def coarse_grain(positions: Any, topology: Any, temperature: float, out: str | P
             ``outlier_factor``, ``net`` (``hidden``, ``activation``, ``priors``), ``val_fraction``,
             ``seed``. Sections are merged key by key over the defaults; unknown keys are rejected.
         progress: progress bars.
+        mapped: ``positions`` and ``forces`` are already the beads of ``mapping`` (a
+            :class:`CGMapping`), ``(T, n_beads, 3)``, as ``flowforce md --save-cg`` stores
+            them; they are used as they are and ``topology`` is not read.
 
     Returns:
         :class:`CoarseGrainResult`.
@@ -350,11 +353,20 @@ def coarse_grain(positions: Any, topology: Any, temperature: float, out: str | P
     """
     if method not in CG_METHODS:
         raise FlowforceError(f"unknown coarse-graining method {method!r}; valid: {', '.join(CG_METHODS)}")
+    if mapped and not isinstance(mapping, CGMapping):
+        raise FlowforceError("mapped=True needs the CGMapping the frames were mapped with, not a preset name")
     if not isinstance(mapping, CGMapping):
         mapping = CGMapping.from_topology(topology, mapping)
     out = Path(out)
-    x_cg = np.asarray(mapping.map_positions(np.asarray(positions, dtype=np.float64)))
-    f_cg = None if forces is None else np.asarray(mapping.map_forces(np.asarray(forces, dtype=np.float64)))
+    if mapped:
+        x_cg = np.asarray(positions, dtype=np.float64)
+        f_cg = None if forces is None else np.asarray(forces, dtype=np.float64)
+        if x_cg.ndim != 3 or x_cg.shape[1:] != (mapping.n_beads, 3) or (f_cg is not None and f_cg.shape != x_cg.shape):
+            raise FlowforceError(f"pre-mapped positions {x_cg.shape} and forces "
+                                 f"{None if f_cg is None else f_cg.shape} must be (T, {mapping.n_beads}, 3)")
+    else:
+        x_cg = np.asarray(mapping.map_positions(np.asarray(positions, dtype=np.float64)))
+        f_cg = None if forces is None else np.asarray(mapping.map_forces(np.asarray(forces, dtype=np.float64)))
     opts = _options(options)
     train, _ = split_frames(len(x_cg), float(opts["val_fraction"]))
     work = out.with_suffix("") if out.suffix else out
