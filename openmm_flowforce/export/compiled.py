@@ -137,7 +137,7 @@ def _metadata(exportable: ExportableModel, dtype: torch.dtype, device: str, batc
     energy_shape = "(B,)" if batched else "()"
     energy = ("U = -kT log q(x), kJ/mol" if exportable.kind == "boltzmann_generator"
               else "CG energy net E(X), kJ/mol")
-    network = "flow" if exportable.kind == "boltzmann_generator" else "MLP"
+    network = "flow" if exportable.kind == "boltzmann_generator" else getattr(exportable.model, "NET", "CG") + " net"
     metadata = {"format": PACKAGE_FORMAT, "kind": exportable.kind, "n_atoms": n,
                 "temperature": float(exportable.temperature), "dtype": _dtype_name(dtype), "device": device,
                 "batched": bool(batched), "masses": exportable.masses, "topology_pdb": exportable.topology_pdb,
