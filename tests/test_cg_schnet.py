@@ -203,18 +203,27 @@ def test_torchscript_export_through_torchforce_matches_eager(chignolin, tmp_path
                      *eager_cg(net, frame), rtol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def schnet_package(chignolin, tmp_path_factory):
+    """The float32 AOTInductor package of :func:`make_net` (about a minute to compile)."""
+    from openmm_flowforce.export.compiled import compile_package
+
+    mapping, frames, _ = chignolin
+    return compile_package((make_net(mapping, frames), mapping, mapping.pdb_text(frames[0])),
+                           tmp_path_factory.mktemp("schnet") / "schnet.pt2")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["pythonforce", "native"])
-def test_compiled_package_backends_match_eager(chignolin, tmp_path, backend):
+def test_compiled_package_backends_match_eager(chignolin, schnet_package, backend):
     from openmm_flowforce.export.backends import make_force
-    from openmm_flowforce.export.compiled import compile_package
     from potential_checks import FLOAT32_FORCE_RTOL, require_native_plugin
 
     if backend == "native":
         require_native_plugin()
     mapping, frames, _ = chignolin
-    net = make_net(mapping, frames)
-    package = compile_package((net, mapping, mapping.pdb_text(frames[0])), tmp_path / "schnet.pt2")
+    net = make_net(mapping, frames)  # the same seed: the packaged net
+    package = schnet_package
     system = openmm.System()
     for mass in mapping.masses:
         system.addParticle(mass)

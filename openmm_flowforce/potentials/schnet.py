@@ -94,12 +94,15 @@ class Interaction(nn.Module):
         self.update = nn.Sequential(nn.Linear(hidden, hidden), ShiftedSoftplus(), nn.Linear(hidden, hidden))
 
     def forward(self, h: Tensor, rbf: Tensor, cut: Tensor, senders: Tensor, receivers: Tensor) -> Tensor:
-        """``h (B, n, F)``, ``rbf (B, M, K)``, ``cut (B, M, 1)``; senders/receivers ``(2M,)`` list
-        every pair in both directions, so the filter of pair m serves m and its mirror."""
+        """``h (n, B, F)``, ``rbf (M, B, K)``, ``cut (M, B, 1)``; senders/receivers ``(2M,)`` list
+        every pair in both directions, so the filter of pair m serves m and its mirror.
+
+        Beads and pairs come first: gathering and scattering along dim 0 copies whole rows, while
+        along dim 1 torch's CPU kernels take a slice per index (measured 5× slower at 35 beads)."""
         w = self.filter(rbf) * cut
-        w = torch.cat([w, w], dim=1)
-        messages = self.in_to_filter(h)[:, senders] * w
-        pooled = torch.zeros_like(h).index_add(1, receivers, messages)
+        w = torch.cat([w, w], dim=0)
+        messages = self.in_to_filter(h)[senders] * w
+        pooled = torch.zeros_like(h).index_add(0, receivers, messages)
         return h + self.update(pooled)
 
 
@@ -136,12 +139,13 @@ class SchNetEnergy(nn.Module):
         nn.init.zeros_(self.readout[-1].bias)
 
     def forward(self, d: Tensor) -> Tensor:
+        d = d.t()  # (M, B): pairs first, see Interaction.forward
         rbf = torch.exp(-self.gamma * (d.unsqueeze(-1) - self.centres) ** 2)
         cut = cosine_cutoff(d, self.cutoff).unsqueeze(-1)
-        h = self.embedding(self.bead_types).unsqueeze(0).expand(d.shape[0], -1, -1)
+        h = self.embedding(self.bead_types).unsqueeze(1).expand(-1, d.shape[1], -1)
         for block in self.interactions:
             h = block(h, rbf, cut, self.senders, self.receivers)
-        return self.readout(h).sum(1)
+        return self.readout(h).sum(0)
 
 
 @register_cg_net("schnet")
