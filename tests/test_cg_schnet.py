@@ -245,9 +245,8 @@ def test_force_matching_fit_on_chignolin_like_data_lowers_the_loss(chignolin):
     mapping, frames, forces = chignolin
     torch.manual_seed(0)
     net = CGSchNet.from_data(mapping, frames[:360], 300.0, hidden=16, interactions=2, n_rbf=16).double()
-    result = train_cg_net(net, frames, forces, TrainConfig(steps=30, batch_size=32, lr=1e-2, validate_every=10),
+    result = train_cg_net(net, frames, forces, TrainConfig(steps=20, batch_size=32, lr=1e-2, validate_every=10),
                           val_fraction=0.1, progress=False)
-    print(result)
     assert result.best_val_loss < 0.97 * result.initial_val_loss, result
 
 
@@ -267,3 +266,25 @@ def test_cg_options_choose_the_net(chignolin):
     with pytest.raises(ValueError, match="net.kind must be one of auto, mlp, schnet"):
         check_options({"net": {"kind": "gnn"}}, CG_OPTIONS)
     assert math.isfinite(float(net(torch.as_tensor(frames[:1], dtype=torch.float32)).detach()))
+
+
+def test_flowforce_cg_picks_schnet_for_ten_beads_and_stores_bead_types(chignolin, tmp_path, capsys):
+    """``flowforce cg --mapping ca`` on a 30-atom chignolin backbone (10 Cα beads): ``--net auto`` (the
+    default) trains a CGSchNet, whose model file stores the bead types."""
+    from openmm_flowforce.cli.main import main
+    from openmm_flowforce.data.dataset import save_dataset
+
+    mapping, frames, forces = chignolin
+    offsets = np.array([[-0.12, 0.05, 0.0], [0.0, 0.0, 0.0], [0.12, 0.05, 0.0]])  # N, CA, C around each Cα
+    atoms = (frames[:, :, None, :] + offsets).reshape(len(frames), 30, 3)
+    atom_forces = np.repeat(forces[:, :, None, :] / 3.0, 3, axis=2).reshape(len(frames), 30, 3)
+    save_dataset(tmp_path / "cln.npz", topology=chignolin_backbone_topology(), positions=atoms,
+                 energies=np.zeros(len(frames)), temperature=300.0, forces=atom_forces)
+    (tmp_path / "tiny.yaml").write_text("net: {schnet: {hidden: 8, interactions: 1, n_rbf: 8}}\n"
+                                        "cg_train: {steps: 10, validate_every: 5}\n")
+    out = tmp_path / "cln.ckpt"
+    assert main(["cg", str(tmp_path / "cln.npz"), "--mapping", "ca", "--method", "force-matching", "--out", str(out),
+                 "--config", str(tmp_path / "tiny.yaml"), "--quiet"]) == 0
+    assert "CG net      schnet, 10 steps" in capsys.readouterr().out
+    net, stored = load_cg_net(out)
+    assert isinstance(net, CGSchNet) and net.config()["bead_types"] == stored.type_indices == mapping.type_indices
