@@ -152,8 +152,8 @@ def main() -> None:
             for kind in args.nets:
                 net = build_net(kind, chain, x)
                 pt = export_potential((net, chain, chain.pdb_text(x[0])), tmp / f"{kind}{n}.pt")
-                record(f"Cα chain ({n}), {kind}: torchforce", cg_system(chain.masses, make_force(pt, backend="torchforce")),
-                       x[0], "Reference")
+                system = cg_system(chain.masses, make_force(pt, backend="torchforce"))
+                record(f"Cα chain ({n}), {kind}: torchforce", system, x[0], "Reference")
     meta = {"torch": torch.__version__, "openmm": openmm.__version__, "machine": host.machine(),
             "torch_threads": args.torch_threads}
     print(json.dumps(meta))

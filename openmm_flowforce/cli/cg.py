@@ -57,8 +57,8 @@ Example:
 
 #: --quick: sizes for a smoke test (seconds, not a useful model).
 QUICK = {"flow": {"n_layers": 2, "hidden": [32, 32], "n_components": 4}, "flow_train": {"steps": 100},
-         "flow_samples": 1000, "net": {"hidden": [32, 32], "schnet": {"hidden": 16, "interactions": 2, "n_rbf": 16}},
-         "cg_train": {"steps": 100}}
+         "flow_samples": 1000, "cg_train": {"steps": 100},
+         "net": {"hidden": [32, 32], "schnet": {"hidden": 16, "interactions": 2, "n_rbf": 16}}}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,9 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "dihedrals are phi and psi)")
     parser.add_argument("--out", required=True, metavar="CG.ckpt", help="CG model file to write (CG.pdb goes next to it)")
     parser.add_argument("--method", default="flow-matching", choices=METHODS, help="default: flow-matching")
-    parser.add_argument("--net", choices=NETS, help="CG energy net: mlp (priors + MLP on all pair distances), schnet "
-                        "(priors + CGSchNet message passing, scales to larger proteins) or auto (mlp below 10 beads, "
-                        "schnet from 10; the default); also the config key net.kind")
+    parser.add_argument("--net", choices=NETS,
+                        help="CG energy net: mlp (priors + MLP on all pair distances), schnet (priors + CGSchNet "
+                             "message passing over bead types; its size does not grow with the protein) or auto (mlp "
+                             "below 10 beads, schnet from 10; the default); also the config key net.kind")
     parser.add_argument("--flow-samples", type=flag(CG_OPTIONS["flow_samples"]), metavar="N",
                         help="flow samples to train the CG net on (default 20000)")
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML options (see below)")
@@ -140,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
               f"{info['non_finite_samples']} non-finite")
     loss = info["cg_best_val_loss"]
     initial = info["cg_initial_val_loss"]
-    print(f"CG net      {result.net.NET}, {info['cg_steps']} steps on {info['training_frames']} frames, validation force loss "
+    print(f"CG net      {result.net.NET}, {info['cg_steps']} steps on {info['training_frames']} frames, "
+          "validation force loss "
           f"{json.dumps(initial)} (priors only) -> {json.dumps(loss)}, {info['cg_seconds']:.1f} s")
     print(f"wrote       {result.model_path} and {result.pdb_path}; next: flowforce export {result.model_path} "
           f"--out {result.model_path.with_suffix('.pt')}")

@@ -190,7 +190,7 @@ def compile_package(model_or_path: Any, out_path: str | os.PathLike, temperature
 
     Args:
         model_or_path: ``BoltzmannGenerator`` or its checkpoint path; a CG model file or the
-            ``(CGEnergyNet, CGMapping, topology_pdb)`` tuple (see :mod:`.models`).
+            ``(CGNet, CGMapping, topology_pdb)`` tuple (see :mod:`.models`).
         out_path: the ``.pt2`` file to write (atomically: compiled in a temporary folder
             beside it, then renamed).
         temperature: K or an ``openmm.unit`` Quantity. Flows: default 300 K. CG nets: None or the fitted temperature.
