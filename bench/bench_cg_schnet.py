@@ -9,8 +9,8 @@ Rows (Langevin 2 fs, 300 K, steps/s after warm-up):
   32 radial functions, cutoff 1.2 nm; MLP: hidden 64, 64), priors (bonds, angles, repulsion)
   fitted to frames scattered around a β-hairpin, through TorchForce (TorchScript), PythonForce
   running the float32 AOTInductor package, and the native plugin running the same package;
-* ``--scaling``: TorchForce only, Cα chains of n beads (random walks), both nets: how the cost
-  grows with the protein.
+* ``--scaling``: TorchForce only, Reference platform, Cα chains of n beads (random walks), both
+  nets (``--scaling-steps`` timed steps): how the cost grows with the protein.
 Packages are float32 (`compile_package` default); compiling one takes about a minute and is
 not timed. Speed does not depend on training, so the readout is random (an untrained net adds
 nothing and might be optimised away). Times swing on a shared machine: read the ratios.
@@ -105,6 +105,7 @@ def main() -> None:
                         choices=["torchforce", "pythonforce", "native"])
     parser.add_argument("--scaling", nargs="*", type=int, default=[], metavar="N",
                         help="also time TorchForce on Cα chains of these bead counts (Reference platform)")
+    parser.add_argument("--scaling-steps", type=int, default=100, help="timed steps of the --scaling rows")
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
@@ -124,10 +125,10 @@ def main() -> None:
     frames = hairpin_frames()
     rows = []
 
-    def record(name: str, system, start, platform: str) -> None:
-        rate = steps_per_second(system, start, platform, args.steps)
+    def record(name: str, system, start, platform: str, steps: int) -> None:
+        rate = steps_per_second(system, start, platform, steps)
         rows.append({"system": name, "platform": platform, "steps_per_s": rate, "us_per_step": 1e6 / rate,
-                     "steps": args.steps})
+                     "steps": steps})
         print(f"{name:<48} {platform:<10} {rate:>9.0f} steps/s {1e6 / rate:>9.1f} µs/step", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,7 +146,7 @@ def main() -> None:
             for backend in backends:
                 system = cg_system(mapping.masses, make_force(sources[backend], backend=backend))
                 for plat in args.platforms:
-                    record(f"chignolin Cα (10), {kind}: {backend}", system, frames[0], plat)
+                    record(f"chignolin Cα (10), {kind}: {backend}", system, frames[0], plat, args.steps)
         for n in args.scaling:
             chain = CGMapping.from_topology(backbone_topology(["ALA"] * n), "ca")
             x = chain_frames(n)
@@ -153,7 +154,7 @@ def main() -> None:
                 net = build_net(kind, chain, x)
                 pt = export_potential((net, chain, chain.pdb_text(x[0])), tmp / f"{kind}{n}.pt")
                 system = cg_system(chain.masses, make_force(pt, backend="torchforce"))
-                record(f"Cα chain ({n}), {kind}: torchforce", system, x[0], "Reference")
+                record(f"Cα chain ({n}), {kind}: torchforce", system, x[0], "Reference", args.scaling_steps)
     meta = {"torch": torch.__version__, "openmm": openmm.__version__, "machine": host.machine(),
             "torch_threads": args.torch_threads}
     print(json.dumps(meta))

@@ -268,9 +268,17 @@ def test_cg_options_choose_the_net(chignolin):
     assert math.isfinite(float(net(torch.as_tensor(frames[:1], dtype=torch.float32)).detach()))
 
 
-def test_flowforce_cg_picks_schnet_for_ten_beads_and_stores_bead_types(chignolin, tmp_path, capsys):
-    """``flowforce cg --mapping ca`` on a 30-atom chignolin backbone (10 Cα beads): ``--net auto`` (the
-    default) trains a CGSchNet, whose model file stores the bead types."""
+def test_flowforce_cg_net_schnet_as_in_the_readme_stores_bead_types(chignolin, tmp_path, capsys):
+    """The README's ``flowforce cg cln.npz --mapping ca --method force-matching --net schnet`` on a 30-atom
+    chignolin backbone (10 Cα beads) trains a CGSchNet whose model file stores the bead types; the README's
+    YAML ``net`` section is valid."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from openmm_flowforce.options import check_options
+    from openmm_flowforce.training.flow_matching import CG_OPTIONS
     from openmm_flowforce.cli.main import main
     from openmm_flowforce.data.dataset import save_dataset
 
@@ -283,8 +291,12 @@ def test_flowforce_cg_picks_schnet_for_ten_beads_and_stores_bead_types(chignolin
     (tmp_path / "tiny.yaml").write_text("net: {schnet: {hidden: 8, interactions: 1, n_rbf: 8}}\n"
                                         "cg_train: {steps: 10, validate_every: 5}\n")
     out = tmp_path / "cln.ckpt"
-    assert main(["cg", str(tmp_path / "cln.npz"), "--mapping", "ca", "--method", "force-matching", "--out", str(out),
-                 "--config", str(tmp_path / "tiny.yaml"), "--quiet"]) == 0
+    assert main(["cg", str(tmp_path / "cln.npz"), "--mapping", "ca", "--method", "force-matching", "--net", "schnet",
+                 "--out", str(out), "--config", str(tmp_path / "tiny.yaml"), "--quiet"]) == 0
     assert "CG net      schnet, 10 steps" in capsys.readouterr().out
     net, stored = load_cg_net(out)
     assert isinstance(net, CGSchNet) and net.config()["bead_types"] == stored.type_indices == mapping.type_indices
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("## CGSchNet"):]
+    block = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    assert check_options(yaml.safe_load(block), CG_OPTIONS)["net"]["kind"] == "schnet"
