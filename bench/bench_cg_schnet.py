@@ -9,8 +9,9 @@ Rows (Langevin 2 fs, 300 K, steps/s after warm-up):
   32 radial functions, cutoff 1.2 nm; MLP: hidden 64, 64), priors (bonds, angles, repulsion)
   fitted to frames scattered around a β-hairpin, through TorchForce (TorchScript), PythonForce
   running the float32 AOTInductor package, and the native plugin running the same package;
-* ``--scaling``: TorchForce only, Reference platform, Cα chains of n beads (random walks), both
-  nets (``--scaling-steps`` timed steps): how the cost grows with the protein.
+* ``--scaling``: Reference platform, Cα chains of n beads (random walks), the nets of ``--nets``
+  through ``--scaling-backends`` (default TorchForce; ``native`` compiles a package per net and
+  size), ``--scaling-steps`` timed steps: how the cost grows with the protein.
 Packages are float32 (`compile_package` default); compiling one takes about a minute and is
 not timed. Speed does not depend on training, so the readout is random (an untrained net adds
 nothing and might be optimised away). Times swing on a shared machine: read the ratios.
@@ -106,6 +107,8 @@ def main() -> None:
     parser.add_argument("--scaling", nargs="*", type=int, default=[], metavar="N",
                         help="also time TorchForce on Cα chains of these bead counts (Reference platform)")
     parser.add_argument("--scaling-steps", type=int, default=100, help="timed steps of the --scaling rows")
+    parser.add_argument("--scaling-backends", nargs="+", default=["torchforce"], choices=["torchforce", "native"],
+                        help="backends of the --scaling rows (native compiles a package per net and size)")
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
@@ -152,9 +155,12 @@ def main() -> None:
             x = chain_frames(n)
             for kind in args.nets:
                 net = build_net(kind, chain, x)
-                pt = export_potential((net, chain, chain.pdb_text(x[0])), tmp / f"{kind}{n}.pt")
-                system = cg_system(chain.masses, make_force(pt, backend="torchforce"))
-                record(f"Cα chain ({n}), {kind}: torchforce", system, x[0], "Reference", args.scaling_steps)
+                model = (net, chain, chain.pdb_text(x[0]))
+                for backend in args.scaling_backends:
+                    source = (export_potential(model, tmp / f"{kind}{n}.pt") if backend == "torchforce"
+                              else compile_package(model, tmp / f"{kind}{n}.pt2"))
+                    system = cg_system(chain.masses, make_force(source, backend=backend))
+                    record(f"Cα chain ({n}), {kind}: {backend}", system, x[0], "Reference", args.scaling_steps)
     meta = {"torch": torch.__version__, "openmm": openmm.__version__, "machine": host.machine(),
             "torch_threads": args.torch_threads}
     print(json.dumps(meta))
