@@ -247,7 +247,7 @@ def test_force_matching_fit_on_chignolin_like_data_lowers_the_loss(chignolin):
     net = CGSchNet.from_data(mapping, frames[:360], 300.0, hidden=16, interactions=2, n_rbf=16).double()
     result = train_cg_net(net, frames, forces, TrainConfig(steps=20, batch_size=32, lr=1e-2, validate_every=10),
                           val_fraction=0.1, progress=False)
-    assert result.best_val_loss < 0.97 * result.initial_val_loss, result
+    assert result.best_val_loss < 0.9 * result.initial_val_loss, result  # measured 1.73 -> 1.44
 
 
 def test_cg_options_choose_the_net(chignolin):
