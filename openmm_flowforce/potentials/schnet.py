@@ -48,7 +48,7 @@ __all__ = ["CGSchNet", "PairDistances", "SCHNET_DEFAULTS", "SchNetEnergy", "Shif
 
 #: Default architecture (``flowforce cg --net schnet``): cutoff 1.2 nm reaches a few Cα
 #: neighbours beyond the bonded ones (Cα–Cα bond 0.38 nm); 3 interactions, 64 features and 32
-#: radial functions are the smaller end of CGSchNet's range (they used 128 features for chignolin).
+#: radial functions are modest sizes (the step cost grows as pairs × hidden², BENCHMARKS.md).
 SCHNET_DEFAULTS: dict[str, Any] = {"hidden": 64, "interactions": 3, "n_rbf": 32, "cutoff_nm": 1.2}
 
 
