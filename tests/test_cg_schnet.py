@@ -203,6 +203,22 @@ def test_torchscript_export_through_torchforce_matches_eager(chignolin, tmp_path
                      *eager_cg(net, frame), rtol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_strict_torch_export_with_a_dynamic_batch_matches_eager(chignolin, dtype):
+    """No data-dependent control flow: ``torch.export(strict=True)`` takes the energy+forces graph with a
+    symbolic batch size, and a batch of another size gives the eager energies and forces."""
+    from openmm_flowforce.export.graph import check_against_eager, export_program, trace_energy_and_forces
+    from openmm_flowforce.export.models import CGEnergy
+
+    mapping, frames, _ = chignolin
+    net = make_net(mapping, frames)
+    x = torch.as_tensor(frames[:4], dtype=dtype)
+    program = export_program(trace_energy_and_forces(CGEnergy(net, dtype).eval(), x, batched=True), x, batched=True)
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    check_against_eager(program.module(), CGEnergy(net, torch.float64), torch.as_tensor(frames[:7], dtype=dtype), rtol)
+
+
 @pytest.fixture(scope="module")
 def schnet_package(chignolin, tmp_path_factory):
     """The float32 AOTInductor package of :func:`make_net` (about a minute to compile)."""
