@@ -12,6 +12,8 @@ HELP = "learn a coarse-grained (CG) force field from MD data, by flow-matching (
 
 #: As :data:`openmm_flowforce.training.flow_matching.CG_METHODS` (not imported: keeps --help fast).
 METHODS = ("flow-matching", "force-matching")
+#: As :data:`openmm_flowforce.training.flow_matching.NET_KINDS`.
+NETS = ("auto", "mlp", "schnet")
 
 EPILOG = """\
 Methods:
@@ -37,7 +39,11 @@ value is checked and unknown keys are refused):
   flow_samples: 20000
   outlier_percentile: 99.9
   outlier_factor: 3.0
-  net:         {hidden: [64, 64], activation: silu, priors: [bonds, angles, repulsion]}
+  net:         {kind: auto, hidden: [64, 64], activation: silu, priors: [bonds, angles, repulsion],
+                schnet: {hidden: 64, interactions: 3, n_rbf: 32, cutoff_nm: 1.2}}
+               (kind: mlp | schnet | auto = mlp below 10 beads, schnet from 10; hidden and
+               activation are the MLP's, schnet: the SchNet's features, interaction blocks,
+               radial basis functions and cutoff in nm)
   cg_train:    {steps: 2000, batch_size: 256, lr: 0.003}
   val_fraction: 0.1
   seed: 0
@@ -51,7 +57,8 @@ Example:
 
 #: --quick: sizes for a smoke test (seconds, not a useful model).
 QUICK = {"flow": {"n_layers": 2, "hidden": [32, 32], "n_components": 4}, "flow_train": {"steps": 100},
-         "flow_samples": 1000, "net": {"hidden": [32, 32]}, "cg_train": {"steps": 100}}
+         "flow_samples": 1000, "cg_train": {"steps": 100},
+         "net": {"hidden": [32, 32], "schnet": {"hidden": 16, "interactions": 2, "n_rbf": 16}}}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "is used with its own mapping")
     parser.add_argument("--out", required=True, metavar="CG.ckpt", help="CG model file to write (CG.pdb goes next to it)")
     parser.add_argument("--method", default="flow-matching", choices=METHODS, help="default: flow-matching")
+    parser.add_argument("--net", choices=NETS,
+                        help="CG energy net: mlp (priors + MLP on all pair distances), schnet (priors + CGSchNet "
+                             "message passing over bead types; its size does not grow with the protein) or auto (mlp "
+                             "below 10 beads, schnet from 10; the default); also the config key net.kind")
     parser.add_argument("--flow-samples", type=flag(CG_OPTIONS["flow_samples"]), metavar="N",
                         help="flow samples to train the CG net on (default 20000)")
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML options (see below)")
@@ -125,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
     options = {**(QUICK if args.quick else {}), **load_config(args.config, CG_OPTIONS)}
     if args.flow_samples is not None:
         options["flow_samples"] = args.flow_samples
+    if args.net is not None:
+        options["net"] = {**options.get("net", {}), "kind": args.net}
     data = load_data_from_args(args)
     mapping, mapped = _mapping(args, data)
     if args.restart and world()[0] == 0:
@@ -153,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
               f"{info['non_finite_samples']} non-finite")
     loss = info["cg_best_val_loss"]
     initial = info["cg_initial_val_loss"]
-    print(f"CG net      {info['cg_steps']} steps on {info['training_frames']} frames, validation force loss "
+    print(f"CG net      {result.net.NET}, {info['cg_steps']} steps on {info['training_frames']} frames, "
+          "validation force loss "
           f"{json.dumps(initial)} (priors only) -> {json.dumps(loss)}, {info['cg_seconds']:.1f} s")
     print(f"wrote       {result.model_path} and {result.pdb_path}; next: flowforce export {result.model_path} "
           f"--out {result.model_path.with_suffix('.pt')}")

@@ -37,6 +37,12 @@ residue: ACE's carbonyl ``C`` and NME's (or NHE's) amide ``N``. The caps' methyl
 role of the missing neighbour's CA. For ACE-ALA-NME this gives 5 beads
 ``ACE:C, ALA:N, ALA:CA, ALA:C, NME:N`` whose dihedrals (0,1,2,3) and (1,2,3,4) are φ and ψ.
 Note the trap: the selection ``name N CA C`` would also pick NME's methyl ``C``.
+
+Bead types (:data:`BEAD_TYPES`, for networks that embed the bead's chemistry, e.g. CGSchNet):
+a Cα or residue bead of a standard amino acid has its residue's type (protonation and
+disulfide variants folded: HID/HIE/HIP → HIS, CYX → CYS...); a backbone ``N`` or ``C`` bead
+(caps included) has the type ``N`` or ``C`` whatever its residue; a cap residue's bead has
+``CAP``; anything else ``X``. Rule: :func:`bead_type`.
 """
 from __future__ import annotations
 
@@ -50,7 +56,8 @@ import numpy as np
 from ..io import atomic_write_bytes
 from ..errors import FlowforceError
 
-__all__ = ["BEAD_KINDS", "CGMapping", "MAPPING_FORMAT", "MAPPING_PRESETS", "register_mapping"]
+__all__ = ["BEAD_KINDS", "BEAD_TYPES", "CGMapping", "MAPPING_FORMAT", "MAPPING_PRESETS", "bead_type",
+           "register_mapping"]
 
 #: Format tag written by :meth:`CGMapping.to_dict`.
 MAPPING_FORMAT = "openmm-flowforce/cg-mapping/1"
@@ -61,6 +68,25 @@ COM_BEAD_NAME = "XCM"
 #: Cap residues: their backbone atoms (the atoms of the peptide bond to the neighbour).
 CAP_BACKBONE_ATOMS = {"ACE": ("C",), "NME": ("N",), "NHE": ("N",), "NH2": ("N",)}
 PROTEIN_BACKBONE_ATOMS = ("N", "CA", "C")
+#: Bead type vocabulary: the 20 amino acids, backbone amide N and carbonyl C beads, cap
+#: residues, other. Append only: a net stores type indices into this list.
+BEAD_TYPES = ("ALA", "ARG", "ASN", "ASP", "CYS", "GLN", "GLU", "GLY", "HIS", "ILE", "LEU", "LYS", "MET", "PHE",
+              "PRO", "SER", "THR", "TRP", "TYR", "VAL", "N", "C", "CAP", "X")
+#: Residue name variants (protonation states, disulfides, Amber termini naming) → amino acid.
+RESIDUE_ALIASES = {"HID": "HIS", "HIE": "HIS", "HIP": "HIS", "HSD": "HIS", "HSE": "HIS", "HSP": "HIS",
+                   "CYX": "CYS", "CYM": "CYS", "ASH": "ASP", "GLH": "GLU", "LYN": "LYS", "MSE": "MET"}
+
+
+def bead_type(name: str, residue_name: str) -> str:
+    """Type in :data:`BEAD_TYPES` of a bead named ``name`` in residue ``residue_name`` (module
+    docstring): ``N``/``C`` for backbone N and C beads, the amino acid otherwise, ``CAP`` for
+    cap residues, ``X`` for the rest."""
+    if name in ("N", "C"):
+        return name
+    residue = RESIDUE_ALIASES.get(residue_name, residue_name)
+    if residue in BEAD_TYPES[:20]:
+        return residue
+    return "CAP" if residue_name in CAP_BACKBONE_ATOMS else "X"
 
 
 @dataclass(frozen=True)
@@ -197,6 +223,8 @@ class CGMapping:
         weights: position weights ``c_Ii`` of every bead (sum to 1).
         kind: ``"slice"`` or ``"com"``.
         names: bead (atom) names, e.g. ``N``, ``CA``, ``C``; ``XCM`` for COM beads.
+        types: bead types, names in :data:`BEAD_TYPES` (default: :func:`bead_type` of the
+            name and residue name); :attr:`type_indices` are their indices.
         elements: element symbol of a slice bead's atom; ``None`` for COM beads.
         masses: ``(n,)`` bead masses in dalton, the summed masses of each group.
         residues: ``(chain index, chain id, residue name, residue id)`` of every bead.
@@ -207,7 +235,7 @@ class CGMapping:
     def __init__(self, n_atoms: int, groups: Sequence[Sequence[int]], weights: Sequence[Sequence[float]], kind: str,
                  names: Sequence[str], elements: Sequence[str | None], masses: Sequence[float],
                  residues: Sequence[Sequence[Any]], bonds: Sequence[Sequence[int]],
-                 source: dict[str, Any] | None = None):
+                 source: dict[str, Any] | None = None, types: Sequence[str] | None = None):
         if kind not in BEAD_KINDS:
             raise FlowforceError(f"unknown bead kind {kind!r}; valid: {', '.join(BEAD_KINDS)}")
         n = len(groups)
@@ -240,6 +268,12 @@ class CGMapping:
         self.residues = [(int(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in residues]
         self.bonds = [(int(i), int(j)) for i, j in bonds]
         self.source = dict(source or {})
+        self.types = ([bead_type(name, r[2]) for name, r in zip(self.names, self.residues)] if types is None
+                      else [str(t) for t in types])
+        unknown_types = sorted(set(self.types) - set(BEAD_TYPES))
+        if len(self.types) != n or unknown_types:
+            raise FlowforceError(f"bead types must be one per bead from {', '.join(BEAD_TYPES)}; got {len(self.types)} "
+                                 f"types for {n} beads, unknown {unknown_types}")
         self._position_matrix = np.zeros((n, self.n_atoms))
         self._force_matrix = np.zeros((n, self.n_atoms))
         for bead, (g, w) in enumerate(zip(self.groups, self.weights)):
@@ -328,6 +362,11 @@ class CGMapping:
     @property
     def n_beads(self) -> int:
         return len(self.groups)
+
+    @property
+    def type_indices(self) -> list[int]:
+        """Index of every bead's type in :data:`BEAD_TYPES`."""
+        return [BEAD_TYPES.index(t) for t in self.types]
 
     def __repr__(self) -> str:
         how = ", ".join(f"{k}={v!r}" for k, v in self.source.items())
@@ -441,20 +480,22 @@ class CGMapping:
                 "groups": [list(g) for g in self.groups], "weights": [list(w) for w in self.weights],
                 "names": list(self.names), "elements": list(self.elements), "masses": self.masses.tolist(),
                 "residues": [list(r) for r in self.residues], "bonds": [list(b) for b in self.bonds],
-                "source": dict(self.source)}
+                "source": dict(self.source), "types": list(self.types)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CGMapping":
         """Inverse of :meth:`to_dict`.
 
+        Dicts written before bead types existed (no ``types``) load with the types of :func:`bead_type`.
+
         Raises:
             ValueError: another format tag, or missing or unknown keys (named)."""
         keys = {"format", "n_atoms", "kind", "groups", "weights", "names", "elements", "masses", "residues",
                 "bonds", "source"}
-        missing, unknown = sorted(keys - set(data)), sorted(set(data) - keys)
+        missing, unknown = sorted(keys - set(data)), sorted(set(data) - keys - {"types"})
         if missing or unknown:
             raise FlowforceError(f"not a CG mapping dict: missing keys {missing}, unknown keys {unknown}")
         if data["format"] != MAPPING_FORMAT:
             raise FlowforceError(f"CG mapping format {data['format']!r} is not {MAPPING_FORMAT!r}")
         return cls(data["n_atoms"], data["groups"], data["weights"], data["kind"], data["names"], data["elements"],
-                   data["masses"], data["residues"], data["bonds"], data["source"])
+                   data["masses"], data["residues"], data["bonds"], data["source"], data.get("types"))

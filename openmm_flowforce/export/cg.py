@@ -1,8 +1,8 @@
 r"""TorchScript export of a CG energy network for ``openmmtorch.TorchForce``.
 
-The exported module computes the CG energy of :class:`~openmm_flowforce.potentials.cg_net.CGEnergyNet`,
+The exported module computes the CG energy of a :class:`~openmm_flowforce.potentials.cg_net.CGNet`,
 
-    E(X) = Σ_priors E_prior(X) + kT·MLP(features(X))   (kJ/mol, bead positions X in nm),
+    E(X) = Σ_priors E_prior(X) + kT·network(features(X))   (kJ/mol, bead positions X in nm; MLP or SchNet),
 
 through ``forward(positions)`` with positions ``(n, 3)`` nm, float32 or float64, returning
 ``(energy, forces)`` in the positions' dtype exactly like the flow export
@@ -29,13 +29,13 @@ import torch
 
 
 from ..io import CHECKPOINT_FORMAT, load_checkpoint
-from ..potentials.cg_net import MODEL_KIND, CGEnergyNet, load_cg_net
+from ..potentials.cg_net import MODEL_KIND, CGNet, load_cg_net
 from .scripted import EXPORT_FORMAT, OUTPUTS_ENERGY_FORCES, FlowPotential, _quiet_jit, save_exported
 
 __all__ = ["build_cg_module", "export_cg_potential", "resolve_cg_model"]
 
 
-def build_cg_module(net: CGEnergyNet) -> torch.jit.ScriptModule:
+def build_cg_module(net: CGNet) -> torch.jit.ScriptModule:
     """The scripted :class:`~.scripted.FlowPotential` wrapper around a float64 eval-mode copy of ``net``."""
     import copy
 
@@ -45,12 +45,12 @@ def build_cg_module(net: CGEnergyNet) -> torch.jit.ScriptModule:
         return torch.jit.script(FlowPotential(frozen, frozen.n_beads))
 
 
-def resolve_cg_model(model: Any, temperature: Any = None) -> tuple[CGEnergyNet, Any, str, float]:
+def resolve_cg_model(model: Any, temperature: Any = None) -> tuple[CGNet, Any, str, float]:
     """``(net, mapping, topology_pdb, temperature)`` of a CG model file or tuple.
 
     Args:
         model: the path of a CG model file (``flowforce cg``; ``train_cg_net`` checkpoints work
-            when they store a mapping), or a ``(CGEnergyNet, CGMapping, topology_pdb)`` tuple.
+            when they store a mapping), or a ``(CGNet, CGMapping, topology_pdb)`` tuple.
         temperature: K or an ``openmm.unit`` Quantity; None or the net's own temperature (a
             CG energy is fixed at the temperature it was fitted at).
 
@@ -85,7 +85,7 @@ def export_cg_potential(model: Any, out_path: str | os.PathLike, temperature: An
 
     Args:
         model: the path of a CG model file (``flowforce cg``; ``train_cg_net`` checkpoints work
-            when they store a mapping), or a ``(CGEnergyNet, CGMapping, topology_pdb)`` tuple.
+            when they store a mapping), or a ``(CGNet, CGMapping, topology_pdb)`` tuple.
         out_path: file to write, atomically.
         temperature: K or an ``openmm.unit`` Quantity; None or the net's own temperature (a
             CG energy is fixed at the temperature it was fitted at).

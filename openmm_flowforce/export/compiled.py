@@ -137,7 +137,7 @@ def _metadata(exportable: ExportableModel, dtype: torch.dtype, device: str, batc
     energy_shape = "(B,)" if batched else "()"
     energy = ("U = -kT log q(x), kJ/mol" if exportable.kind == "boltzmann_generator"
               else "CG energy net E(X), kJ/mol")
-    network = "flow" if exportable.kind == "boltzmann_generator" else "MLP"
+    network = "flow" if exportable.kind == "boltzmann_generator" else getattr(exportable.model, "NET", "CG") + " net"
     metadata = {"format": PACKAGE_FORMAT, "kind": exportable.kind, "n_atoms": n,
                 "temperature": float(exportable.temperature), "dtype": _dtype_name(dtype), "device": device,
                 "batched": bool(batched), "masses": exportable.masses, "topology_pdb": exportable.topology_pdb,
@@ -190,7 +190,7 @@ def compile_package(model_or_path: Any, out_path: str | os.PathLike, temperature
 
     Args:
         model_or_path: ``BoltzmannGenerator`` or its checkpoint path; a CG model file or the
-            ``(CGEnergyNet, CGMapping, topology_pdb)`` tuple (see :mod:`.models`).
+            ``(CGNet, CGMapping, topology_pdb)`` tuple (see :mod:`.models`).
         out_path: the ``.pt2`` file to write (atomically: compiled in a temporary folder
             beside it, then renamed).
         temperature: K or an ``openmm.unit`` Quantity. Flows: default 300 K. CG nets: None or the fitted temperature.

@@ -2,7 +2,7 @@ r"""What the compiled exports take: model kinds, how each is resolved, and its e
 
 A model to export is a Boltzmann generator (the object or its trainer checkpoint; the energy
 is the potential of mean force U = −kT·log q at a temperature chosen at export time) or a CG
-energy network (its model file, or the ``(CGEnergyNet, CGMapping, topology_pdb)`` tuple the
+energy network (its model file, or the ``(CGNet, CGMapping, topology_pdb)`` tuple the
 TorchScript CG exporter takes; its energy is fixed at the temperature it was fitted at). The
 kinds are told apart by :func:`~.torchscript.model_kind`, the same rule the TorchScript
 exporters use, and :data:`ENERGY_MODULES` maps each kind to its energy module.
@@ -66,7 +66,7 @@ class ExportableModel:
 
     Attributes:
         kind: ``boltzmann_generator`` or ``cg_energy_net``.
-        model: the eager model (``BoltzmannGenerator`` or ``CGEnergyNet``), float64, eval mode.
+        model: the eager model (``BoltzmannGenerator`` or a ``CGNet``), float64, eval mode.
         temperature: K (flows: the energy scale chosen; CG nets: the temperature fitted at).
         n_atoms: particles (atoms, or CG beads).
         topology_pdb: PDB text of the molecule.
@@ -122,7 +122,7 @@ def resolve_exportable(model_or_path: Any, temperature: Any = None) -> Exportabl
 
     Args:
         model_or_path: ``BoltzmannGenerator`` or its checkpoint path; a CG model file or
-            ``(CGEnergyNet, CGMapping, topology_pdb)``.
+            ``(CGNet, CGMapping, topology_pdb)``.
         temperature: K. Flows: default the checkpoint's (:func:`flow_temperature`). CG nets:
             None or the temperature they were fitted at.
 
@@ -184,8 +184,9 @@ class FlowEnergy(nn.Module):
 class CGEnergy(nn.Module):
     """E(X) of a CG energy net, ``(B, n, 3)`` nm → ``(B,)`` kJ/mol.
 
-    Priors and features in float64, the MLP in ``dtype`` (module docstring); the output in
-    the input's dtype. Equals :meth:`CGEnergyNet.forward` in float64.
+    Priors and features in float64, the network (MLP, or SchNet on the pair distances) in
+    ``dtype`` (module docstring); the output in the input's dtype. Equals :meth:`CGNet.forward`
+    in float64.
 
     Args:
         net: the CG energy net (copied).

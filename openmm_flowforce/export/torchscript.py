@@ -260,8 +260,11 @@ def model_kind(model: Any) -> str | None:
     ...); None when it cannot be told (the caller's own checks then report the problem)."""
     if isinstance(model, BoltzmannGenerator):
         return "boltzmann_generator"
-    if isinstance(model, tuple) and model and type(model[0]).__name__ == "CGEnergyNet":
-        return "cg_energy_net"
+    if isinstance(model, tuple) and model:
+        from ..potentials.cg_net import MODEL_KIND as CG_KIND, CGNet
+
+        if isinstance(model[0], CGNet):  # any CG net: MLP, SchNet
+            return CG_KIND
     if isinstance(model, (str, os.PathLike)) and Path(model).is_file() and not is_exported_file(model):
         from ..io import load_checkpoint
 

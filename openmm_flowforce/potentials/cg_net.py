@@ -1,4 +1,8 @@
-r"""CG energy networks: physical priors plus an MLP on invariant features.
+r"""CG energy networks: physical priors plus a network on invariant features.
+
+:class:`CGNet` is the contract every CG net shares (priors, ``energy_and_forces``, config,
+model files); :class:`CGEnergyNet` is the MLP net below, :class:`~.schnet.CGSchNet` a
+message-passing net that scales to larger molecules; :data:`CG_NETS` names them. The MLP net:
 
     E(X) = Σ_priors E_prior(X) + kT · MLP(standardise(features(X)))      (kJ/mol),
     F(X) = −∇_X E(X)                                                      (kJ/mol/nm),
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -32,8 +36,8 @@ from ..nn.mlp import MLP
 from .priors import PRIORS, BeadGraph, build_prior, cos_angles, dihedral_cos_sin, distances
 from ..errors import FlowforceError
 
-__all__ = ["CGEnergyNet", "CGFeatures", "DEFAULT_PRIORS", "MODEL_KIND", "cg_metadata", "load_cg_net",
-           "net_from_metadata", "save_cg_net"]
+__all__ = ["CGEnergyNet", "CGFeatures", "CGNet", "CG_NETS", "DEFAULT_PRIORS", "MODEL_KIND", "cg_metadata",
+           "cg_net_class", "load_cg_net", "net_from_metadata", "register_cg_net", "save_cg_net"]
 
 MODEL_KIND = "cg_energy_net"
 #: Priors used when the caller does not say (``dihedrals`` is optional: the network learns them).
@@ -87,52 +91,56 @@ def _normalise_priors(priors: Sequence[str] | Mapping[str, Mapping[str, Any] | N
     return {name: dict(options or {}) for name, options in items.items()}
 
 
-class CGEnergyNet(nn.Module):
-    """Priors plus an MLP energy of CG bead positions (module docstring has the maths).
+class CGNet(nn.Module):
+    """Priors plus a learned energy of CG bead positions: the contract every CG net shares.
 
-    Args:
-        n_beads: beads of the CG molecule (at least 2).
-        bonds: bead pairs ``(i, j)``; angles, dihedrals and non-bonded pairs follow from them.
-        hidden: hidden widths of the MLP.
-        activation: MLP activation (a smooth one: forces are its derivative).
-        priors: names from :data:`~openmm_flowforce.potentials.priors.PRIORS`, or a mapping
-            name → constructor options, e.g. ``{"bonds": {}, "dihedrals": {"n_terms": 3}}``.
-        temperature: K; the network's energy unit is kT at this temperature.
+        E(X) = Σ_priors E_prior(X) + kT · network(features(X))      (kJ/mol),
 
-    Build from data with :meth:`from_data`; rebuild from :meth:`config` with :meth:`from_config`.
+    with ``features`` a module ``(B, n, 3) → (B, F)`` of invariant geometry (computed in float64
+    by the compiled exports) and ``network`` ``(B, F) → (B, 1)`` (in the export dtype); see
+    :class:`~openmm_flowforce.export.models.CGEnergy`. Subclasses build ``features`` and
+    ``network`` in ``__init__`` after :meth:`_init_priors`, set :attr:`NET` (their name in
+    :data:`CG_NETS`) and :attr:`CONFIG_KEYS`, and store their constructor arguments in
+    ``self._config`` (plain data).
     """
 
-    def __init__(self, n_beads: int, bonds: Sequence[Sequence[int]], hidden: Sequence[int] = (64, 64),
-                 activation: str = "silu", priors: Sequence[str] | Mapping[str, Any] = tuple(DEFAULT_PRIORS),
-                 temperature: float = 300.0):
-        super().__init__()
+    NET = ""
+    CONFIG_KEYS: tuple[str, ...] = ()
+
+    def _init_priors(self, n_beads: int, bonds: Sequence[Sequence[int]],
+                     priors: Sequence[str] | Mapping[str, Any], temperature: float) -> tuple[BeadGraph, dict[str, Any]]:
+        """``nn.Module.__init__``, the priors and the energy unit; returns the bead graph and the
+        normalised prior options (for the config)."""
+        nn.Module.__init__(self)
         if int(n_beads) < 2:
             raise FlowforceError(f"a CG energy network needs at least 2 beads, got {n_beads}")
         graph = BeadGraph.from_bonds(int(n_beads), bonds)
         prior_options = _normalise_priors(priors)
         self._n_beads = int(n_beads)
-        self._config = {"n_beads": int(n_beads), "bonds": [list(b) for b in graph.bonds],
-                        "hidden": [int(h) for h in hidden], "activation": str(activation),
-                        "priors": copy.deepcopy(prior_options), "temperature": float(temperature)}
-        self.features = CGFeatures(graph)
         self.priors = nn.ModuleList([build_prior(name, graph, options) for name, options in prior_options.items()])
-        self.network = MLP(self.features.n_features, 1, hidden, activation, zero_last=True)
         self.register_buffer("energy_scale", torch.tensor(thermal_energy(temperature)))
+        return graph, prior_options
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
+    def options_from_mapping(cls, mapping: Any, options: dict[str, Any]) -> dict[str, Any]:
+        """Constructor options a net takes from a CG mapping (none here; CGSchNet: bead types)."""
+        return options
+
+    @classmethod
     def from_data(cls, system: Any, positions: Any, temperature: float, bonds: Sequence[Sequence[int]] | None = None,
-                  hidden: Sequence[int] = (64, 64), activation: str = "silu",
-                  priors: Sequence[str] | Mapping[str, Any] = tuple(DEFAULT_PRIORS)) -> "CGEnergyNet":
+                  priors: Sequence[str] | Mapping[str, Any] = tuple(DEFAULT_PRIORS), **options: Any) -> "CGNet":
         """A network for a CG molecule with priors and feature standardisation fitted to data.
 
         Args:
-            system: a :class:`~openmm_flowforce.coordinates.cg_mapping.CGMapping` (its beads
-                and bonds), or the number of beads (then ``bonds`` is required).
+            system: a :class:`~openmm_flowforce.coordinates.cg_mapping.CGMapping` (its beads,
+                bonds and, for nets that use them, bead types), or the number of beads (then
+                ``bonds`` is required).
             positions: CG positions ``(T, n, 3)`` nm (map all-atom data with
                 ``mapping.map_positions`` first).
             temperature: K of the data.
-            bonds, hidden, activation, priors: as in the constructor.
+            bonds, priors: as in the constructor.
+            **options: the network's constructor options (MLP: ``hidden``, ``activation``).
 
         Raises:
             ValueError: positions of the wrong shape, bonds missing or given twice.
@@ -145,27 +153,32 @@ class CGEnergyNet(nn.Module):
             if bonds is not None:
                 raise FlowforceError("bonds come from the mapping; do not pass bonds= with a CGMapping")
             n_beads, bonds = system.n_beads, system.bonds
+            options = cls.options_from_mapping(system, dict(options))
         x = torch.as_tensor(np.asarray(positions) if not isinstance(positions, Tensor) else positions)
         if x.ndim != 3 or tuple(x.shape[1:]) != (n_beads, 3):
             hint = ""
             if not isinstance(system, (int, np.integer)) and x.ndim == 3 and x.shape[1] == system.n_atoms:
                 hint = "; these look like all-atom positions: pass mapping.map_positions(positions)"
             raise FlowforceError(f"positions must be CG positions (T, {n_beads}, 3) nm, got {tuple(x.shape)}{hint}")
-        net = cls(n_beads, bonds, hidden=hidden, activation=activation, priors=priors, temperature=temperature)
+        net = cls(n_beads, bonds, priors=priors, temperature=temperature, **options)
         net.fit_priors(x, temperature)
         return net
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "CGEnergyNet":
+    def from_config(cls, config: Mapping[str, Any]) -> "CGNet":
         """An unfitted network with the architecture of :meth:`config` (load the state dict next).
 
         Raises:
             ValueError: missing or unknown keys (named)."""
-        missing, unknown = sorted(set(CONFIG_KEYS) - set(config)), sorted(set(config) - set(CONFIG_KEYS))
+        name = str(config.get("net", "mlp"))
+        if name != cls.NET:
+            return cg_net_class(name).from_config(config)
+        config = {key: value for key, value in config.items() if key != "net"}
+        missing, unknown = sorted(set(cls.CONFIG_KEYS) - set(config)), sorted(set(config) - set(cls.CONFIG_KEYS))
         if missing or unknown:
             raise FlowforceError(f"CG energy net config: missing keys {missing}, unknown keys {unknown}; "
-                                 f"a config has {', '.join(CONFIG_KEYS)}")
-        return cls(**dict(config))
+                                 f"a config has {', '.join(cls.CONFIG_KEYS)}")
+        return cls(**config)
 
     def config(self) -> dict[str, Any]:
         """Plain data (lists, str, float, int) from which :meth:`from_config` rebuilds the net."""
@@ -224,26 +237,82 @@ class CGEnergyNet(nn.Module):
             return self.energy_and_forces(positions)
 
 
+class CGEnergyNet(CGNet):
+    """Priors plus an MLP energy of CG bead positions (module docstring has the maths).
+
+    Args:
+        n_beads: beads of the CG molecule (at least 2).
+        bonds: bead pairs ``(i, j)``; angles, dihedrals and non-bonded pairs follow from them.
+        hidden: hidden widths of the MLP.
+        activation: MLP activation (a smooth one: forces are its derivative).
+        priors: names from :data:`~openmm_flowforce.potentials.priors.PRIORS`, or a mapping
+            name → constructor options, e.g. ``{"bonds": {}, "dihedrals": {"n_terms": 3}}``.
+        temperature: K; the network's energy unit is kT at this temperature.
+
+    Build from data with :meth:`from_data`; rebuild from :meth:`config` with :meth:`from_config`.
+    """
+
+    NET = "mlp"
+    CONFIG_KEYS = CONFIG_KEYS
+
+    def __init__(self, n_beads: int, bonds: Sequence[Sequence[int]], hidden: Sequence[int] = (64, 64),
+                 activation: str = "silu", priors: Sequence[str] | Mapping[str, Any] = tuple(DEFAULT_PRIORS),
+                 temperature: float = 300.0):
+        graph, prior_options = self._init_priors(n_beads, bonds, priors, temperature)
+        # No "net" key: MLP configs stay readable by versions that predate the other nets.
+        self._config = {"n_beads": int(n_beads), "bonds": [list(b) for b in graph.bonds],
+                        "hidden": [int(h) for h in hidden], "activation": str(activation),
+                        "priors": copy.deepcopy(prior_options), "temperature": float(temperature)}
+        self.features = CGFeatures(graph)
+        self.network = MLP(self.features.n_features, 1, hidden, activation, zero_last=True)
+
+
+#: CG net registry: name (``flowforce cg --net``) → class. ``schnet`` registers on import of
+#: :mod:`.schnet`, which :func:`cg_net_class` does on demand.
+CG_NETS: dict[str, type[CGNet]] = {"mlp": CGEnergyNet}
+
+
+def register_cg_net(name: str) -> Callable[[type[CGNet]], type[CGNet]]:
+    """Class decorator adding a :class:`CGNet` subclass to :data:`CG_NETS` under ``name``."""
+    def decorate(cls: type[CGNet]) -> type[CGNet]:
+        CG_NETS[name] = cls
+        return cls
+    return decorate
+
+
+def cg_net_class(name: str) -> type[CGNet]:
+    """The class of the CG net called ``name`` (``mlp``, ``schnet``).
+
+    Raises:
+        FlowforceError: an unknown name (the message lists the valid ones)."""
+    from . import schnet  # noqa: F401 - registers "schnet"
+
+    if name not in CG_NETS:
+        raise FlowforceError(f"unknown CG net {name!r}; valid: {', '.join(CG_NETS)}")
+    return CG_NETS[name]
+
+
 # -- model files ------------------------------------------------------------------------------------
-def cg_metadata(net: CGEnergyNet, mapping: Any = None) -> dict[str, Any]:
+def cg_metadata(net: CGNet, mapping: Any = None) -> dict[str, Any]:
     """Plain data stored with a checkpoint: the net's config and, if given, the mapping's dict."""
     return {"kind": MODEL_KIND, "net": net.config(), "mapping": None if mapping is None else mapping.to_dict()}
 
 
-def net_from_metadata(metadata: Mapping[str, Any]) -> CGEnergyNet:
-    """An unfitted network with the architecture recorded by :func:`cg_metadata`."""
+def net_from_metadata(metadata: Mapping[str, Any]) -> CGNet:
+    """An unfitted network with the architecture recorded by :func:`cg_metadata` (configs
+    without a ``net`` name are MLP nets)."""
     if metadata.get("kind") != MODEL_KIND:
         raise FlowforceError(f"not a CG energy network model (kind {metadata.get('kind')!r})")
-    return CGEnergyNet.from_config(metadata["net"])
+    return cg_net_class(str(metadata["net"].get("net", "mlp"))).from_config(metadata["net"])
 
 
-def save_cg_net(path: str | Path, net: CGEnergyNet, mapping: Any = None) -> None:
+def save_cg_net(path: str | Path, net: CGNet, mapping: Any = None) -> None:
     """Write a model file (a checkpoint with ``model`` and ``metadata``) atomically."""
     save_checkpoint({"format": CHECKPOINT_FORMAT, "model": net.state_dict(), "metadata": cg_metadata(net, mapping)},
                     path)
 
 
-def load_cg_net(path: str | Path) -> tuple[CGEnergyNet, Any]:
+def load_cg_net(path: str | Path) -> tuple[CGNet, Any]:
     """``(net, mapping or None)`` from a file of :func:`save_cg_net` or of ``train_cg_net``
     (``weights_only`` loading: no code runs from the file). The net is in eval mode, in the
     floating-point dtype it was saved in."""

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..io import CHECKPOINT_FORMAT
-from ..potentials.cg_net import CGEnergyNet, cg_metadata
+from ..potentials.cg_net import CGNet, cg_metadata
 from .boltzmann import split_frames
 from ..engine import Engine, StateOf, cosine_schedule, data_parallel, shard
 from ..reporters import Reporter
@@ -45,7 +45,7 @@ def force_scale_of(forces: Tensor) -> float:
     return float(forces.detach().double().pow(2).mean().sqrt())
 
 
-def force_matching_loss(net: CGEnergyNet, positions: Tensor, forces: Tensor, force_scale: float = 1.0) -> Tensor:
+def force_matching_loss(net: CGNet, positions: Tensor, forces: Tensor, force_scale: float = 1.0) -> Tensor:
     """Mean over frames, beads and components of ``((F_net − F) / force_scale)²``.
 
     Args:
@@ -82,7 +82,7 @@ class CGTrainResult:
 
 
 @torch.no_grad()
-def _validation_loss(net: CGEnergyNet, positions: Tensor, forces: Tensor, force_scale: float,
+def _validation_loss(net: CGNet, positions: Tensor, forces: Tensor, force_scale: float,
                      chunk: int = 2048) -> float:
     was_training = net.training
     net.eval()
@@ -94,14 +94,14 @@ def _validation_loss(net: CGEnergyNet, positions: Tensor, forces: Tensor, force_
     return total / len(positions)
 
 
-def train_cg_net(net: CGEnergyNet, positions: Any, forces: Any, config: TrainConfig | None = None,
+def train_cg_net(net: CGNet, positions: Any, forces: Any, config: TrainConfig | None = None,
                  val_fraction: float = 0.1, checkpoint: str | Path | None = None, resume: bool = True,
                  progress: bool = True, reporters: Sequence[Reporter] = (), mapping: Any = None,
                  fingerprint: Mapping[str, Any] | None = None) -> CGTrainResult:
     """Train ``net`` by force matching with Adam and a cosine learning-rate schedule.
 
     Args:
-        net: a network with fitted priors (:meth:`CGEnergyNet.from_data`); trained in place in
+        net: a network with fitted priors (``from_data`` of ``CGEnergyNet`` or ``CGSchNet``); trained in place in
             the dtype and on the device of its parameters.
         positions: CG positions ``(T, n, 3)`` nm.
         forces: mapped forces ``(T, n, 3)`` kJ/mol/nm (``mapping.map_forces``).

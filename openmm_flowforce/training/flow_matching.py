@@ -15,8 +15,8 @@ molecular dynamics without forces", JCTC 2023, arXiv:2203.11167) in three stages
    (:func:`force_outlier_threshold`): a sample is kept when the largest per-bead force norm
    ``max_I |F_I|`` is at most ``factor × (percentile-th percentile of max_I |F_I| over the data
    frames)`` (the flow's own forces on the training data; defaults 99.9 % and 3).
-3. **CG net.** A :class:`~openmm_flowforce.potentials.cg_net.CGEnergyNet` (priors fitted on the
-   mapped data by Boltzmann inversion + an MLP) is trained by force matching on
+3. **CG net.** A :class:`~openmm_flowforce.potentials.cg_net.CGNet` (priors fitted on the
+   mapped data by Boltzmann inversion + an MLP or CGSchNet, :func:`build_cg_net`) is trained by force matching on
    ``(X_s, F_s)`` (:func:`~openmm_flowforce.training.cg.train_cg_net`).
 
 Force-matching (Noid et al., J. Chem. Phys. 128, 244114 (2008)) trains the same net on the
@@ -45,7 +45,7 @@ from ..conventions import kT
 from ..coordinates.cg_mapping import CGMapping
 from ..io import CHECKPOINT_FORMAT, atomic_write_npz, load_checkpoint, save_checkpoint
 from ..potentials.boltzmann import BoltzmannGenerator
-from ..potentials.cg_net import CGEnergyNet, cg_metadata
+from ..potentials.cg_net import CGNet, cg_metadata, cg_net_class
 from .boltzmann import FLOW_OPTIONS, split_frames, train_boltzmann_generator
 from .cg import train_cg_net
 from ..engine import data_hash, fingerprint, world
@@ -57,18 +57,30 @@ from ..options import FRACTION, POSITIVE, POSITIVE_INT, SEED, Option, check_opti
 Tensor = torch.Tensor
 
 __all__ = ["CG_METHODS", "CGMethodResult", "CoarseGrainResult", "FORCE_OUTLIER_FACTOR", "FORCE_OUTLIER_PERCENTILE",
-           "coarse_grain", "drop_force_outliers", "force_outlier_threshold", "max_bead_force_norm",
+           "build_cg_net", "coarse_grain", "drop_force_outliers", "force_outlier_threshold", "max_bead_force_norm",
            "sample_flow_forces", "save_cg_model"]
 
 #: Default outlier rule: keep a flow sample when max_I |F_I| ≤ FACTOR × (PERCENTILE-th percentile on data).
 FORCE_OUTLIER_PERCENTILE = 99.9
 FORCE_OUTLIER_FACTOR = 3.0
 #: CG net options accepted by :func:`coarse_grain` (``net=...``).
-NET_OPTIONS = ("hidden", "activation", "priors")
+NET_OPTIONS = ("hidden", "activation", "priors", "kind", "schnet")
+#: ``net.kind``: which CG net (:data:`~openmm_flowforce.potentials.cg_net.CG_NETS`); ``auto``
+#: is the MLP below :data:`AUTO_SCHNET_MIN_BEADS` beads and CGSchNet from there on.
+NET_KINDS = ("auto", "mlp", "schnet")
+#: The MLP's first layer sees all n(n−1)/2 pair distances, so its size grows as n² and it knows
+#: no bead is like another; SchNet shares its weights over pairs and bead types. Alanine
+#: dipeptide's 5 backbone beads (the measured MLP case) stay MLP; chignolin's 10 Cα get SchNet.
+AUTO_SCHNET_MIN_BEADS = 10
+#: ``net.schnet``: CGSchNet's architecture (defaults :data:`~openmm_flowforce.potentials.schnet.SCHNET_DEFAULTS`).
+SCHNET_OPTION_SCHEMA: dict[str, Option] = {"hidden": POSITIVE_INT, "interactions": Option(int, minimum=0),
+                                           "n_rbf": Option(int, minimum=2), "cutoff_nm": POSITIVE}
 #: Types of the CG net options; the activation and prior names are checked by the net,
-#: which lists the valid ones.
+#: which lists the valid ones. ``hidden`` and ``activation`` are the MLP's, ``schnet`` CGSchNet's;
+#: the net ``kind`` chooses uses its own and not the other's.
 NET_OPTION_SCHEMA: dict[str, Option] = {"hidden": Option(list, item=POSITIVE_INT), "activation": Option(str),
-                                        "priors": Option(object)}
+                                        "priors": Option(object), "kind": Option(str, choices=NET_KINDS),
+                                        "schnet": Option(dict, fields=SCHNET_OPTION_SCHEMA)}
 #: Every coarse-graining option (``flowforce cg --config`` keys), with its sections.
 CG_OPTIONS: dict[str, Option] = {
     "flow": Option(dict, fields=FLOW_OPTIONS), "flow_train": Option(dict, fields=TRAIN_CONFIG_OPTIONS),
@@ -270,6 +282,26 @@ CG_METHODS: dict[str, Callable[[CGMethodInputs], CGMethodResult]] = {
 
 
 # -- the whole run ----------------------------------------------------------------------------------
+def net_kind(options: Mapping[str, Any], n_beads: int) -> str:
+    """The CG net ``net.kind`` asks for (``auto``: by bead count, :data:`AUTO_SCHNET_MIN_BEADS`)."""
+    kind = str(options.get("kind", "auto"))
+    if kind == "auto":
+        return "schnet" if n_beads >= AUTO_SCHNET_MIN_BEADS else "mlp"
+    return kind
+
+
+def build_cg_net(mapping: CGMapping, positions: np.ndarray, temperature: float,
+                 options: Mapping[str, Any]) -> CGNet:
+    """A CG net with priors fitted to CG ``positions`` ``(T, n, 3)`` nm, from the ``net`` options."""
+    kind = net_kind(options, mapping.n_beads)
+    own = {"mlp": ("hidden", "activation"), "schnet": ()}[kind]
+    kwargs = {key: options[key] for key in (*own, "priors") if key in options}
+    if kind == "schnet":
+        kwargs.update(options.get("schnet") or {})
+    return cg_net_class(kind).from_data(mapping, positions, temperature, **kwargs)
+
+
+
 @dataclass
 class CoarseGrainResult:
     """What :func:`coarse_grain` produced.
@@ -281,7 +313,7 @@ class CoarseGrainResult:
         method: the method's name; info: its measurements, plus the CG net's losses and timings.
     """
 
-    net: CGEnergyNet
+    net: CGNet
     mapping: CGMapping
     model_path: Path
     pdb_path: Path
@@ -289,7 +321,7 @@ class CoarseGrainResult:
     info: dict[str, Any]
 
 
-def save_cg_model(path: str | Path, net: CGEnergyNet, mapping: CGMapping, temperature: float, topology_pdb: str,
+def save_cg_model(path: str | Path, net: CGNet, mapping: CGMapping, temperature: float, topology_pdb: str,
                   extra: Mapping[str, Any] | None = None) -> Path:
     """Write a self-contained CG model file atomically (readable by
     :func:`~openmm_flowforce.potentials.cg_net.load_cg_net`).
@@ -338,7 +370,9 @@ def coarse_grain(positions: Any, topology: Any, temperature: float, out: str | P
         forces: all-atom forces ``(T, N, 3)`` kJ/mol/nm (force-matching only).
         options: overrides of the defaults: ``flow`` (CouplingFlow options), ``flow_train`` and
             ``cg_train`` (:class:`TrainConfig` fields), ``flow_samples``, ``outlier_percentile``,
-            ``outlier_factor``, ``net`` (``hidden``, ``activation``, ``priors``), ``val_fraction``,
+            ``outlier_factor``, ``net`` (``kind`` auto/mlp/schnet; the MLP's ``hidden``,
+            ``activation``; ``priors``; ``schnet``: ``hidden``, ``interactions``, ``n_rbf``,
+            ``cutoff_nm``), ``val_fraction``,
             ``seed``. Sections are merged key by key over the defaults; unknown keys are rejected.
         progress: progress bars.
         mapped: ``positions`` and ``forces`` are already the beads of ``mapping`` (a
@@ -378,7 +412,7 @@ def coarse_grain(positions: Any, topology: Any, temperature: float, out: str | P
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):  # the net's initial weights come from the seed alone
         torch.manual_seed(int(opts["seed"]))
-        net = CGEnergyNet.from_data(mapping, x_cg[train], float(temperature), **opts["net"]).to(torch.float64)
+        net = build_cg_net(mapping, x_cg[train], float(temperature), opts["net"]).to(torch.float64)
     state = work.with_name(work.name + ".state.ckpt")
     trained_from = fingerprint(data_hash(result.positions, result.forces, float(temperature)),
                                {"method": method, "mapping": mapping.to_dict(), "net": opts["net"],
