@@ -91,6 +91,21 @@ class KnotBasis:
         # so that x = 1 lies in a bin when the knots are clamped at 1.
         top = max(t)
         self.closed = [t[i + 1] == top and t[i] < t[i + 1] for i in range(n - 1)]
+        self._cache: dict[tuple[torch.dtype, torch.device], tuple] = {}
+
+    def _constants(self, dtype: torch.dtype, device: torch.device) -> tuple:
+        """The knot constants as tensors, made once per dtype and device (the root finder
+        evaluates the basis some 20 times per inverse)."""
+        key = (dtype, device)
+        if key not in self._cache:
+            def const(values: list) -> Tensor:
+                return torch.tensor(values, dtype=dtype, device=device)
+
+            t = const(self.knots)
+            levels = [tuple(const(v) for v in level) for level in self.levels]
+            closed = torch.tensor(self.closed, device=device)
+            self._cache[key] = (t[:-1], t[1:], closed, levels, const(self.m_scale))
+        return self._cache[key]
 
     def evaluate(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """I-splines and M-splines of the used basis functions.
@@ -101,22 +116,18 @@ class KnotBasis:
         Returns:
             ``I (..., count)`` in [0, 1] and ``M (..., count)`` ≥ 0 with ``dI/dx = M``.
         """
-        def const(values: list) -> Tensor:
-            return torch.tensor(values, dtype=x.dtype, device=x.device)
-
-        t = const(self.knots)
+        lower, upper, closed, levels, m_scale = self._constants(x.dtype, x.device)
         xk = x.unsqueeze(-1)
-        inside = (xk >= t[:-1]) & ((xk < t[1:]) | ((xk == t[1:]) & torch.tensor(self.closed, device=x.device)))
-        b = inside.to(x.dtype)  # B_{i,1}, i = 0 … T−1
-        m_spline = None
-        for level, (left, alpha, right, beta) in enumerate(self.levels, start=1):
+        b = ((xk >= lower) & ((xk < upper) | ((xk == upper) & closed))).to(x.dtype)  # B_{i,1}
+        m_spline = b
+        for level, (left, alpha, right, beta) in enumerate(levels, start=1):
             if level == self.order:  # b holds B_{i,k}: the M-splines come from this level
-                m_spline = b * const(self.m_scale)
-            b = (xk - const(left)) * const(alpha) * b[..., :-1] + (const(right) - xk) * const(beta) * b[..., 1:]
+                m_spline = b * m_scale
+            b = (xk - left) * alpha * b[..., :-1] + (right - xk) * beta * b[..., 1:]
         # b holds B_{l,k+1}; I_j = Σ_{l ≥ j} B_{l,k+1} by a reversed cumulative sum (no cancellation).
         i_spline = torch.flip(torch.cumsum(torch.flip(b, (-1,)), -1), (-1,))
-        sl = slice(self.first, self.first + self.count)
-        return i_spline[..., sl], m_spline[..., sl]
+        used = slice(self.first, self.first + self.count)
+        return i_spline[..., used], m_spline[..., used]
 
 
 def clamped_basis(n_functions: int, order: int) -> KnotBasis:
