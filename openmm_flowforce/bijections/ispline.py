@@ -162,7 +162,9 @@ def ispline_transform(x: Tensor, w: Tensor, c: Tensor, basis: KnotBasis) -> tupl
     Returns:
         ``(f(x), f'(x))``, both shaped like x.
     """
-    i_spline, m_spline = basis.evaluate(x)
+    # Inputs rounded an ulp outside [0, 1] would fall outside every knot interval of the
+    # clamped basis (I = 0 there: a jump); clamping keeps them on the end values.
+    i_spline, m_spline = basis.evaluate(x.clamp(0.0, 1.0))
     y = (1.0 - c) * (w * i_spline).sum(-1) + c * x
     # Rounding can leave y a few ulp outside [0, 1]; the coordinates downstream need [0, 1].
     return y.clamp(0.0, 1.0), (1.0 - c) * (w * m_spline).sum(-1) + c
