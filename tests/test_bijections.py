@@ -21,7 +21,9 @@ def _raw(name: str, periodic: bool, seed: int) -> torch.Tensor:
     return (1.5 * torch.randn(B, D, fam.n_params(K, periodic), generator=g)).requires_grad_(True)
 
 
-CASES = [(name, periodic) for name in ("smooth", "spline") for periodic in (False, True)]
+#: "ispline" is C³ (order-4 M-splines); "ispline-c1" the least smooth I-spline (order 2).
+NAMES = ("smooth", "spline", "ispline", "ispline-c1")
+CASES = [(name, periodic) for name in NAMES for periodic in (False, True)]
 IDS = [f"{n}-{'circle' if p else 'interval'}" for n, p in CASES]
 
 
@@ -101,10 +103,12 @@ def test_identity_raw_is_near_identity(case):
     raw = fam.identity_raw(K, periodic).expand(B, D, -1)
     x = _points()
     y, ladj = fam.build(raw, periodic).forward(x)
-    # spline: exact identity; smooth: identity blend c ≈ 0.99, so slope within 1 ± 0.011
-    tol = 1e-12 if name == "spline" else 0.005
+    # spline and interval I-splines: exact identity; smooth and circle I-splines: identity
+    # blend c ≈ 0.99, so slope within 1 ± 0.011
+    exact = name == "spline" or (name.startswith("ispline") and not periodic)
+    tol = 1e-12 if exact else 0.005
     assert (y - x).abs().max() < tol
-    assert (ladj / D).abs().max() < (1e-12 if name == "spline" else 0.011)
+    assert (ladj / D).abs().max() < (1e-12 if exact else 0.011)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -173,13 +177,49 @@ def _log_slope_derivatives(name, raw, u):
 
 
 def test_circle_transform_is_smooth_across_the_boundary_and_spline_is_not():
-    """log f' and its first two derivatives match at u → 0⁺ and u → 1⁻ (smooth only)."""
+    """log f' and its first two derivatives match at u → 0⁺ and u → 1⁻ (smooth, C³ I-spline)."""
     lo, hi = torch.full((B, D), 1e-11), torch.full((B, D), 1 - 1e-11)
-    raw = _raw("smooth", True, 5).detach()
-    for a, b in zip(_log_slope_derivatives("smooth", raw, lo), _log_slope_derivatives("smooth", raw, hi)):
-        assert torch.allclose(a, b, atol=1e-5)
+    for name in ("smooth", "ispline"):
+        raw = _raw(name, True, 5).detach()
+        for a, b in zip(_log_slope_derivatives(name, raw, lo), _log_slope_derivatives(name, raw, hi)):
+            assert torch.allclose(a, b, atol=1e-5), name
     raw = _raw("spline", True, 5).detach()
     s_lo = _log_slope_derivatives("spline", raw, lo)
     s_hi = _log_slope_derivatives("spline", raw, hi)
     assert torch.allclose(s_lo[0], s_hi[0], atol=1e-5)  # C¹: the density is continuous ...
     assert (s_lo[1] - s_hi[1]).abs().max() > 1e-2       # ... but its derivative (the force) jumps
+
+
+@pytest.mark.parametrize("periodic", [False, True])
+def test_ispline_inverse_gradcheck_through_raw_parameters(periodic):
+    fam = get_family("ispline")
+    raw = _raw("ispline", periodic, 4)[:2, :2]
+    y = _points()[:2, :2].requires_grad_()
+    assert torch.autograd.gradcheck(lambda r, v: fam.build(r, periodic).inverse(v)[0], (raw, y))
+    assert torch.autograd.gradcheck(lambda r, v: fam.build(r, periodic).inverse(v)[1], (raw, y))
+
+
+def _derivatives_at(bij, x: torch.Tensor, order: int) -> list[torch.Tensor]:
+    """f', f'', … f^(order) at x (1, 1) by autograd of the analytic slope."""
+    x = x.clone().requires_grad_()
+    d = torch.exp(bij.forward(x)[1])
+    out = [d.detach()]
+    for _ in range(order - 1):
+        (d,) = torch.autograd.grad(d.sum(), x, create_graph=True)
+        out.append(d.detach())
+    return out
+
+
+@pytest.mark.parametrize("s", [1, 2, 3, 4])
+def test_ispline_cs_is_exactly_cs_at_an_interior_knot(s):
+    """f^(1..s) agree on both sides of a knot; f^(s+1) jumps (so the class is C^s, not more)."""
+    fam = get_family(f"ispline-c{s}")
+    n_components = 7
+    raw = torch.randn(1, 1, fam.n_params(n_components, False), generator=torch.Generator().manual_seed(s))
+    bij = fam.build(raw, False)
+    knot = 1.0 / (n_components - (s + 1) + 1)  # first interior knot of the clamped basis
+    left = _derivatives_at(bij, torch.full((1, 1), knot - 1e-9), s + 1)
+    right = _derivatives_at(bij, torch.full((1, 1), knot + 1e-9), s + 1)
+    for m in range(s):  # f^(m+1)
+        assert torch.allclose(left[m], right[m], rtol=1e-5, atol=1e-5), m + 1
+    assert (left[s] - right[s]).abs().item() > 1e-2

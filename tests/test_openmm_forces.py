@@ -21,18 +21,16 @@ from openmm_flowforce.training import TrainConfig, Trainer
 KJ, NM = unit.kilojoule_per_mole, unit.nanometer
 
 
-@pytest.fixture(scope="module")
-def trained(alanine_md, tmp_path_factory):
-    """A small model trained for 50 NLL steps (≈ 1 nat better than the fitted marginals),
-    its trainer checkpoint and its export at 300 K."""
+def _train_and_export(alanine_md, folder, **flow):
+    """A small model (``flow`` options over 2 layers, hidden 16, 4 components) trained for 50
+    NLL steps, its trainer checkpoint and its export at 300 K."""
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
         torch.manual_seed(0)
         x = torch.as_tensor(alanine_md["positions"][:1200])
-        bg = BoltzmannGenerator.from_topology(alanine_md["topology"], x.numpy(), n_layers=2, hidden=16,
-                                              n_components=4)
-        folder = tmp_path_factory.mktemp("flowforce")
+        bg = BoltzmannGenerator.from_topology(alanine_md["topology"], x.numpy(),
+                                              **{"n_layers": 2, "hidden": 16, "n_components": 4, **flow})
         ckpt = folder / "model.ckpt"
         Trainer(bg, {"nll": 1.0}, data={"x": x}, checkpoint=ckpt, metadata=bg.metadata(),
                 config=TrainConfig(steps=50, batch_size=128, lr=1e-3, validate_every=0)).run()
@@ -40,6 +38,13 @@ def trained(alanine_md, tmp_path_factory):
     finally:
         torch.set_default_dtype(old)
     return bg.eval(), ckpt, pt
+
+
+@pytest.fixture(scope="module")
+def trained(alanine_md, tmp_path_factory):
+    """The smooth model trained for 50 NLL steps (≈ 1 nat better than the fitted marginals),
+    its trainer checkpoint and its export at 300 K."""
+    return _train_and_export(alanine_md, tmp_path_factory.mktemp("flowforce"))
 
 
 def _eager(model, positions):
@@ -159,6 +164,21 @@ def test_nve_energy_conservation_is_like_amber(trained, alanine_md):
     amber = _nve(alanine_md["system"], start, 2000, 0.5)
     flow = _nve(create_system(alanine_md["topology"], pt, backend="torchforce"), start, 2000, 0.5)
     print(f"amber {amber}, flow {flow}")
+    assert flow["max_deviation"] < 10 * amber["max_deviation"] + 0.01
+    assert flow["drift"] < 10 * amber["drift"] + 0.01
+
+
+@pytest.mark.slow
+def test_nve_energy_conservation_of_an_ispline_flow_is_like_amber(alanine_md, tmp_path):
+    """The same check for the C³ I-spline family (forces C², continuous across the torsions' wrap).
+
+    Measured (Reference, torch 2.12): see BENCHMARKS.md, "I-spline flows and inverse stability".
+    """
+    _, _, pt = _train_and_export(alanine_md, tmp_path, transform="ispline")
+    start = alanine_md["positions"][1300]
+    amber = _nve(alanine_md["system"], start, 2000, 0.5)
+    flow = _nve(create_system(alanine_md["topology"], pt, backend="torchforce"), start, 2000, 0.5)
+    print(f"amber {amber}, ispline flow {flow}")
     assert flow["max_deviation"] < 10 * amber["max_deviation"] + 0.01
     assert flow["drift"] < 10 * amber["drift"] + 0.01
 

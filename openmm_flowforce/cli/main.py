@@ -41,6 +41,7 @@ from openmm_flowforce.cli import md, sample, train
 from openmm_flowforce.cli import export, simulate
 from openmm_flowforce.cli import cg, convert, demo, evaluate
 from openmm_flowforce.cli import sampler
+from openmm_flowforce.cli import check_flow
 
 
 def _no_files(args: argparse.Namespace) -> CommandFiles:
@@ -80,6 +81,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
                            reads_code_carriers=True),
     "demo": Subcommand(demo.HELP, demo.add_arguments, demo.run, demo.files, reads_code_carriers=True),
     "sampler": Subcommand(sampler.HELP, sampler.add_arguments, sampler.run, sampler.files),
+    "check-flow": Subcommand(check_flow.HELP, check_flow.add_arguments, check_flow.run, check_flow.files),
 }
 
 #: Errors of the machine, not of the input or the code: a full disk or quota, a file too large,

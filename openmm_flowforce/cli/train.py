@@ -56,12 +56,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="MODEL.ckpt", help="model file to write (resumes if present)")
     parser.add_argument("--loss", metavar="TERMS",
                         help="weighted loss terms (default: nll=1,force=0.001 when the data have forces, else nll=1; "
-                             "the force term keeps the learned potential smooth enough for MD)")
+                             "the force term keeps the learned potential smooth enough for MD; bi_lipschitz=W adds "
+                             "a penalty on steep layers that keeps sampling invertible, see flowforce check-flow)")
     parser.add_argument("--epochs", type=flag(POSITIVE), help="passes over the training frames (> 0, default 20)")
     parser.add_argument("--steps", type=flag(TRAIN["steps"]), help="optimiser steps; overrides --epochs")
     parser.add_argument("--batch-size", type=flag(TRAIN["batch_size"]), help="frames per step (default 256)")
     parser.add_argument("--lr", type=flag(TRAIN["lr"]), help="initial learning rate of Adam (default 1e-3)")
-    parser.add_argument("--transform", choices=["smooth", "spline"], help="flow transform (default smooth)")
+    from openmm_flowforce.bijections import family_names
+
+    parser.add_argument("--transform", choices=list(family_names()),
+                        help="flow transform (default smooth; ispline is C³, ispline-cS C^S)")
     parser.add_argument("--seed", type=flag(TRAIN["seed"]), help="random seed (default 0)")
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML options (see below)")
     parser.add_argument("--log", metavar="METRICS.jsonl", help="metrics log (default: MODEL.ckpt with .jsonl)")

@@ -116,8 +116,9 @@ class CouplingFlow(nn.Module):
 
     Args:
         periodic: one boolean per dimension; True makes that dimension a circle [0, 1).
-        transform: elementwise family, ``"smooth"`` (C∞, root-finding inverse) or
-            ``"spline"`` (rational-quadratic, C¹, analytic inverse).
+        transform: elementwise family, ``"smooth"`` (C∞, root-finding inverse),
+            ``"spline"`` (rational-quadratic, C¹, analytic inverse) or ``"ispline"``
+            (I-spline, C³, root-finding inverse; ``"ispline-cS"`` for C^S).
         n_layers: coupling layers; each dimension is transformed by about half of them.
         hidden: conditioner hidden widths (an int means two layers of that width).
         n_components: mixture components (smooth) or bins (spline) per dimension.

@@ -11,7 +11,9 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..errors import FlowforceError, OptionError
-from ..flows.losses import DensityModel, flow_forces, force_matching_on_data, nll_on_data, reverse_kl_on_samples
+from ..flows import CouplingFlow
+from ..flows.losses import (DensityModel, bi_lipschitz_on_data, flow_forces, force_matching_on_data, nll_on_data,
+                            reverse_kl_on_samples)
 from ..options import NON_NEGATIVE
 
 __all__ = ["LOSS_NAMES", "LOSS_WEIGHT", "DensityModel", "flow_forces", "force_matching_on_data", "nll_on_data",
@@ -20,7 +22,9 @@ __all__ = ["LOSS_NAMES", "LOSS_WEIGHT", "DensityModel", "flow_forces", "force_ma
 Tensor = torch.Tensor
 
 
-LOSS_NAMES = ("nll", "force", "reverse_kl")
+LOSS_NAMES = ("nll", "force", "reverse_kl", "bi_lipschitz")
+#: Points of each batch the ``bi_lipschitz`` term is evaluated on (it inverts the flow: costly).
+BI_LIPSCHITZ_POINTS = 32
 #: A loss weight: a finite number ≥ 0 (0 switches the term off).
 LOSS_WEIGHT = NON_NEGATIVE
 
@@ -76,5 +80,24 @@ def weighted_loss(model: DensityModel, weights: Mapping[str, float], x: Tensor |
         if reduced_energy is None:
             raise FlowforceError("the 'reverse_kl' loss needs an energy target")
         terms["reverse_kl"] = reverse_kl_on_samples(model, reduced_energy, n_samples or len(x))
+    if "bi_lipschitz" in weights:
+        terms["bi_lipschitz"] = bi_lipschitz_on_data(*_flow_and_cube_points(model, x[:BI_LIPSCHITZ_POINTS]))
     total = sum(weights[k] * v for k, v in terms.items())
     return total, {k: float(v.detach()) for k, v in terms.items()}
+
+
+def _flow_and_cube_points(model: DensityModel, x: Tensor) -> tuple[CouplingFlow, Tensor]:
+    """The coupling flow of ``model`` and the batch in its unit-cube coordinates.
+
+    A Boltzmann generator maps positions to the cube by its internal coordinates; a
+    coupling flow takes cube points as they are.
+    """
+    flow = getattr(model, "flow", model)
+    if not isinstance(flow, CouplingFlow):
+        raise FlowforceError(f"the 'bi_lipschitz' loss needs a coupling flow or a Boltzmann generator, "
+                             f"not a {type(model).__name__}")
+    coordinates = getattr(model, "coordinates", None)
+    if coordinates is not None:
+        with torch.no_grad():
+            x = coordinates.to_unit(x, check=False)[0]
+    return flow, x

@@ -69,7 +69,7 @@ class Trainer:
 
     Args:
         model: an ``nn.Module`` with ``log_prob`` and ``sample_and_log_prob``.
-        weights: loss weights by name (``nll``, ``force``, ``reverse_kl``).
+        weights: loss weights by name (``nll``, ``force``, ``reverse_kl``, ``bi_lipschitz``).
         data: training tensors; ``"x"`` (N, ...) and optionally ``"forces"`` (N, ...) in
             reduced units (÷ kT). May be omitted for pure reverse-KL training.
         val_data: validation ``"x"`` for the validation NLL and early stopping.
@@ -99,8 +99,8 @@ class Trainer:
         self.reduced_energy = reduced_energy
         self.config = config or TrainConfig()
         self.metadata = dict(metadata or {})
-        if any(k in self.weights for k in ("nll", "force")) and "x" not in self.data:
-            raise FlowforceError("the 'nll' and 'force' losses need training data (data={'x': ...})")
+        if any(k in self.weights for k in ("nll", "force", "bi_lipschitz")) and "x" not in self.data:
+            raise FlowforceError("the 'nll', 'force' and 'bi_lipschitz' losses need training data (data={'x': ...})")
         if "x" in self.data:
             n = len(self.data["x"])
             for key, value in self.data.items():
