@@ -105,6 +105,8 @@ def main() -> None:
     parser.add_argument("--time-ns", type=float, default=0.25, help="recorded ns per replica")
     parser.add_argument("--save-every-ps", type=float, default=1.0)
     parser.add_argument("--temperature", type=float, default=340.0)
+    parser.add_argument("--unfold-ps", type=float, default=100.0, help="600 K run that makes an unfolded start")
+    parser.add_argument("--equilibration-ps", type=float, default=10.0)
     parser.add_argument("--methods", nargs="+", default=["flow-matching", "force-matching"])
     parser.add_argument("--net", default="schnet", help="CG net (flowforce cg --net)")
     parser.add_argument("--cg-steps", type=int, default=200_000, help="CG MD steps at 5 fs")
@@ -114,7 +116,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.replicas, args.workers, args.time_ns, args.cg_steps = 2, min(args.workers, 2), 0.004, 2000
-        args.save_every_ps = 0.1
+        args.save_every_ps, args.unfold_ps, args.equilibration_ps = 0.1, 2.0, 1.0
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -125,6 +127,7 @@ def main() -> None:
     if not reference.exists():
         flowforce("md", "--pdb", HAIRPIN, "--solvent", "gbn2", "--hmr", "--temperature", args.temperature,
                   "--replicas", args.replicas, "--workers", args.workers, "--starts", "input,unfolded",
+                  "--unfold-ps", args.unfold_ps, "--equilibration-ps", args.equilibration_ps,
                   "--time-ns", args.time_ns, "--save-every-ps", args.save_every_ps, "--no-progress",
                   "--out", reference, log=log)
     from openmm_flowforce.data.dataset import load_dataset

@@ -4,8 +4,8 @@ M-splines are B-splines normalised to unit integral; I-splines are their integra
 (Ramsay, "Monotone regression splines in action", Statistical Science 3, 1988), so a
 positive combination of I-splines is monotone. Waveflow uses such transforms as the
 elementwise maps of a flow (Thiede, Sun, Aspuru-Guzik, "Waveflow: enforcing boundary
-conditions in smooth normalizing flows with application to fermionic wave functions", 2022;
-its arXiv id was not at hand when this was written).
+conditions in smooth normalizing flows with application to fermionic wave functions", 2022,
+arXiv:2211.14839).
 
 With knots ``t_0 ≤ … ≤ t_T`` and order ``k`` (degree ``k − 1``), the B-splines
 ``B_{i,m}`` follow the Cox–de Boor recursion and
