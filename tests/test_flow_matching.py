@@ -219,7 +219,10 @@ def test_divergences_of_an_ensemble_with_itself_are_zero(alanine_md, mapping, tm
     assert main(["evaluate", str(tmp_path / "ref.dcd"), "--topology", str(pdb), "--reference",
                  str(tmp_path / "ref.npz"), "--out", str(tmp_path / "r.json")]) == 0
     assert "dcdplugin" not in capfd.readouterr().out  # the DCD reader's C-level chatter is silenced
-    assert json.loads((tmp_path / "r.json").read_text())["divergences_nats"]["js"] < 1e-3
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["divergences_nats"]["js"] < 1e-3
+    # the same frames (float32 in the DCD): every bond and angle distribution agrees
+    assert report["bonded"]["bonds_w1_max_nm"] < 1e-6 and report["bonded"]["angles_w1_max_deg"] < 1e-3
     with pytest.raises(ValueError, match="different shapes"):
         divergences(np.ones(3), np.ones(4))
     with pytest.raises(ValueError, match="needs 4 distinct"):
@@ -236,6 +239,8 @@ def test_demo_quick_end_to_end_and_resume(tmp_path, capsys):
     assert "JS" in printed
     report = json.loads((out / "report.json").read_text())
     assert 0 <= report["divergences_nats"]["js"] <= np.log(2)
+    assert set(report["bonded"]["w1"]) == {f"bond {i}-{i + 1}" for i in range(4)} | {
+        f"angle {i}-{i + 1}-{i + 2}" for i in range(3)}  # the 5 backbone beads of alanine dipeptide
     for name in ("reference.npz", "cg.ckpt", "cg.pdb", "cg.pt", "cg.dcd", "fes.png"):
         assert (out / name).exists()
     before = (out / "cg.pt").stat().st_mtime_ns

@@ -157,9 +157,12 @@ def run(args: argparse.Namespace) -> int:
         reference_positions = mapped_reference_positions(files["reference.npz"], "backbone")
         model_positions = load_trajectory_positions(files["cg.dcd"], files["cg.pdb"])
         comparison = compare_fes(reference_positions, model_positions, PHI_PSI)
+        from openmm_flowforce.analysis.bonded import bonds_of_pdb, compare_bonded, summary_line
+
+        bonded = compare_bonded(reference_positions, model_positions, bonds_of_pdb(files["cg.pdb"]))
         plot_fes(comparison, files["fes.png"], titles=("reference: all-atom MD, mapped", "flow-matching CG model"))
         timings["evaluate"] = round(time.perf_counter() - began, 1)
-        report = {**comparison.report(), "sizes": size, "timings_s": timings}
+        report = {**comparison.report(), "bonded": bonded, "sizes": size, "timings_s": timings}
         atomic_write_bytes(files["report.json"], (json.dumps(report, indent=1) + "\n").encode())
         save_timings()
     except RuntimeError as error:
@@ -170,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
                             if k in ("reference_md", "coarse_grain", "export", "cg_md", "evaluate"))
     print(f"phi/psi     JS {d['js']:.4f} nats, KL(ref||model) {d['kl']:.4f} nats "
           f"({comparison.frames['reference']} reference / {comparison.frames['model']} CG frames, 36 x 36 bins)")
+    print(f"bonded      {summary_line(bonded)} (Wasserstein-1 vs the reference, every term in the report)")
     print(f"timings     {stage_times}")
     print(f"wrote       {files['fes.png']} and {files['report.json']} (and every intermediate file in {out})")
     return 0

@@ -142,9 +142,12 @@ def run(args: argparse.Namespace) -> int:
         raise FlowforceError(f"the trajectory has {model.shape[1]} beads but --mapping {args.mapping} maps the "
                              f"reference to {reference.shape[1]}")
     comparison = compare_fes(reference, model, args.cv or PHI_PSI, bins=args.bins, pseudocount=args.pseudocount)
+    from openmm_flowforce.analysis.bonded import bonds_of_pdb, compare_bonded, summary_line
+
+    bonded = compare_bonded(reference, model, bonds_of_pdb(args.topology))
     reference_name = " ".join(str(p) for p in args.reference)
-    report = {**comparison.report(), "trajectory": str(args.trajectory), "reference": reference_name,
-              "mapping": args.mapping, "skip": args.skip}
+    report = {**comparison.report(), "bonded": bonded, "trajectory": str(args.trajectory),
+              "reference": reference_name, "mapping": args.mapping, "skip": args.skip}
     atomic_write_bytes(args.out, (json.dumps(report, indent=1) + "\n").encode())
     if args.plot:
         plot_fes(comparison, args.plot, titles=(f"reference ({Path(args.reference[0]).name})",
@@ -153,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"JS {d['js']:.4f} nats, KL(ref||model) {d['kl']:.4f}, KL(model||ref) {d['kl_reverse']:.4f} "
           f"on {' x '.join(str(len(e) - 1) for e in comparison.edges)} bins "
           f"({comparison.frames['reference']} reference / {comparison.frames['model']} model frames)")
+    print(f"bonded terms: {summary_line(bonded)} (Wasserstein-1 of each bond and angle, in the report)")
     print(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else ""))
     return 0
 
