@@ -41,16 +41,18 @@ FOLDED = HERE / "data" / "5awl_cln025.pdb"
 HAIRPIN = HERE.parent / "tests" / "data" / "cln025_hairpin.pdb"
 
 
-def flowforce(*args: str, log: Path) -> None:
-    """Run one ``flowforce`` command, its output appended to ``log``; stop the benchmark on failure."""
+def flowforce(*args: str, log: Path, may_fail: bool = False) -> bool:
+    """Run one ``flowforce`` command, its output appended to ``log``; stop the benchmark on failure
+    unless ``may_fail`` (then return whether it succeeded)."""
     command = [sys.executable, "-m", "openmm_flowforce.cli.main", *map(str, args)]
     print("$ flowforce " + " ".join(map(str, args)), flush=True)
     with open(log, "a") as stream:
         stream.write("$ flowforce " + " ".join(map(str, args)) + "\n")
         stream.flush()
         done = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
+    if done.returncode != 0 and not may_fail:
         sys.exit(f"bench_chignolin: stage failed (exit {done.returncode}); see {log}")
+    return done.returncode == 0
 
 
 def split_by_replica(reference: Path, work: Path) -> tuple[Path, Path] | None:
@@ -72,10 +74,10 @@ def split_by_replica(reference: Path, work: Path) -> tuple[Path, Path] | None:
     return halves
 
 
-def speed_from_report(csv: Path, timestep_fs: float) -> float:
+def speed_from_report(csv: Path) -> float:
     """ns/day from the last line of a ``flowforce simulate --report`` CSV."""
-    lines = [line for line in csv.read_text().splitlines() if line and not line.startswith("#")]
-    header = [name.strip('"') for name in lines[0].split(",")]
+    lines = [line for line in csv.read_text().splitlines() if line]
+    header = [name.strip('#"') for name in lines[0].split(",")]
     column = next(i for i, name in enumerate(header) if name.startswith("Speed"))
     return float(lines[-1].split(",")[column])
 
@@ -163,16 +165,22 @@ def main() -> None:
             flowforce("cg", reference, "--mapping", "ca", "--method", method, "--net", args.net, "--quiet",
                       *cg_args, "--out", ckpt, log=log)
         if not package.exists():
-            flowforce("export", ckpt, "--compile", "--out", package, log=log)
+            # one thread: the CG speed is compared per core with the all-atom replicas
+            flowforce("export", ckpt, "--out", package.with_suffix(".pt"), "--compile", "--threads", 1, log=log)
         if not dcd.exists():
             partial = folder / "cg.partial.dcd"
-            flowforce("simulate", package, "--topology", folder / "cg.pdb", "--backend", args.backend,
-                      "--platform", args.platform, "--steps", args.cg_steps, "--timestep-fs", 5,
-                      "--temperature", args.temperature, "--report", csv, "--report-interval",
-                      max(args.cg_steps // 5000, 1) * 10, "--out", partial, log=log)
+            ok = flowforce("simulate", package, "--topology", folder / "cg.pdb", "--backend", args.backend,
+                           "--platform", args.platform, "--steps", args.cg_steps, "--timestep-fs", 5,
+                           "--temperature", args.temperature, "--report", csv, "--report-interval",
+                           max(args.cg_steps // 5000, 1) * 10, "--out", partial, log=log, may_fail=True)
+            if not ok:  # a CG model that blows up is a result too: say so and go on with the next
+                lines = log.read_text().strip().splitlines()
+                results["methods"][method] = {"failed": lines[-1] if lines else "flowforce simulate failed"}
+                print(f"{method}: CG MD failed: {results['methods'][method]['failed']}")
+                continue
             os.replace(partial, dcd)
         report = evaluate(dcd, folder / "report.json", "--topology", folder / "cg.pdb")
-        report["cg_ns_per_day"] = speed_from_report(csv, 5.0)
+        report["cg_ns_per_day"] = speed_from_report(csv)
         report["wall_time_s"] = time.perf_counter() - started
         results["methods"][method] = report
 
@@ -180,7 +188,8 @@ def main() -> None:
     print(f"\nreference: {results['reference']['frames']} frames, {results['reference']['ns_total']:.2f} ns "
           f"in {results['reference']['replicas']} replicas; all-atom GBn2 {aa} ns/day per replica")
     rows = [("reference halves", results.get("reference_halves"))] + list(results["methods"].items())
-    results["summary"] = {name: summary(report, aa) for name, report in rows if report is not None}
+    results["summary"] = {name: summary(report, aa) if "failed" not in report else report
+                          for name, report in rows if report is not None}
     for name, row in results["summary"].items():
         print(f"{name:>18}: {json.dumps(row)}")
     (work / "results.json").write_text(json.dumps(results, indent=1, default=str))
