@@ -15,9 +15,9 @@ frame coordinates of :mod:`openmm_flowforce.flows.equivariant`) need transforms 
   transforms of :mod:`.smooth` do), so f(u) = c·u exactly near u = 0 and
   f(u) = 1 − c·(1 − u) exactly near 1: far out the map is the translation
   ``y ≈ x ± log c`` and never saturates, and f, 1 − f are computed without cancellation
-  (``1 − σ(τ) = σ(1 − τ)``). Since ``x + log c ≤ y ≤ x − log c``, the root-finding
-  inverse (:func:`~.rootfind.invert_monotone`, implicit gradients) brackets x in
-  ``[y + log c, y − log c]``. The map is C∞ with slope in (0, ∞).
+  (``1 − σ(τ) = σ(1 − τ)``). The inverse brackets x around y (widening the bracket
+  until it holds) and solves by :func:`~.rootfind.invert_monotone` (bisection, Newton,
+  implicit gradients). The map is C∞ with slope in (0, ∞).
 
 A family turns unconstrained parameters ``raw (..., n_params)`` into a
 :class:`~.base.Bijection` acting elementwise on tensors of shape ``raw.shape[:-1]`` whose
@@ -103,12 +103,30 @@ class LogitMixture(Bijection):
         y, log_dy = logit_mixture(x, *self.params)
         return y, _sum_batch(log_dy)
 
+    @torch.no_grad()
+    def _bracket(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """``(low, width)`` with g(low) ≤ y ≤ g(low + width), elementwise.
+
+        Far out g(t) = t ± log c, but a component ending just short of u = 1 (or starting
+        just after 0) delays that, so the bracket starts at ``y ± (|log c| + 1)`` and is
+        widened geometrically until it holds.
+        """
+        step = -torch.log(self.params[3]).expand_as(y) + 1.0
+        low, high = y - step, y + step
+        for _ in range(60):
+            below_low = logit_mixture(low, *self.params)[0] > y
+            above_high = logit_mixture(high, *self.params)[0] < y
+            if not bool(below_low.any() or above_high.any()):
+                break
+            step = 2.0 * step
+            low = torch.where(below_low, low - step, low)
+            high = torch.where(above_high, high + step, high)
+        return low, high - low
+
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        c = self.params[3]
-        half = (-torch.log(c)).detach().expand_as(y) + 1e-3   # x ∈ [y + log c, y − log c]
-        low = y.detach() - half
-        tau = invert_monotone(_logit_mixture_on_bracket, y, low, 2.0 * half, *self.params)
-        x = low + 2.0 * half * tau
+        low, width = self._bracket(y.detach())
+        tau = invert_monotone(_logit_mixture_on_bracket, y, low, width, *self.params)
+        x = low + width * tau
         _, log_dy = logit_mixture(x, *self.params)
         return x, -_sum_batch(log_dy)
 

@@ -168,7 +168,8 @@ class EGNNVectors(nn.Module):
         activation: activation name.
         coord_range: total bound on the trunk's coordinate steps (None: unbounded).
 
-    ``forward(p)``: positions ``(B, N, d)`` → vectors ``(B, N, K, d)``, features ``(B, N, H)``.
+    ``forward(p)``: positions ``(B, N, d)`` → vectors ``(B, N, K, d)``, features ``(B, N, H)``
+    (layer-normalised per particle).
     """
 
     def __init__(self, n_particles: int, spatial_dim: int, n_vectors: int, hidden: int = 32, n_layers: int = 2,
@@ -184,6 +185,9 @@ class EGNNVectors(nn.Module):
         per_layer = None if coord_range is None else float(coord_range) / n_layers
         self.layers = nn.ModuleList([EGNNLayer(hidden, activation, True, per_layer) for _ in range(n_layers)])
         act = _ACTIVATIONS[activation]
+        # Node features grow with the squared distances they read; normalising them keeps
+        # the readout and the flow's transform parameters O(1) at any configuration scale.
+        self.norm = nn.LayerNorm(hidden)
         self.readout_source = nn.Linear(hidden, hidden)
         self.readout_target = nn.Linear(hidden, hidden, bias=False)
         self.readout_distance = nn.Linear(2, hidden, bias=False)
@@ -199,6 +203,7 @@ class EGNNVectors(nn.Module):
         y = p
         for layer in self.layers:
             h, y = layer(h, y, r2_input, off_diagonal)
+        h = self.norm(h)
         diff = y[:, :, None, :] - y[:, None, :, :]
         r2 = diff.pow(2).sum(-1, keepdim=True)
         pre = (self.readout_source(h)[:, :, None, :] + self.readout_target(h)[:, None, :, :]
