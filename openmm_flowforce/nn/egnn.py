@@ -49,11 +49,14 @@ class EGNNLayer(nn.Module):
         activation: name of the activation (see :class:`~openmm_flowforce.nn.MLP`).
         attention: gate each message by a sigmoid of a linear function of it.
         coord_range: if given, ``φ_x = coord_range · tanh(·)`` bounds each pair's step.
+        log_distances: read ``log(1 + r²)`` instead of ``r²`` (both squared distances), so
+            far-apart configurations give O(log r) features rather than O(r²) ones.
     """
 
     def __init__(self, hidden: int, activation: str = "silu", attention: bool = True,
-                 coord_range: float | None = None):
+                 coord_range: float | None = None, log_distances: bool = False):
         super().__init__()
+        self.log_distances = bool(log_distances)
         act = _ACTIVATIONS[activation]
         # The first edge layer acts on [h_i, h_j, r², r²_input]; it is split into its node
         # parts (computed once per node, not per pair) and its distance part: the same map
@@ -75,8 +78,11 @@ class EGNNLayer(nn.Module):
         distances, off_diagonal ``(N, N, 1)`` float, 1 where i ≠ j. Returns (h', x')."""
         diff = x[:, :, None, :] - x[:, None, :, :]                    # x_i − x_j, (B, N, N, d)
         r2 = diff.pow(2).sum(-1, keepdim=True)
+        distances = torch.cat([r2, r2_input], dim=-1)
+        if self.log_distances:
+            distances = torch.log1p(distances)
         pre = (self.edge_source(h)[:, :, None, :] + self.edge_target(h)[:, None, :, :]
-               + self.edge_distance(torch.cat([r2, r2_input], dim=-1)))
+               + self.edge_distance(distances))
         m = self.edge_mlp(pre)
         if self.attention is not None:
             m = m * self.attention(m)
@@ -183,7 +189,10 @@ class EGNNVectors(nn.Module):
         self.n_particles, self.spatial_dim, self.n_vectors = int(n_particles), int(spatial_dim), int(n_vectors)
         self.initial = nn.Parameter(torch.randn(hidden) / hidden ** 0.5)
         per_layer = None if coord_range is None else float(coord_range) / n_layers
-        self.layers = nn.ModuleList([EGNNLayer(hidden, activation, True, per_layer) for _ in range(n_layers)])
+        # log(1 + r²) features: a flow is evaluated far from the data too (HMC in FAB's AIS),
+        # where raw r² features made the frames, and so log q, blow up.
+        self.layers = nn.ModuleList([EGNNLayer(hidden, activation, True, per_layer, log_distances=True)
+                                     for _ in range(n_layers)])
         act = _ACTIVATIONS[activation]
         # Node features grow with the squared distances they read; normalising them keeps
         # the readout and the flow's transform parameters O(1) at any configuration scale.
@@ -207,7 +216,7 @@ class EGNNVectors(nn.Module):
         diff = y[:, :, None, :] - y[:, None, :, :]
         r2 = diff.pow(2).sum(-1, keepdim=True)
         pre = (self.readout_source(h)[:, :, None, :] + self.readout_target(h)[:, None, :, :]
-               + self.readout_distance(torch.cat([r2, r2_input], dim=-1)))
+               + self.readout_distance(torch.log1p(torch.cat([r2, r2_input], dim=-1))))
         weight = self.readout(pre) * off_diagonal                       # (B, N, N, K)
         unit = diff / (torch.sqrt(r2 + 1e-8) + 1.0)                      # (B, N, N, d)
         vectors = torch.einsum("bijk,bijd->bikd", weight, unit)
