@@ -108,6 +108,8 @@ def resolve_options(options: Mapping[str, Any], target: Any) -> dict[str, Any]:
                                  "set flow: equivariant")
     opts = {k: (preset[k] if v is None and k in preset else v) for k, v in options.items()}
     for key in _POSITIVE_INTS:
+        if key in _EQUIVARIANT_ONLY and opts.get(key) is None:
+            continue  # unused by flow: real (checked above)
         if key in opts and (isinstance(opts[key], bool) or not isinstance(opts[key], int) or opts[key] < 1):
             raise FlowforceError(f"option {key} must be a positive integer, got {opts[key]!r}")
     for key in ("scale", "lr", "step_size"):
