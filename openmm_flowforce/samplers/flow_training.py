@@ -210,7 +210,7 @@ def training_pair(model: torch.nn.Module, energy: Callable[[Tensor], Tensor]):
 
 
 class FlowSamplerMethod(SamplerMethod):
-    """A sampler method whose model is a :class:`RealFlow` trained from the energy alone.
+    """A sampler method whose model is a flow of :data:`FLOW_BUILDERS` trained from the energy alone.
 
     Subclasses set ``name`` and ``defaults`` (including :data:`COMMON_DEFAULTS`) and
     implement :meth:`train_step`, and, if they keep state between steps,
