@@ -218,3 +218,23 @@ def test_fab_and_the_cli_run_the_equivariant_flow_end_to_end(tmp_path):
     assert main(["sampler", "train", "--target", "dw4", "--method", "reverse-kl", "--out",
                  str(tmp_path / "bad.ckpt"), "--config", str(bad)]) == 2
     assert not (tmp_path / "bad.ckpt").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,extra", [("fab", dict(n_intermediate=1, min_buffer=32, buffer_size=64,
+                                                     n_updates=2)),
+                                        ("reverse-kl", {})])
+def test_interrupted_and_resumed_equivariant_run_equals_an_uninterrupted_one(tmp_path, name, extra):
+    target = get_target("dw4")
+    method = get_method(name)
+    opts = dict(flow="equivariant", n_layers=2, hidden=8, egnn_layers=1, n_components=3, batch_size=16, steps=4,
+                log_every=1, checkpoint_every=2, **extra)
+    straight = method.build(target, opts)
+    method.train(straight, target, opts, tmp_path / "a.ckpt", progress=False)
+    half = method.build(target, opts)
+    method.train(half, target, {**opts, "steps": 2}, tmp_path / "b.ckpt", progress=False)
+    resumed = method.build(target, opts)
+    summary = method.train(resumed, target, opts, tmp_path / "b.ckpt", progress=False)
+    assert summary["resumed_from"] == 2
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
