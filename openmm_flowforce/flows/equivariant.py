@@ -36,12 +36,12 @@ Rotations R ∈ SO(d), translations and permutations of (x, a) carry through the
 hence the frames, hence the map: the flow is SE(d)- and permutation equivariant by
 construction, and its density invariant under them.
 
-Why SE(d) and not E(d), as in the paper: a frame that is also reflection equivariant
-needs d independent equivariant vectors, but every equivariant vector of a planar
-configuration lies in its plane (three particles in 3-D always are), so Gram–Schmidt of d
-vectors breaks down there; the handed completion needs only d − 1. The targets are
-reflection invariant as well, so a reflected copy of a mode is a different mode for the
-flow to learn; the paper argues the same (Sec. 3.2).
+Why SE(d) (as the paper's title says) and not E(d): a frame that is also reflection
+equivariant needs d independent equivariant vectors, but every equivariant vector of a
+planar configuration lies in its plane (three particles in 3-D always are), so
+Gram–Schmidt of d vectors breaks down there; the handed completion needs only d − 1. The
+targets are reflection invariant too, so the mirror image of a mode is one more mode the
+flow has to learn rather than one it gets for free.
 
 A block that moves a leaves x̄ = 0 as it is. A block that moves x first changes the
 representative to ``ā = 0`` (subtract ā from x and a), transforms x, then returns to
