@@ -9,7 +9,11 @@ has a density, energy evaluations and wall time; the published numbers are print
 beside them. Not a test.
 
     python bench/bench_samplers.py [--targets dw4 lj13] [--methods idem] \\
-        [--steps idem=2000] [--n-eval 1000] [--no-align] [--out bench_samplers.json]
+        [--steps idem=2000] [--option flow=equivariant ...] [--n-eval 1000] [--no-align] \\
+        [--out bench_samplers.json]
+
+``--option KEY=VALUE`` (YAML value) is passed to every method run, e.g.
+``--option flow=equivariant`` for FAB and reverse KL with the equivariant flow.
 
 Published (Akhound-Sadegh et al. 2024, arXiv 2402.06121, Table 2; x-W2 on 1000
 samples; NLL/ESS from a flow-matching model fit to iDEM's samples): see ``PUBLISHED``.
@@ -58,14 +62,14 @@ def _parse_steps(items: list[str]) -> dict[str, int]:
 
 
 def run_one(method_name: str, target_name: str, steps: int | None, n_eval: int, align: bool, workdir: Path,
-            seed: int) -> dict:
+            seed: int, extra: dict | None = None) -> dict:
     from openmm_flowforce.analysis.sampler_report import evaluate_sampler, load_reference
     from openmm_flowforce.samplers import get_method
     from openmm_flowforce.samplers.common import make_target
 
     method = get_method(method_name)
     target = make_target(target_name)
-    options = {"seed": seed, **({"steps": steps} if steps else {})}
+    options = {"seed": seed, **({"steps": steps} if steps else {}), **(extra or {})}
     options = method.options(options)
     model = method.build(target, options)
     checkpoint = workdir / f"{target_name}_{method_name}.ckpt"
@@ -74,7 +78,7 @@ def run_one(method_name: str, target_name: str, steps: int | None, n_eval: int, 
     reference = load_reference(REFERENCE[target_name], target, n_eval, seed=seed)
     start = time.perf_counter()
     report = evaluate_sampler(method, model, target, reference, align=align, seed=seed)
-    return {"target": target_name, "method": method_name, **report,
+    return {"target": target_name, "method": method_name, "options": dict(extra or {}), **report,
             "training_steps": summary["steps"], "energy_evaluations": summary["energy_evaluations"],
             "training_wall_time_s": summary["wall_time_s"], "evaluation_wall_time_s": time.perf_counter() - start,
             "published": PUBLISHED.get((target_name, method_name), {})}
@@ -96,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", nargs="+", default=["dw4", "lj13"], choices=sorted(REFERENCE))
     parser.add_argument("--methods", nargs="+", help="default: every registered method")
     parser.add_argument("--steps", nargs="*", default=[], metavar="METHOD=N", help="training steps per method")
+    parser.add_argument("--option", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="method option for every run (YAML value), e.g. flow=equivariant")
     parser.add_argument("--n-eval", type=int, default=1000, help="samples compared (paper: 1000)")
     parser.add_argument("--no-align", action="store_true", help="skip the aligned W2 (minutes on LJ-13)")
     parser.add_argument("--seed", type=int, default=0)
@@ -109,6 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(method_names())}")
     steps = _parse_steps(args.steps)
+    import yaml
+
+    extra = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--option wants KEY=VALUE, got {item!r}")
+        extra[key] = yaml.safe_load(value)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_samplers_"))
     workdir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -116,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         for method_name in methods:
             print(f"== {method_name} on {target_name}", file=sys.stderr)
             rows.append(run_one(method_name, target_name, steps.get(method_name), args.n_eval,
-                                not args.no_align, workdir, args.seed))
+                                not args.no_align, workdir, args.seed, extra))
     columns = ("w2_unaligned", "w2_aligned", "w2_energy", "tv_distances", "nll", "ess", "energy_evaluations",
                "training_wall_time_s")
     print("| target | method | " + " | ".join(columns) + " | published (W2 / NLL / ESS) |")

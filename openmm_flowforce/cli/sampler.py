@@ -13,11 +13,15 @@ from openmm_flowforce.cli.config import CommandFiles, flag
 from openmm_flowforce.errors import FlowforceError
 from openmm_flowforce.options import POSITIVE_INT, SEED, Option
 
-HELP = "train, sample and evaluate energy-only samplers (iDEM, FAB, reverse KL, SNF, CRAFT) on toy targets"
+#: ``--flow`` (the same rule as the ``flow`` option of the flow sampler methods).
+FLOW = Option(str, choices=("real", "equivariant"))
+
+HELP = "train, sample and evaluate energy-only samplers (iDEM, FAB, reverse KL, SNF, CRAFT, ESH) on toy targets"
 
 EPILOG = """\
 examples:
   flowforce sampler train --target dw4 --method idem --out dw4.ckpt --steps 2000
+  flowforce sampler train --target dw4 --method fab --flow equivariant --out dw4_fab.ckpt --steps 200
   flowforce sampler sample dw4.ckpt -n 1000 --out dw4_samples.npy
   flowforce sampler evaluate dw4.ckpt --reference dw4_test.npy -n 1000 --out dw4_report.json
 
@@ -55,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--steps", type=flag(POSITIVE_INT), help="total training steps (method default otherwise)")
     train.add_argument("--config", metavar="FILE.yaml", help="YAML with 'options' and 'target_options'")
     train.add_argument("--seed", type=flag(SEED), help="random seed (method default otherwise)")
+    train.add_argument("--flow", type=flag(FLOW), metavar="{real,equivariant}",
+                       help="flow of fab / reverse-kl: 'real' (smooth real-space flow, the default) or "
+                            "'equivariant' (SE(3)-equivariant augmented coupling flow, arXiv 2308.10364)")
     train.add_argument("--log", metavar="METRICS.jsonl", help="metrics log (default: S.ckpt with .jsonl)")
     train.add_argument("--restart", action="store_true",
                        help="start over even if S.ckpt exists (it is kept as S.ckpt.prev)")
@@ -131,6 +138,8 @@ def _train(args: argparse.Namespace) -> int:
         options["steps"] = args.steps
     if args.seed is not None:
         options["seed"] = args.seed
+    if args.flow is not None:
+        options["flow"] = args.flow
     options = method.options(options, where=str(args.config or ""))
     out = Path(args.out)
     if args.restart:

@@ -32,7 +32,7 @@ from ..errors import FlowforceError
 
 Tensor = torch.Tensor
 
-__all__ = ["EGNN", "EGNNLayer"]
+__all__ = ["EGNN", "EGNNLayer", "EGNNVectors"]
 
 
 class EGNNLayer(nn.Module):
@@ -49,11 +49,14 @@ class EGNNLayer(nn.Module):
         activation: name of the activation (see :class:`~openmm_flowforce.nn.MLP`).
         attention: gate each message by a sigmoid of a linear function of it.
         coord_range: if given, ``φ_x = coord_range · tanh(·)`` bounds each pair's step.
+        log_distances: read ``log(1 + r²)`` instead of ``r²`` (both squared distances), so
+            far-apart configurations give O(log r) features rather than O(r²) ones.
     """
 
     def __init__(self, hidden: int, activation: str = "silu", attention: bool = True,
-                 coord_range: float | None = None):
+                 coord_range: float | None = None, log_distances: bool = False):
         super().__init__()
+        self.log_distances = bool(log_distances)
         act = _ACTIVATIONS[activation]
         # The first edge layer acts on [h_i, h_j, r², r²_input]; it is split into its node
         # parts (computed once per node, not per pair) and its distance part: the same map
@@ -75,8 +78,11 @@ class EGNNLayer(nn.Module):
         distances, off_diagonal ``(N, N, 1)`` float, 1 where i ≠ j. Returns (h', x')."""
         diff = x[:, :, None, :] - x[:, None, :, :]                    # x_i − x_j, (B, N, N, d)
         r2 = diff.pow(2).sum(-1, keepdim=True)
+        distances = torch.cat([r2, r2_input], dim=-1)
+        if self.log_distances:
+            distances = torch.log1p(distances)
         pre = (self.edge_source(h)[:, :, None, :] + self.edge_target(h)[:, None, :, :]
-               + self.edge_distance(torch.cat([r2, r2_input], dim=-1)))
+               + self.edge_distance(distances))
         m = self.edge_mlp(pre)
         if self.attention is not None:
             m = m * self.attention(m)
@@ -142,3 +148,76 @@ class EGNN(nn.Module):
         v = y - p
         v = v - v.mean(dim=1, keepdim=True)
         return v.reshape(x.shape) if flat else v
+
+
+class EGNNVectors(nn.Module):
+    """E(n)-equivariant network returning K vectors and invariant features per particle.
+
+    The trunk is :class:`EGNNLayer` message passing from a learned initial node feature
+    (the same for every particle, so permutations are carried through); the readout sums
+    K learned, invariant weights of the final messages along the unit pair directions:
+
+    .. math::
+        v^k_i = \\sum_{j \\ne i} \\frac{y_i − y_j}{|y_i − y_j| + 1}\\, \\psi_k(m_{ij}),
+
+    so ``v(P R + 1 b^T)_π = v(P)_π R`` for every orthogonal R, translation b and
+    permutation π, and the features ``h`` are invariant. This is the "EGNN that outputs
+    equivariant vectors and invariant features" of the equivariant augmented coupling
+    flows (Midgley et al., NeurIPS 2023, arXiv 2308.10364, Sec. 3.2), written for
+    :mod:`openmm_flowforce.flows.equivariant`.
+
+    Args:
+        n_particles, spatial_dim: N and d.
+        n_vectors: K vectors per particle.
+        hidden: node/message width H (also the width of the returned features).
+        n_layers: message-passing layers.
+        activation: activation name.
+        coord_range: total bound on the trunk's coordinate steps (None: unbounded).
+
+    ``forward(p)``: positions ``(B, N, d)`` → vectors ``(B, N, K, d)``, features ``(B, N, H)``
+    (layer-normalised per particle).
+    """
+
+    def __init__(self, n_particles: int, spatial_dim: int, n_vectors: int, hidden: int = 32, n_layers: int = 2,
+                 activation: str = "silu", coord_range: float | None = 5.0):
+        super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise FlowforceError(f"unknown activation {activation!r}; valid names: {', '.join(sorted(_ACTIVATIONS))}")
+        if n_particles < 2 or spatial_dim < 1 or n_layers < 1 or hidden < 1 or n_vectors < 1:
+            raise FlowforceError(f"EGNNVectors needs n_particles >= 2 and positive spatial_dim, n_layers, hidden, "
+                                 f"n_vectors; got {n_particles}, {spatial_dim}, {n_layers}, {hidden}, {n_vectors}")
+        self.n_particles, self.spatial_dim, self.n_vectors = int(n_particles), int(spatial_dim), int(n_vectors)
+        self.initial = nn.Parameter(torch.randn(hidden) / hidden ** 0.5)
+        per_layer = None if coord_range is None else float(coord_range) / n_layers
+        # log(1 + r²) features: a flow is evaluated far from the data too (HMC in FAB's AIS),
+        # where raw r² features made the frames, and so log q, blow up.
+        self.layers = nn.ModuleList([EGNNLayer(hidden, activation, True, per_layer, log_distances=True)
+                                     for _ in range(n_layers)])
+        act = _ACTIVATIONS[activation]
+        # Node features grow with the squared distances they read; normalising them keeps
+        # the readout and the flow's transform parameters O(1) at any configuration scale.
+        self.norm = nn.LayerNorm(hidden)
+        self.readout_source = nn.Linear(hidden, hidden)
+        self.readout_target = nn.Linear(hidden, hidden, bias=False)
+        self.readout_distance = nn.Linear(2, hidden, bias=False)
+        self.readout = nn.Sequential(act(), nn.Linear(hidden, hidden), act(), nn.Linear(hidden, n_vectors))
+        self.register_buffer("off_diagonal", (1.0 - torch.eye(n_particles))[:, :, None], persistent=False)
+
+    def forward(self, p: Tensor) -> tuple[Tensor, Tensor]:
+        b = p.shape[0]
+        p = p - p.mean(dim=1, keepdim=True)
+        off_diagonal = self.off_diagonal.to(p.dtype)
+        h = self.initial.to(p.dtype).expand(b, self.n_particles, -1)
+        r2_input = (p[:, :, None, :] - p[:, None, :, :]).pow(2).sum(-1, keepdim=True)
+        y = p
+        for layer in self.layers:
+            h, y = layer(h, y, r2_input, off_diagonal)
+        h = self.norm(h)
+        diff = y[:, :, None, :] - y[:, None, :, :]
+        r2 = diff.pow(2).sum(-1, keepdim=True)
+        pre = (self.readout_source(h)[:, :, None, :] + self.readout_target(h)[:, None, :, :]
+               + self.readout_distance(torch.log1p(torch.cat([r2, r2_input], dim=-1))))
+        weight = self.readout(pre) * off_diagonal                       # (B, N, N, K)
+        unit = diff / (torch.sqrt(r2 + 1e-8) + 1.0)                      # (B, N, N, d)
+        vectors = torch.einsum("bijk,bijd->bikd", weight, unit)
+        return vectors, h

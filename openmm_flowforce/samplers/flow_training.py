@@ -4,7 +4,10 @@
   is evaluated at (with or without a gradient: a forward and its backward count once).
 * :func:`flow_presets`: per-target flow and training defaults, scaled for a CPU.
 * :class:`FlowSamplerMethod`: a :class:`~openmm_flowforce.samplers.registry.SamplerMethod`
-  whose model is a :class:`~openmm_flowforce.flows.RealFlow` (float64) and whose
+  whose model is a flow from :data:`FLOW_BUILDERS` (option ``flow``: ``"real"``, a
+  :class:`~openmm_flowforce.flows.RealFlow`, or ``"equivariant"``, an
+  :class:`~openmm_flowforce.flows.equivariant.EquivariantAugmentedFlow` trained on the
+  joint (x, a) against the extended target ``p(x)·π(a|x)``; float64) and whose
   training loop owns atomic checkpoints with exact resume, a tqdm progress bar and a
   JSON-lines metrics log; subclasses supply one training step.
 
@@ -19,11 +22,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
 from ..flows import RealFlow
+from ..flows.equivariant import EquivariantAugmentedFlow
 from ..engine import Engine, StateOf
 from .common import SAMPLER_CHECKPOINT_FORMAT, check_method, particle_shape, sampler_fingerprint, target_spec
 from .registry import SamplerMethod
@@ -44,10 +48,23 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(scale=1.0, n_layers=8, hidden=64, n_components=8, step_size=0.1),
 }
 
+#: Presets that replace ``_PRESETS`` entries for ``flow: equivariant``: ``n_layers`` counts
+#: coupling blocks (half move x, half a), ``hidden`` is the EGNN width; small enough for a
+#: CPU (an EGNN block on LJ-13 costs ~N² messages per sample).
+_EQUIVARIANT_PRESETS: dict[str, dict[str, Any]] = {
+    "dw4": dict(n_layers=8, hidden=32, egnn_layers=2, n_importance=20),
+    "lj13": dict(n_layers=8, hidden=32, egnn_layers=2, n_importance=20),
+    "default": dict(n_layers=8, hidden=32, egnn_layers=2, n_importance=20),
+}
+
+#: Options only the equivariant flow reads; set with ``flow: real`` they are refused.
+_EQUIVARIANT_ONLY = ("egnn_layers", "aug_scale", "n_importance")
+
 #: Options every flow sampler method has (values of None come from the target's preset).
 COMMON_DEFAULTS: dict[str, Any] = dict(
     scale=None, n_layers=None, hidden=None, n_components=None, transform="smooth", mean_free=True,
     steps=1000, batch_size=128, lr=1e-3, grad_clip=100.0, seed=0, checkpoint_every=100, log_every=10,
+    flow="real", egnn_layers=None, aug_scale=None, n_importance=None,
 )
 
 
@@ -71,7 +88,7 @@ def flow_presets(target: Any) -> dict[str, Any]:
 
 #: Options that must be positive integers wherever a method has them.
 _POSITIVE_INTS = ("n_layers", "n_components", "steps", "batch_size", "checkpoint_every", "log_every", "n_leapfrog",
-                  "buffer_size", "min_buffer", "n_updates")
+                  "buffer_size", "min_buffer", "n_updates", "egnn_layers", "n_importance")
 
 
 def resolve_options(options: Mapping[str, Any], target: Any) -> dict[str, Any]:
@@ -82,8 +99,17 @@ def resolve_options(options: Mapping[str, Any], target: Any) -> dict[str, Any]:
             ``scale``/``lr``/``step_size``.
     """
     preset = flow_presets(target)
+    if options.get("flow") == "equivariant":
+        preset.update(_EQUIVARIANT_PRESETS.get(target_key(target), _EQUIVARIANT_PRESETS["default"]))
+    elif options.get("flow", "real") == "real":
+        given = [key for key in _EQUIVARIANT_ONLY if options.get(key) is not None]
+        if given:
+            raise FlowforceError(f"option(s) {', '.join(given)} apply only to flow: equivariant; remove them or "
+                                 "set flow: equivariant")
     opts = {k: (preset[k] if v is None and k in preset else v) for k, v in options.items()}
     for key in _POSITIVE_INTS:
+        if key in _EQUIVARIANT_ONLY and opts.get(key) is None:
+            continue  # unused by flow: real (checked above)
         if key in opts and (isinstance(opts[key], bool) or not isinstance(opts[key], int) or opts[key] < 1):
             raise FlowforceError(f"option {key} must be a positive integer, got {opts[key]!r}")
     for key in ("scale", "lr", "step_size"):
@@ -145,8 +171,46 @@ class TrainContext:
         return True
 
 
+def _real_flow(target: Any, opts: Mapping[str, Any]) -> RealFlow:
+    """The smooth real-space flow (mean free for particle targets unless ``mean_free`` is False)."""
+    shape = particle_shape(target)
+    particles = dict(n_particles=shape[0], spatial_dim=shape[1]) if opts["mean_free"] and shape else {}
+    return RealFlow(int(target.dim), scale=float(opts["scale"]), transform=opts["transform"],
+                    n_layers=int(opts["n_layers"]), hidden=opts["hidden"], n_components=int(opts["n_components"]),
+                    **particles)
+
+
+def _equivariant_flow(target: Any, opts: Mapping[str, Any]) -> EquivariantAugmentedFlow:
+    """The SE(d)-equivariant augmented coupling flow (particle targets, always mean free)."""
+    shape = particle_shape(target)
+    if shape is None or not opts["mean_free"]:
+        raise FlowforceError("flow: equivariant needs a particle target (dw4, lj13, lj55) with mean_free: true")
+    hidden = opts["hidden"]
+    if not isinstance(hidden, int) or isinstance(hidden, bool):
+        raise FlowforceError(f"flow: equivariant takes one EGNN width as hidden (an integer), got {hidden!r}")
+    return EquivariantAugmentedFlow(shape[0], shape[1], n_layers=int(opts["n_layers"]), hidden=hidden,
+                                    egnn_layers=int(opts["egnn_layers"]), transform=opts["transform"],
+                                    n_components=int(opts["n_components"]), scale=float(opts["scale"]),
+                                    aug_scale=opts["aug_scale"], n_importance=int(opts["n_importance"]))
+
+
+#: Registry of the flows a flow sampler method can train (option ``flow``).
+FLOW_BUILDERS: dict[str, Callable[[Any, Mapping[str, Any]], torch.nn.Module]] = {
+    "real": _real_flow,
+    "equivariant": _equivariant_flow,
+}
+
+
+def training_pair(model: torch.nn.Module, energy: Callable[[Tensor], Tensor]):
+    """What the training step sees: ``(density model, reduced energy)``. A flow with
+    auxiliary variables trains its joint density against the extended target
+    (``training_view`` / ``joint_energy``); a plain flow trains itself against u."""
+    view = getattr(model, "training_view", None)
+    return (view(), model.joint_energy(energy)) if view is not None else (model, energy)
+
+
 class FlowSamplerMethod(SamplerMethod):
-    """A sampler method whose model is a :class:`RealFlow` trained from the energy alone.
+    """A sampler method whose model is a flow of :data:`FLOW_BUILDERS` trained from the energy alone.
 
     Subclasses set ``name`` and ``defaults`` (including :data:`COMMON_DEFAULTS`) and
     implement :meth:`train_step`, and, if they keep state between steps,
@@ -154,17 +218,13 @@ class FlowSamplerMethod(SamplerMethod):
     """
 
     # -- model -------------------------------------------------------------------------
-    def build(self, target: Any, options: Mapping[str, Any]) -> RealFlow:
-        """A float64 :class:`RealFlow` for ``target`` (mean free for particle targets
-        unless ``mean_free`` is False), initialised from ``seed``."""
+    def build(self, target: Any, options: Mapping[str, Any]) -> torch.nn.Module:
+        """A float64 flow for ``target`` from :data:`FLOW_BUILDERS` (option ``flow``),
+        initialised from ``seed``."""
         opts = resolve_options(self.options(options), target)
-        shape = particle_shape(target)
-        particles = dict(n_particles=shape[0], spatial_dim=shape[1]) if opts["mean_free"] and shape else {}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(opts["seed"]))
-            return RealFlow(int(target.dim), scale=float(opts["scale"]), transform=opts["transform"],
-                            n_layers=int(opts["n_layers"]), hidden=opts["hidden"],
-                            n_components=int(opts["n_components"]), **particles).double()
+            return FLOW_BUILDERS[opts["flow"]](target, opts).double()
 
     def sample(self, model: RealFlow, n: int) -> Tensor:
         """``(n, dim)`` flow samples (float64, mean free for particle flows)."""
@@ -172,8 +232,11 @@ class FlowSamplerMethod(SamplerMethod):
             return model.sample(int(n))
 
     def log_prob(self, model: RealFlow, x: Tensor) -> Tensor:
-        """log q(x) ``(B,)``, normalised (on the zero-centre-of-mass hyperplane for particle flows)."""
-        with torch.no_grad():
+        """log q(x) ``(B,)``, normalised (on the zero-centre-of-mass hyperplane for particle flows;
+        the equivariant flow's is its importance-sampled marginal over the auxiliary a, drawn
+        from a fixed seed so that evaluations repeat; the caller's RNG is left alone)."""
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
             return model.log_prob(x.to(dtype=torch.float64))
 
     # -- hooks -------------------------------------------------------------------------
@@ -209,8 +272,9 @@ class FlowSamplerMethod(SamplerMethod):
         opts = resolve_options(self.options(options), target)
         optimizer = torch.optim.Adam(model.parameters(), lr=float(opts["lr"]))
         energy = EnergyCounter(target)
-        extra = self.init_extra(model, target, opts)
-        ctx = TrainContext(model, energy, optimizer, opts, extra)
+        trained, trained_energy = training_pair(model, energy)
+        extra = self.init_extra(trained, target, opts)
+        ctx = TrainContext(trained, trained_energy, optimizer, opts, extra)
         metrics: dict[str, float] = {}
 
         def step() -> dict[str, float]:

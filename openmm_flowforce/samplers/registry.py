@@ -23,14 +23,16 @@ Tensor = torch.Tensor
 SAMPLER_OPTIONS: dict[str, Option] = {
     **{key: POSITIVE_INT for key in ("steps", "batch_size", "batch", "buffer_size", "n_mc", "n_init", "n_generate",
                                      "integration_steps", "steps_per_outer", "n_layers", "hidden", "n_components",
-                                     "checkpoint_every", "log_every", "n_leapfrog", "n_hmc", "n_updates")},
+                                     "checkpoint_every", "log_every", "n_leapfrog", "n_hmc", "n_updates",
+                                     "egnn_layers", "n_importance")},
     **{key: POSITIVE for key in ("lr", "sigma_min", "sigma_max", "max_score_norm", "diffusion_scale", "data_scale",
-                                 "scale", "step_size", "w_adjust_clip")},
+                                 "scale", "step_size", "w_adjust_clip", "aug_scale")},
     "n_intermediate": COUNT, "min_buffer": COUNT, "grad_clip": NON_NEGATIVE, "seed": SEED,
     "target_accept": Option(float, minimum=0.0, maximum=1.0, open_minimum=True, open_maximum=True),
     "energy_cut": Option(float), "network": Option(str, choices=("egnn", "mlp")),
     "weighting": Option(str, choices=("none", "variance")), "spacing": Option(str, choices=("geometric", "linear")),
     "transform": Option(str), "mean_free": Option(bool), "buffer": Option(bool),
+    "flow": Option(str, choices=("real", "equivariant")),
 }
 
 
