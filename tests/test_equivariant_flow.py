@@ -197,6 +197,28 @@ def test_reverse_kl_steps_lower_the_loss_of_the_equivariant_flow_on_dw4(tmp_path
     assert last < first - 1.0, (first, last)
 
 
+def test_the_energy_cut_acts_on_the_target_energy_only_for_the_augmented_flow(float64):
+    """Above the cut, u_c grows like log u; were the cut applied to u(x) − log π(a|x), spreading
+    the auxiliary a would cost only logarithmically and reverse KL would spread it without bound
+    (measured on LJ-13). The loss energy must grow linearly in −log π at any u."""
+    from openmm_flowforce.samplers.flow_training import auxiliary_energy, training_pair
+    from openmm_flowforce.samplers.reverse_kl import cut_energy, regularised_energy
+
+    flow = EquivariantAugmentedFlow(4, 2)
+    huge = lambda x: 1e6 + x.pow(2).sum(-1)  # noqa: E731  a target energy far above the cut
+    view, joint_energy = training_pair(flow, huge)
+    x, a = _points(flow, 8)
+    near, far = torch.cat([x, a], 1).reshape(8, -1), torch.cat([x, x + 10 * (a - x)], 1).reshape(8, -1)
+    loss_energy = cut_energy(joint_energy, 100.0, auxiliary_energy(flow))
+    extra_aux = -flow.log_aux(*flow.split(far)) + flow.log_aux(*flow.split(near))
+    torch.testing.assert_close(loss_energy(far) - loss_energy(near), extra_aux)  # linear in −log π
+    assert (extra_aux > 100).all()
+    # the target's part is cut exactly as for a plain flow
+    torch.testing.assert_close(loss_energy(near) + flow.log_aux(*flow.split(near)),
+                               regularised_energy(huge(x.reshape(8, -1)), 100.0))
+    assert auxiliary_energy(torch.nn.Linear(1, 1)) is None
+
+
 def test_fab_and_the_cli_run_the_equivariant_flow_end_to_end(tmp_path):
     out = tmp_path / "fab.ckpt"
     config = tmp_path / "fab.yaml"

@@ -153,8 +153,11 @@ class TrainContext:
     """What a training step sees: model, counted energy, optimizer, options, method state."""
 
     def __init__(self, model: RealFlow, energy: EnergyCounter, optimizer: torch.optim.Optimizer,
-                 options: Mapping[str, Any], extra: dict[str, Any]):
+                 options: Mapping[str, Any], extra: dict[str, Any],
+                 aux_energy: Callable[[Tensor], Tensor] | None = None):
         self.model, self.energy, self.optimizer, self.options, self.extra = model, energy, optimizer, options, extra
+        #: −log π(a|x) of the auxiliary variables (:func:`auxiliary_energy`), None without them
+        self.aux_energy = aux_energy
 
     def optimizer_step(self, loss: Tensor) -> bool:
         """Backward, clip, step; a non-finite loss or gradient skips the update (returns False)."""
@@ -207,6 +210,19 @@ def training_pair(model: torch.nn.Module, energy: Callable[[Tensor], Tensor]):
     (``training_view`` / ``joint_energy``); a plain flow trains itself against u."""
     view = getattr(model, "training_view", None)
     return (view(), model.joint_energy(energy)) if view is not None else (model, energy)
+
+
+def auxiliary_energy(model: torch.nn.Module) -> Callable[[Tensor], Tensor] | None:
+    """``−log π(a|x)`` on flat joint points for a flow with auxiliary variables, else None:
+    the part of the extended target's energy that is not the target's (an energy cut must
+    act on u(x) only, or a flow gains unbounded entropy by spreading a)."""
+    if getattr(model, "training_view", None) is None:
+        return None
+
+    def minus_log_aux(joint_points: Tensor) -> Tensor:
+        return -model.log_aux(*model.split(joint_points))
+
+    return minus_log_aux
 
 
 class FlowSamplerMethod(SamplerMethod):
@@ -274,7 +290,7 @@ class FlowSamplerMethod(SamplerMethod):
         energy = EnergyCounter(target)
         trained, trained_energy = training_pair(model, energy)
         extra = self.init_extra(trained, target, opts)
-        ctx = TrainContext(trained, trained_energy, optimizer, opts, extra)
+        ctx = TrainContext(trained, trained_energy, optimizer, opts, extra, auxiliary_energy(model))
         metrics: dict[str, float] = {}
 
         def step() -> dict[str, float]:

@@ -21,7 +21,10 @@ for the same reason). An untrained flow puts particles on top of each other, whe
 u ~ 10¹⁵ and its gradient dwarfs everything else; u_c keeps the push away from overlaps
 but with a bounded scale. Only configurations the target gives weight < e^{-c} are
 changed, so the minimiser is unchanged in practice; the logged ESS and log Z use the
-true u.
+true u. With an augmented flow (``flow: equivariant``) the loss energy is
+u_c(x) − log π(a|x): cutting the whole joint energy instead lets the flow lower the loss
+without bound by spreading x and a apart (measured on LJ-13: the loss fell without bound
+and the samples flew apart), because above c the cut grows only like log u.
 
 Logged per step: ``loss`` (E_q[log q + u] = KL − log Z), ``ess`` (Kish ESS fraction of the
 batch's importance weights p/q) and ``log_z`` (log-mean-exp of those weights, an
@@ -30,8 +33,10 @@ estimate of log Z that is biased low for a poor flow).
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
+from torch import Tensor
 
 from ..reweighting import effective_sample_size
 from ..flows.losses import reverse_kl_on_samples
@@ -60,6 +65,21 @@ def regularised_energy(u: torch.Tensor, cut: float | None) -> torch.Tensor:
     return torch.where(u > cut, cut + torch.log1p(excess), u)
 
 
+def cut_energy(energy: Callable[[Tensor], Tensor], cut: float | None,
+               aux_energy: Callable[[Tensor], Tensor] | None = None) -> Callable[[Tensor], Tensor]:
+    """The loss energy: u_c of the module docstring; for a flow with auxiliary variables,
+    whose ``energy`` is the extended target's u(x) − log π(a|x) (``aux_energy`` = −log π),
+    u_c(x) − log π(a|x): the cut acts on the target's energy only."""
+    if aux_energy is None:
+        return lambda x: regularised_energy(energy(x), cut)
+
+    def joint(x: Tensor) -> Tensor:
+        minus_log_aux = aux_energy(x)
+        return regularised_energy(energy(x) - minus_log_aux, cut) + minus_log_aux
+
+    return joint
+
+
 class ReverseKLMethod(FlowSamplerMethod):
     """``"reverse-kl"``: a :class:`~openmm_flowforce.flows.RealFlow` trained by reverse KL.
 
@@ -76,8 +96,7 @@ class ReverseKLMethod(FlowSamplerMethod):
     def train_step(self, ctx: TrainContext) -> dict[str, float]:
         recorder, energy = _Recorder(ctx.model), _LastEnergy(ctx.energy)
         cut = ctx.options.get("energy_cut")
-        loss = reverse_kl_on_samples(recorder, lambda x: regularised_energy(energy(x), cut),
-                                     int(ctx.options["batch_size"]))
+        loss = reverse_kl_on_samples(recorder, cut_energy(energy, cut, ctx.aux_energy), int(ctx.options["batch_size"]))
         updated = ctx.optimizer_step(loss)
         log_w = (-energy.last - recorder.log_q).double()
         log_w = torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf))
