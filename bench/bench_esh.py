@@ -132,7 +132,7 @@ def main() -> None:
     for name in args.targets:
         target, setting = get_target(name), SETTINGS[name]
         if name == "dw4":
-            ref_d = pairwise_distances(torch.from_numpy(np.load(SHARED / "dw4" / "test.npy")).double(), 4, 2)
+            ref_d = pairwise_distances(torch.from_numpy(np.load(SHARED / "dw4" / "test.npy", allow_pickle=False)).double(), 4, 2)
             reference = {"d": ref_d.reshape(-1).numpy(), "p_far": float((ref_d > 4.5).double().mean())}
         else:
             exact = target.sample(100_000, generator=torch.Generator().manual_seed(1))

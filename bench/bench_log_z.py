@@ -90,7 +90,7 @@ def run_target(name: str, args, workdir: Path) -> list[dict]:
     print(f"reference log Z for {name}: {ref:.4f} ± {ref_se:.4f}", file=sys.stderr)
     reference = None
     if name in REFERENCE_SAMPLES:
-        reference = torch.as_tensor(np.load(REFERENCE_SAMPLES[name])[:1000], dtype=torch.float64)
+        reference = torch.as_tensor(np.load(REFERENCE_SAMPLES[name], allow_pickle=False)[:1000], dtype=torch.float64)
         reference = reference.reshape(len(reference), -1)
     elif hasattr(target, "sample"):
         reference = target.sample(1000)

@@ -168,13 +168,13 @@ def run_replica(job: ReplicaJob) -> dict[str, Any]:
     Raises:
         FlowforceError: the run blew up (non-finite energy) or a start could not be made.
     """
-    import openmm
-
+    from ..safety import deserialize_xml
     from .reference import run_reference_md
 
     started = time.perf_counter()
     s = job.settings
-    system = openmm.XmlSerializer.deserialize(job.system_xml)  # serialised by the parent from its own System
+    # trust: the parent serialised its own System, whose inputs were checked when it loaded them
+    system = deserialize_xml(job.system_xml, "the replica's System", trust=True, expected="System")
     start_nm, start_info = START_KINDS[job.start].make(job, system)
     seed, _ = replica_seeds(s.seed, job.index)
     result = run_reference_md(None, system, start_nm, temperature=s.temperature, time_ns=s.time_ns,
