@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 import openmm
 import torch
-from openmm import app, unit
+from openmm import app
+
+from bench_md import _steps_per_second as steps_per_second, _system as cg_system  # this folder
 
 CHIGNOLIN = ("GLY", "TYR", "ASP", "PRO", "GLU", "THR", "GLY", "THR", "TRP", "GLY")
 
@@ -77,26 +79,6 @@ def build_net(kind: str, mapping, frames):
     return net
 
 
-def steps_per_second(system, positions, platform: str, steps: int, timestep_ps: float = 0.002) -> float:
-    integrator = openmm.LangevinMiddleIntegrator(300 * unit.kelvin, 1 / unit.picosecond, timestep_ps * unit.picosecond)
-    context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName(platform))
-    context.setPositions(positions)
-    integrator.step(max(20, steps // 20))
-    context.getState(getEnergy=True)
-    start = time.perf_counter()
-    integrator.step(steps)
-    context.getState(getEnergy=True)  # make sure the work is done
-    return steps / (time.perf_counter() - start)
-
-
-def cg_system(masses, force) -> openmm.System:
-    system = openmm.System()
-    for mass in masses:
-        system.addParticle(float(mass))
-    system.addForce(force)
-    return system
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=2000, help="timed steps per row")
@@ -129,7 +111,7 @@ def main() -> None:
     rows = []
 
     def record(name: str, system, start, platform: str, steps: int) -> None:
-        rate = steps_per_second(system, start, platform, steps)
+        rate = steps_per_second(system, start, platform, steps, timestep_ps=0.002)
         rows.append({"system": name, "platform": platform, "steps_per_s": rate, "us_per_step": 1e6 / rate,
                      "steps": steps})
         print(f"{name:<48} {platform:<10} {rate:>9.0f} steps/s {1e6 / rate:>9.1f} µs/step", flush=True)
