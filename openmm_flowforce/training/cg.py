@@ -21,7 +21,7 @@ import copy
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from ..engine import Engine, StateOf, cosine_schedule, data_parallel, shard
 from ..reporters import Reporter
 from .trainer import TrainConfig
 from ..errors import FlowforceError
+
+if TYPE_CHECKING:
+    from .internal_forces import InternalForceLoss
 
 Tensor = torch.Tensor
 
@@ -81,23 +84,22 @@ class CGTrainResult:
     stopped_early: bool
 
 
-@torch.no_grad()
-def _validation_loss(net: CGNet, positions: Tensor, forces: Tensor, force_scale: float,
-                     chunk: int = 2048) -> float:
+def _validation_loss(loss: Callable[..., Tensor], net: CGNet, *tensors: Tensor, chunk: int = 2048) -> float:
     was_training = net.training
     net.eval()
-    total = 0.0
-    for i in range(0, len(positions), chunk):
-        x, f = positions[i:i + chunk], forces[i:i + chunk]
-        total += float(force_matching_loss(net, x, f, force_scale)) * len(x)
+    total, n = 0.0, len(tensors[0])
+    for i in range(0, n, chunk):
+        part = [t[i:i + chunk] for t in tensors]
+        total += float(loss(net, *part).detach()) * len(part[0])
     net.train(was_training)
-    return total / len(positions)
+    return total / n
 
 
 def train_cg_net(net: CGNet, positions: Any, forces: Any, config: TrainConfig | None = None,
                  val_fraction: float = 0.1, checkpoint: str | Path | None = None, resume: bool = True,
                  progress: bool = True, reporters: Sequence[Reporter] = (), mapping: Any = None,
-                 fingerprint: Mapping[str, Any] | None = None) -> CGTrainResult:
+                 fingerprint: Mapping[str, Any] | None = None,
+                 internal: "InternalForceLoss | None" = None) -> CGTrainResult:
     """Train ``net`` by force matching with Adam and a cosine learning-rate schedule.
 
     Args:
@@ -119,6 +121,9 @@ def train_cg_net(net: CGNet, positions: Any, forces: Any, config: TrainConfig | 
         mapping: stored in the checkpoint's metadata so the model file is self-contained.
         fingerprint: what the run is trained from (:func:`~openmm_flowforce.engine.fingerprint`); a checkpoint
             from other data or options is refused.
+        internal: match generalised forces on internal coordinates instead of Cartesian
+            forces (:class:`~openmm_flowforce.training.internal_forces.InternalForceLoss`;
+            its scales are fitted to the training forces here).
 
     Returns:
         :class:`CGTrainResult`. With validation, the net ends with the parameters of the best
@@ -148,12 +153,23 @@ def train_cg_net(net: CGNet, positions: Any, forces: Any, config: TrainConfig | 
     info: dict[str, Any] = {"initial_val": None}
     metadata = cg_metadata(net, mapping)
 
-    loss_of = data_parallel(net, lambda model, x, f: force_matching_loss(model, x, f, scale))
+    if internal is None:
+        def loss_fn(model: CGNet, x: Tensor, f: Tensor, *_: Tensor) -> Tensor:
+            return force_matching_loss(model, x, f, scale)
+        p_train = p_val = torch.zeros(len(x), 0).to(x)  # no projections: a placeholder to index
+        p_train, p_val = p_train[train], p_val[val]
+    else:
+        p_train, p_val = internal.projections(x_train), internal.projections(x_val)
+        internal.fit_scales(p_train, f_train)
+
+        def loss_fn(model: CGNet, x: Tensor, f: Tensor, p: Tensor) -> Tensor:
+            return internal(p, model.energy_and_forces(x)[1], f)
+    loss_of = data_parallel(net, loss_fn)
 
     def step() -> dict[str, float]:
         # In a distributed run, this process's shard of the global batch; gradients averaged over all.
         idx = shard(torch.randint(len(x_train), (cfg.batch_size,), generator=batch_rng))
-        loss = loss_of(x_train[idx], f_train[idx])
+        loss = loss_of(x_train[idx], f_train[idx], p_train[idx])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"force-matching loss is {float(loss)} at step {engine.step + 1}; lower the "
                                      "learning rate or check the data for outliers")
@@ -175,7 +191,7 @@ def train_cg_net(net: CGNet, positions: Any, forces: Any, config: TrainConfig | 
                                      "metadata": metadata},
                     fingerprint=fingerprint, state={"cg": StateOf(lambda: dict(info), info.update)},
                     generators={"batch": batch_rng},
-                    validate=(lambda: _validation_loss(net, x_val, f_val, scale)) if validate else None,
+                    validate=(lambda: _validation_loss(loss_fn, net, x_val, f_val, p_val)) if validate else None,
                     validate_every=cfg.validate_every, patience=cfg.patience, reporters=reporters,
                     progress="CG force matching" if progress else None, check=check, seed=cfg.seed)
     if resume:
@@ -183,7 +199,7 @@ def train_cg_net(net: CGNet, positions: Any, forces: Any, config: TrainConfig | 
     if validate and info["initial_val"] is None:
         # The starting parameters (for a fresh net: priors only) compete for "best" too, so
         # training never hands back a net that validates worse than the one it was given.
-        info["initial_val"] = engine.best_val = _validation_loss(net, x_val, f_val, scale)
+        info["initial_val"] = engine.best_val = _validation_loss(loss_fn, net, x_val, f_val, p_val)
         engine.best_state = copy.deepcopy(net.state_dict())
     metrics = engine.run()
     best = engine.best_val

@@ -82,9 +82,21 @@ NET_OPTION_SCHEMA: dict[str, Option] = {"hidden": Option(list, item=POSITIVE_INT
                                         "priors": Option(object), "kind": Option(str, choices=NET_KINDS),
                                         "schnet": Option(dict, fields=SCHNET_OPTION_SCHEMA)}
 #: Every coarse-graining option (``flowforce cg --config`` keys), with its sections.
+#: ``cg_loss``: which force-matching loss trains the CG net. ``cartesian`` matches the force on
+#: every bead; ``internal`` the generalised forces on bonds, angles and torsions, each scaled by
+#: its RMS and weighted by its kind (:mod:`~openmm_flowforce.training.internal_forces`).
+CG_LOSS_KINDS = ("cartesian", "internal")
+CG_LOSS_OPTIONS: dict[str, Option] = {
+    "kind": Option(str, choices=CG_LOSS_KINDS),
+    "weights": Option(dict, fields={k: Option(float, minimum=0.0) for k in ("bond", "angle", "torsion")}),
+}
+#: ``torsion_jitter``: extra flow-matching training points (``fraction`` × ``flow_samples``) made
+#: by turning the periodic torsions of flow samples by normal noise of ``sigma_rad``.
+JITTER_OPTIONS: dict[str, Option] = {"fraction": Option(float, minimum=0.0), "sigma_rad": Option(float, minimum=0.0)}
 CG_OPTIONS: dict[str, Option] = {
     "flow": Option(dict, fields=FLOW_OPTIONS), "flow_train": Option(dict, fields=TRAIN_CONFIG_OPTIONS),
-    "flow_samples": Option(int, minimum=2), "outlier_percentile": Option(float, minimum=0.0, maximum=100.0),
+    "flow_samples": Option(int, minimum=2), "cg_loss": Option(dict, fields=CG_LOSS_OPTIONS),
+    "torsion_jitter": Option(dict, fields=JITTER_OPTIONS), "outlier_percentile": Option(float, minimum=0.0, maximum=100.0),
     "outlier_factor": POSITIVE, "net": Option(dict, fields=NET_OPTION_SCHEMA),
     "cg_train": Option(dict, fields=TRAIN_CONFIG_OPTIONS), "val_fraction": FRACTION, "seed": SEED,
 }
@@ -133,6 +145,50 @@ def sample_flow_forces(model: BoltzmannGenerator, n: int, temperature: float, ba
             done += size
             bar.update(size)
     x, f = np.concatenate(positions), np.concatenate(forces)
+    finite = np.isfinite(x).all(axis=(1, 2)) & np.isfinite(f).all(axis=(1, 2))
+    return x[finite], f[finite]
+
+
+def jitter_torsions(model: BoltzmannGenerator, positions: np.ndarray, sigma_rad: float, seed: int = 0,
+                    batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Flow samples with their periodic torsions turned by normal noise, and the flow's forces there.
+
+    Force matching fits the CG net where its training points are; flow samples lie where the
+    data were, so the net's energy elsewhere (e.g. the φ > 0 region of alanine dipeptide when
+    the data never went there) is an extrapolation, and CG MD may find it lower than the
+    basins. The flow's density is defined everywhere, so its forces at turned configurations
+    tell the net how the free energy rises away from the data. Bonds and angles keep their
+    sampled values, so the points stay on the flow's stiff-mode manifold. The force-matching
+    minimiser is unchanged (the flow's forces wherever the net has capacity); only where the
+    net learns them widens.
+
+    Args:
+        model: the trained density over CG positions.
+        positions: flow samples ``(T, n, 3)`` nm.
+        sigma_rad: standard deviation of the turn of every periodic torsion, radians.
+        seed: the noise's random stream.
+        batch_size: frames per force evaluation.
+
+    Returns:
+        Turned positions and the flow's forces there ``(T', n, 3)`` (nm; reduced units,
+        ∇ log q: multiply by kT), float64; non-finite frames dropped.
+    """
+    model64 = copy.deepcopy(model).to(torch.float64).eval().requires_grad_(False)
+    ic = model64.coordinates
+    periodic = torch.tensor(ic.periodic, dtype=torch.bool)
+    generator = torch.Generator().manual_seed(int(seed))
+    xs, fs = [], []
+    for start in range(0, len(positions), batch_size):
+        x = torch.as_tensor(positions[start:start + batch_size], dtype=torch.float64)
+        with torch.no_grad():
+            u, _ = ic.to_unit(x, check=False)
+            turn = torch.randn(u.shape, generator=generator, dtype=torch.float64) * (sigma_rad / (2.0 * math.pi))
+            u = torch.where(periodic, torch.remainder(u + turn, 1.0), u)
+            turned, _ = ic.from_unit(u)
+        _, reduced = flow_forces(model64, turned)
+        xs.append(turned.numpy())
+        fs.append(reduced.detach().numpy())
+    x, f = np.concatenate(xs), np.concatenate(fs)
     finite = np.isfinite(x).all(axis=(1, 2)) & np.isfinite(f).all(axis=(1, 2))
     return x[finite], f[finite]
 
@@ -255,6 +311,16 @@ def _flow_matching(inputs: CGMethodInputs) -> CGMethodResult:
     _, reduced_on_data = flow_forces(model64, data)
     on_data = kT(inputs.temperature) * reduced_on_data.detach().numpy()
     threshold = force_outlier_threshold(on_data, opts["outlier_percentile"], opts["outlier_factor"])
+    jitter = opts["torsion_jitter"]
+    n_jitter = int(round(float(jitter["fraction"]) * len(x)))
+    if n_jitter > 0 and float(jitter["sigma_rad"]) > 0:
+        picked = np.random.default_rng(int(opts["seed"])).choice(len(x), size=n_jitter, replace=n_jitter > len(x))
+        xj, fj = jitter_torsions(model, x[picked], float(jitter["sigma_rad"]), seed=int(opts["seed"]))
+        x, f = np.concatenate([x, xj]), np.concatenate([f, kT(inputs.temperature) * fj])
+        # Flow samples are independent: shuffled, the CG net's validation block (the last
+        # frames) holds turned and plain points alike.
+        order = np.random.default_rng(int(opts["seed"]) + 1).permutation(len(x))
+        x, f = x[order], f[order]
     x_kept, f_kept, kept = drop_force_outliers(x, f, threshold)
     if len(x_kept) < 2:
         raise FlowforceError(f"only {len(x_kept)} of {n} flow samples pass the force threshold {threshold:.4g} "
@@ -269,6 +335,7 @@ def _flow_matching(inputs: CGMethodInputs) -> CGMethodResult:
             "outlier_percentile": float(opts["outlier_percentile"]), "outlier_factor": float(opts["outlier_factor"]),
             "force_threshold_kj_mol_nm": threshold, "dropped_samples": int((~kept).sum()),
             "training_frames": int(len(x_kept)), "sampling_seconds": time.perf_counter() - t0,
+            "torsion_jitter_points": int(n_jitter),
             "median_max_force_on_data": float(np.median(max_bead_force_norm(on_data))),
             "median_max_force_on_samples": float(np.median(max_bead_force_norm(f)))}
     return CGMethodResult(x_kept, f_kept, info)
@@ -338,13 +405,14 @@ def _options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     defaults: dict[str, Any] = {
         "flow": {"n_layers": 6, "hidden": [64, 64], "n_components": 8},
         "flow_train": {"steps": 2000, "batch_size": 256, "validate_every": 100},
-        "flow_samples": 20000, "outlier_percentile": FORCE_OUTLIER_PERCENTILE, "outlier_factor": FORCE_OUTLIER_FACTOR,
+        "flow_samples": 20000, "cg_loss": {"kind": "cartesian"}, "torsion_jitter": {"fraction": 0.0, "sigma_rad": 1.0},
+        "outlier_percentile": FORCE_OUTLIER_PERCENTILE, "outlier_factor": FORCE_OUTLIER_FACTOR,
         "net": {"hidden": [64, 64]},
         "cg_train": {"steps": 2000, "batch_size": 256, "lr": 3e-3, "validate_every": 100},
         "val_fraction": 0.1, "seed": 0,
     }
     out = {**defaults, **check_options(dict(options or {}), CG_OPTIONS)}
-    for section in ("flow", "flow_train", "net", "cg_train"):
+    for section in ("flow", "flow_train", "net", "cg_train", "cg_loss", "torsion_jitter"):
         out[section] = {**defaults[section], **dict(out[section])}
     for section in ("flow_train", "cg_train"):
         cfg = dict(out[section])
@@ -416,9 +484,16 @@ def coarse_grain(positions: Any, topology: Any, temperature: float, out: str | P
     state = work.with_name(work.name + ".state.ckpt")
     trained_from = fingerprint(data_hash(result.positions, result.forces, float(temperature)),
                                {"method": method, "mapping": mapping.to_dict(), "net": opts["net"],
+                                "cg_loss": opts["cg_loss"],
                                 "val_fraction": float(opts["val_fraction"])})
+    internal = None
+    if opts["cg_loss"]["kind"] == "internal":
+        from .internal_forces import InternalForceLoss, internal_coordinates
+
+        internal = InternalForceLoss(internal_coordinates(mapping.cg_topology()), opts["cg_loss"].get("weights"))
     fit = train_cg_net(net, result.positions, result.forces, opts["cg_train"], val_fraction=float(opts["val_fraction"]),
-                       checkpoint=state, progress=progress, mapping=mapping, fingerprint=trained_from)
+                       checkpoint=state, progress=progress, mapping=mapping, fingerprint=trained_from,
+                       internal=internal)
     info = {**result.info, "method_seconds": method_seconds, "cg_seconds": time.perf_counter() - t0,
             "cg_steps": fit.steps, "cg_force_scale": fit.force_scale, "cg_initial_val_loss": fit.initial_val_loss,
             "cg_best_val_loss": fit.best_val_loss, "data_frames": int(len(x_cg)), "n_beads": mapping.n_beads}
