@@ -16,7 +16,9 @@ what the table says. Variants (:data:`VARIANTS`):
   scaled by its RMS (``cg_loss: {kind: internal}``);
 * ``jitter``: 30 % extra training points with the periodic torsions turned by N(0, 1 rad)
   (``torsion_jitter``), so the net learns the flow's free energy away from the data;
-* combinations, more flow samples, ensembles of flows.
+* ``energy``: the loss also matches the flow's energies −kT log q up to a constant
+  (``cg_loss: {energy_weight: 1}``), which fixes free-energy differences directly;
+* combinations.
 
 Each CG model is judged by MD of the net itself: ``--walkers`` independent Langevin
 trajectories (BAOAB, 5 fs, 1/ps, 300 K, bead masses of the mapping) in batched float64 torch,
@@ -54,6 +56,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "internal-torsion3": ("flow", {"cg_loss": {"kind": "internal", "weights": {"torsion": 3.0}}}),
     "jitter": ("flow", JITTER),
     "jitter+internal": ("flow", {**JITTER, **INTERNAL}),
+    "energy": ("flow", {"cg_loss": {"energy_weight": 1.0}}),
+    "jitter+energy": ("flow", {**JITTER, "cg_loss": {"energy_weight": 1.0}}),
+    "jitter+internal+energy": ("flow", {**JITTER, "cg_loss": {"kind": "internal", "energy_weight": 1.0}}),
+    "ensemble3": ("ens3", {"flow_ensemble": 3}),
+    "ensemble3+jitter+energy": ("ens3", {"flow_ensemble": 3, **JITTER, "cg_loss": {"energy_weight": 1.0}}),
     "jitter-wide": ("flow", {"torsion_jitter": {"fraction": 1.0, "sigma_rad": 2.0}}),
     "jitter-wide+internal": ("flow", {"torsion_jitter": {"fraction": 1.0, "sigma_rad": 2.0}, **INTERNAL}),
 }
@@ -104,7 +111,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["base", "internal", "jitter", "jitter+internal"],
                         choices=sorted(VARIANTS))
     parser.add_argument("--walkers", type=int, default=64)
-    parser.add_argument("--md-ps", type=float, default=200.0, help="ps per walker (5 fs steps)")
+    parser.add_argument("--md-ps", type=float, default=100.0, help="ps per walker (5 fs steps)")
     parser.add_argument("--workdir", default="cg_smooth")
     parser.add_argument("--quick", action="store_true", help="tiny models and MD: checks that the script runs")
     args = parser.parse_args()
@@ -140,8 +147,11 @@ def main() -> None:
                 options = {**base, **extra, "seed": seed}
                 ckpt = work / f"{variant}_{n}_s{seed}.ckpt"
                 shared = work / f"{flow_key}_{n}_s{seed}"
-                for suffix in (".flow.ckpt", ".samples.npz"):  # the shared flow and its samples
-                    mine, theirs = ckpt.with_suffix(suffix), shared.with_name(shared.name + suffix)
+                # The shared flow and its samples; an ensemble's first member is the plain flow.
+                first = work / f"flow_{n}_s{seed}.flow.ckpt"
+                for mine, theirs in ((ckpt.with_suffix(".flow.ckpt"), shared.with_name(shared.name + ".flow.ckpt")),
+                                     (ckpt.with_suffix(".samples.npz"), shared.with_name(shared.name + ".samples.npz")),
+                                     (ckpt.with_suffix(".flow.ckpt"), first)):
                     if not mine.exists() and theirs.exists():
                         shutil.copyfile(theirs, mine)
                 began = time.perf_counter()

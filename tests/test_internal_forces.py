@@ -79,7 +79,7 @@ def test_train_cg_net_with_internal_loss_learns_a_known_net(backbone):
     student = CGEnergyNet.from_data(mapping, x.numpy(), 300.0, hidden=[16]).double()
     from openmm_flowforce.training.trainer import TrainConfig
 
-    fit = train_cg_net(student, x, target.detach(), TrainConfig(steps=150, batch_size=64, lr=3e-3, validate_every=50),
+    fit = train_cg_net(student, x, target.detach(), TrainConfig(steps=80, batch_size=64, lr=3e-3, validate_every=50),
                        progress=False, internal=InternalForceLoss(ic))
     assert fit.best_val_loss < 0.5 * fit.initial_val_loss
 
@@ -95,7 +95,7 @@ def test_jitter_turns_only_periodic_torsions(backbone):
     model = BoltzmannGenerator.from_topology(mapping.cg_topology(), x.numpy(), n_layers=2, hidden=[8],
                                              n_components=2).double()
     start = x[:200].numpy()
-    turned, reduced = jitter_torsions(model, start, sigma_rad=0.5, seed=3)
+    turned, reduced, log_q = jitter_torsions(model, start, sigma_rad=0.5, seed=3)
     ic = model.coordinates
     b0, a0, t0 = ic.to_internal(torch.as_tensor(start), check=False)
     b1, a1, t1 = ic.to_internal(torch.as_tensor(turned), check=False)
@@ -111,4 +111,70 @@ def test_jitter_turns_only_periodic_torsions(backbone):
     minus[0, i, k] -= eps
     with torch.no_grad():
         fd = float(model.log_prob(plus) - model.log_prob(minus)) / (2 * eps)
+        assert float(model.log_prob(frame)) == pytest.approx(float(log_q[0]), rel=1e-12)
     assert fd == pytest.approx(float(reduced[0, i, k]), rel=1e-5, abs=1e-5)
+
+
+def test_energy_term_fixes_an_offset_between_regions(backbone):
+    """Forces cannot see a constant step between two regions the data never connect; the
+    energy term can. Target: a teacher net plus 5 kJ/mol on frames with ψ above its median (a
+    step in energy with zero force). With forces only the student's energy difference between the
+    regions is the teacher's; with energy_weight it moves towards the +5 kJ/mol."""
+    from openmm_flowforce.analysis.fes import compute_cvs, parse_cv
+    from openmm_flowforce.training.trainer import TrainConfig
+
+    mapping, x, _ = backbone
+    x = x[:600]
+    psi = torch.as_tensor(compute_cvs(x.numpy(), [parse_cv("dihedral:1,2,3,4")])[:, 0])
+    upper = psi > psi.median()
+    torch.manual_seed(0)
+    teacher = CGEnergyNet.from_data(mapping, x.numpy(), 300.0, hidden=[16]).double()
+    energy, forces = teacher.energy_and_forces(x)
+    target = energy.detach() + 5.0 * upper.double()
+
+    def gap(weight: float) -> float:
+        torch.manual_seed(1)
+        student = CGEnergyNet.from_data(mapping, x.numpy(), 300.0, hidden=[16]).double()
+        train_cg_net(student, x, forces.detach(), TrainConfig(steps=200, batch_size=128, lr=3e-3, validate_every=0),
+                     progress=False, val_fraction=0.0, energies=target, energy_weight=weight)
+        e = student.energy_and_forces(x)[0].detach() - energy.detach()
+        return float(e[upper].mean() - e[~upper].mean())
+
+    assert abs(gap(0.0)) < 2.0
+    assert gap(1.0) > 3.0
+
+
+def test_flow_ensemble_averages_members(backbone):
+    """The ensemble's log q and forces are the members' means; one member is the flow itself."""
+    from openmm_flowforce.potentials import BoltzmannGenerator
+    from openmm_flowforce.training.flow_samples import FlowEnsemble, sample_flow_forces
+
+    mapping, x, _ = backbone
+    members = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        members.append(BoltzmannGenerator.from_topology(mapping.cg_topology(), x.numpy(), n_layers=2, hidden=[8],
+                                                        n_components=2, identity_init=False).double())
+    frames = x[:20]
+    log_q, forces = FlowEnsemble(members).log_q_and_forces(frames)
+    singles = [FlowEnsemble([m]).log_q_and_forces(frames) for m in members]
+    assert torch.allclose(log_q, (singles[0][0] + singles[1][0]) / 2, atol=1e-12)
+    assert torch.allclose(forces, (singles[0][1] + singles[1][1]) / 2, atol=1e-12)
+    assert not torch.allclose(singles[0][1], singles[1][1], atol=1e-3), "members must differ for the test to mean anything"
+    xs, fs, us = sample_flow_forces(FlowEnsemble(members), 8, 300.0, batch_size=4, seed=2, return_energies=True)
+    assert xs.shape == (8, 5, 3) and np.isfinite(fs).all() and np.isfinite(us).all()
+
+
+def test_coarse_grain_with_ensemble_jitter_and_energy(alanine_md, tmp_path):
+    """The options reach the pipeline: two flow files, turned points counted, the model written."""
+    from openmm_flowforce.training.flow_matching import coarse_grain
+
+    opts = {"flow": {"n_layers": 1, "hidden": [8], "n_components": 2}, "flow_train": {"steps": 3},
+            "flow_samples": 64, "flow_ensemble": 2, "torsion_jitter": {"fraction": 0.5, "sigma_rad": 1.0},
+            "cg_loss": {"kind": "internal", "energy_weight": 0.5}, "cg_train": {"steps": 3, "batch_size": 16},
+            "net": {"hidden": [8]}}
+    result = coarse_grain(alanine_md["positions"][:200], alanine_md["topology"], 300.0, tmp_path / "cg.ckpt",
+                          "backbone", "flow-matching", options=opts, progress=False)
+    assert (tmp_path / "cg.flow.ckpt").exists() and (tmp_path / "cg.flow1.ckpt").exists()
+    assert result.info["flow_ensemble"] == 2 and result.info["torsion_jitter_points"] == 32
+    assert (tmp_path / "cg.ckpt").exists() and result.info["cg_best_val_loss"] is not None

@@ -99,7 +99,8 @@ def train_cg_net(net: CGNet, positions: Any, forces: Any, config: TrainConfig | 
                  val_fraction: float = 0.1, checkpoint: str | Path | None = None, resume: bool = True,
                  progress: bool = True, reporters: Sequence[Reporter] = (), mapping: Any = None,
                  fingerprint: Mapping[str, Any] | None = None,
-                 internal: "InternalForceLoss | None" = None) -> CGTrainResult:
+                 internal: "InternalForceLoss | None" = None, energies: Any = None,
+                 energy_weight: float = 0.0) -> CGTrainResult:
     """Train ``net`` by force matching with Adam and a cosine learning-rate schedule.
 
     Args:
@@ -124,6 +125,11 @@ def train_cg_net(net: CGNet, positions: Any, forces: Any, config: TrainConfig | 
         internal: match generalised forces on internal coordinates instead of Cartesian
             forces (:class:`~openmm_flowforce.training.internal_forces.InternalForceLoss`;
             its scales are fitted to the training forces here).
+        energies: target energies ``(T,)`` kJ/mol up to a constant (flow-matching:
+            ``−kT log q``), used with ``energy_weight`` > 0: the loss gains
+            ``energy_weight × Var_batch(E_θ − U) / Var(U)``, which fixes free-energy
+            differences between regions that forces alone connect only through the data.
+        energy_weight: weight of that energy term (0: forces only).
 
     Returns:
         :class:`CGTrainResult`. With validation, the net ends with the parameters of the best
@@ -145,6 +151,17 @@ def train_cg_net(net: CGNet, positions: Any, forces: Any, config: TrainConfig | 
                              f"(T, {net.n_beads}, 3)")
     train, val = split_frames(len(x), val_fraction)
     x_train, f_train, x_val, f_val = x[train], f[train], x[val], f[val]
+    use_energy = energy_weight > 0
+    if use_energy:
+        if energies is None:
+            raise FlowforceError("energy_weight > 0 needs target energies at the training points")
+        u = torch.as_tensor(np.asarray(energies) if not isinstance(energies, Tensor) else energies).to(parameter)
+        if u.shape != (len(x),):
+            raise FlowforceError(f"energies {tuple(u.shape)} must be ({len(x)},), one per frame")
+        u_train, u_val = u[train], u[val]
+        energy_scale = float(u_train.var()) or 1.0
+    else:
+        u_train, u_val = torch.zeros(len(x)).to(x)[train], torch.zeros(len(x)).to(x)[val]
     validate = len(x_val) > 0 and cfg.validate_every > 0
     scale = force_scale_of(f_train)
 
@@ -154,22 +171,28 @@ def train_cg_net(net: CGNet, positions: Any, forces: Any, config: TrainConfig | 
     metadata = cg_metadata(net, mapping)
 
     if internal is None:
-        def loss_fn(model: CGNet, x: Tensor, f: Tensor, *_: Tensor) -> Tensor:
-            return force_matching_loss(model, x, f, scale)
         p_train = p_val = torch.zeros(len(x), 0).to(x)  # no projections: a placeholder to index
         p_train, p_val = p_train[train], p_val[val]
     else:
         p_train, p_val = internal.projections(x_train), internal.projections(x_val)
         internal.fit_scales(p_train, f_train)
 
-        def loss_fn(model: CGNet, x: Tensor, f: Tensor, p: Tensor) -> Tensor:
-            return internal(p, model.energy_and_forces(x)[1], f)
+    def loss_fn(model: CGNet, x: Tensor, f: Tensor, p: Tensor, u: Tensor) -> Tensor:
+        energy, predicted = model.energy_and_forces(x)
+        if internal is None:
+            loss = ((predicted - f) / scale).pow(2).mean()
+        else:
+            loss = internal(p, predicted, f)
+        if use_energy:  # the constant offset of U is free: compare energies about their batch mean
+            delta = energy - u
+            loss = loss + energy_weight * (delta - delta.mean()).pow(2).mean() / energy_scale
+        return loss
     loss_of = data_parallel(net, loss_fn)
 
     def step() -> dict[str, float]:
         # In a distributed run, this process's shard of the global batch; gradients averaged over all.
         idx = shard(torch.randint(len(x_train), (cfg.batch_size,), generator=batch_rng))
-        loss = loss_of(x_train[idx], f_train[idx], p_train[idx])
+        loss = loss_of(x_train[idx], f_train[idx], p_train[idx], u_train[idx])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"force-matching loss is {float(loss)} at step {engine.step + 1}; lower the "
                                      "learning rate or check the data for outliers")
@@ -191,7 +214,7 @@ def train_cg_net(net: CGNet, positions: Any, forces: Any, config: TrainConfig | 
                                      "metadata": metadata},
                     fingerprint=fingerprint, state={"cg": StateOf(lambda: dict(info), info.update)},
                     generators={"batch": batch_rng},
-                    validate=(lambda: _validation_loss(loss_fn, net, x_val, f_val, p_val)) if validate else None,
+                    validate=(lambda: _validation_loss(loss_fn, net, x_val, f_val, p_val, u_val)) if validate else None,
                     validate_every=cfg.validate_every, patience=cfg.patience, reporters=reporters,
                     progress="CG force matching" if progress else None, check=check, seed=cfg.seed)
     if resume:
@@ -199,7 +222,7 @@ def train_cg_net(net: CGNet, positions: Any, forces: Any, config: TrainConfig | 
     if validate and info["initial_val"] is None:
         # The starting parameters (for a fresh net: priors only) compete for "best" too, so
         # training never hands back a net that validates worse than the one it was given.
-        info["initial_val"] = engine.best_val = _validation_loss(loss_fn, net, x_val, f_val, p_val)
+        info["initial_val"] = engine.best_val = _validation_loss(loss_fn, net, x_val, f_val, p_val, u_val)
         engine.best_state = copy.deepcopy(net.state_dict())
     metrics = engine.run()
     best = engine.best_val

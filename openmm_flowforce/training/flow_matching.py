@@ -19,6 +19,14 @@ molecular dynamics without forces", JCTC 2023, arXiv:2203.11167) in three stages
    mapped data by Boltzmann inversion + an MLP or CGSchNet, :func:`build_cg_net`) is trained by force matching on
    ``(X_s, F_s)`` (:func:`~openmm_flowforce.training.cg.train_cg_net`).
 
+Options that help when the data are few (issue 15; measured in BENCHMARKS "smooth flow
+forces"): ``flow_ensemble`` (K flows, their forces averaged:
+:class:`~openmm_flowforce.training.flow_samples.FlowEnsemble`), ``torsion_jitter`` (extra points
+with turned torsions, so the net learns the flow's free energy where the data never went),
+``cg_loss.kind: internal`` (generalised forces on bonds, angles and torsions, each scaled by its
+RMS: :mod:`~openmm_flowforce.training.internal_forces`) and ``cg_loss.energy_weight`` (also
+match the flow's energies ``−kT log q`` up to a constant).
+
 Force-matching (Noid et al., J. Chem. Phys. 128, 244114 (2008)) trains the same net on the
 mapped all-atom positions and the mapped (summed) all-atom forces instead; it needs forces.
 
@@ -31,7 +39,6 @@ is refused rather than continued from them (``flowforce cg --restart`` starts ov
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -49,7 +56,8 @@ from ..potentials.cg_net import CGNet, cg_metadata, cg_net_class
 from .boltzmann import FLOW_OPTIONS, split_frames, train_boltzmann_generator
 from .cg import train_cg_net
 from ..engine import data_hash, fingerprint, world
-from .losses import flow_forces
+from .flow_samples import (FORCE_OUTLIER_FACTOR, FORCE_OUTLIER_PERCENTILE, FlowEnsemble, drop_force_outliers,
+                           force_outlier_threshold, jitter_torsions, max_bead_force_norm, sample_flow_forces)
 from .trainer import TRAIN_CONFIG_OPTIONS, TrainConfig
 from ..errors import FlowforceError
 from ..options import FRACTION, POSITIVE, POSITIVE_INT, SEED, Option, check_options
@@ -60,9 +68,6 @@ __all__ = ["CG_METHODS", "CGMethodResult", "CoarseGrainResult", "FORCE_OUTLIER_F
            "build_cg_net", "coarse_grain", "drop_force_outliers", "force_outlier_threshold", "max_bead_force_norm",
            "sample_flow_forces", "save_cg_model"]
 
-#: Default outlier rule: keep a flow sample when max_I |F_I| ≤ FACTOR × (PERCENTILE-th percentile on data).
-FORCE_OUTLIER_PERCENTILE = 99.9
-FORCE_OUTLIER_FACTOR = 3.0
 #: CG net options accepted by :func:`coarse_grain` (``net=...``).
 NET_OPTIONS = ("hidden", "activation", "priors", "kind", "schnet")
 #: ``net.kind``: which CG net (:data:`~openmm_flowforce.potentials.cg_net.CG_NETS`); ``auto``
@@ -89,139 +94,18 @@ CG_LOSS_KINDS = ("cartesian", "internal")
 CG_LOSS_OPTIONS: dict[str, Option] = {
     "kind": Option(str, choices=CG_LOSS_KINDS),
     "weights": Option(dict, fields={k: Option(float, minimum=0.0) for k in ("bond", "angle", "torsion")}),
+    "energy_weight": Option(float, minimum=0.0),
 }
 #: ``torsion_jitter``: extra flow-matching training points (``fraction`` × ``flow_samples``) made
 #: by turning the periodic torsions of flow samples by normal noise of ``sigma_rad``.
 JITTER_OPTIONS: dict[str, Option] = {"fraction": Option(float, minimum=0.0), "sigma_rad": Option(float, minimum=0.0)}
 CG_OPTIONS: dict[str, Option] = {
     "flow": Option(dict, fields=FLOW_OPTIONS), "flow_train": Option(dict, fields=TRAIN_CONFIG_OPTIONS),
-    "flow_samples": Option(int, minimum=2), "cg_loss": Option(dict, fields=CG_LOSS_OPTIONS),
+    "flow_samples": Option(int, minimum=2), "flow_ensemble": POSITIVE_INT, "cg_loss": Option(dict, fields=CG_LOSS_OPTIONS),
     "torsion_jitter": Option(dict, fields=JITTER_OPTIONS), "outlier_percentile": Option(float, minimum=0.0, maximum=100.0),
     "outlier_factor": POSITIVE, "net": Option(dict, fields=NET_OPTION_SCHEMA),
     "cg_train": Option(dict, fields=TRAIN_CONFIG_OPTIONS), "val_fraction": FRACTION, "seed": SEED,
 }
-
-
-# -- flow forces at flow samples ----------------------------------------------------------------
-def sample_flow_forces(model: BoltzmannGenerator, n: int, temperature: float, batch_size: int = 1024,
-                       seed: int = 0, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` samples of a Boltzmann generator and its forces there.
-
-    Sampling (``to_data``, root finding) runs in the model's dtype; the forces
-    ``F = kT ∇_X log q(X)`` are computed by autograd through the analytic ``to_latent``
-    direction on a float64 copy of the model.
-
-    Args:
-        model: the trained density over CG positions.
-        n: number of samples.
-        temperature: K; forces are ``kT ×`` the reduced forces ``∇ log q``.
-        batch_size: samples per call.
-        seed: the samples' random stream (drawn in a fork of torch's RNG: the caller's
-            stream is untouched).
-        progress: show a tqdm bar.
-
-    Returns:
-        Positions ``(n', n_beads, 3)`` nm and forces ``(n', n_beads, 3)`` kJ/mol/nm, float64
-        numpy; ``n' < n`` only if some samples were not finite (dropped).
-    """
-    from tqdm.auto import tqdm
-
-    if int(n) < 1:
-        raise FlowforceError(f"the number of flow samples must be at least 1, got {n}")
-    model64 = copy.deepcopy(model).to(torch.float64).eval()
-    model64.requires_grad_(False)
-    positions, forces = [], []
-    bar = tqdm(total=int(n), desc="flow samples + forces", unit="sample", disable=not progress or None)
-    with torch.random.fork_rng(devices=[]), bar:
-        torch.manual_seed(seed)
-        done = 0
-        while done < n:
-            size = min(int(batch_size), int(n) - done)
-            with torch.no_grad():
-                x = model.sample(size).to(torch.float64)
-            _, reduced = flow_forces(model64, x)
-            positions.append(x.detach().numpy())
-            forces.append(kT(temperature) * reduced.detach().numpy())
-            done += size
-            bar.update(size)
-    x, f = np.concatenate(positions), np.concatenate(forces)
-    finite = np.isfinite(x).all(axis=(1, 2)) & np.isfinite(f).all(axis=(1, 2))
-    return x[finite], f[finite]
-
-
-def jitter_torsions(model: BoltzmannGenerator, positions: np.ndarray, sigma_rad: float, seed: int = 0,
-                    batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Flow samples with their periodic torsions turned by normal noise, and the flow's forces there.
-
-    Force matching fits the CG net where its training points are; flow samples lie where the
-    data were, so the net's energy elsewhere (e.g. the φ > 0 region of alanine dipeptide when
-    the data never went there) is an extrapolation, and CG MD may find it lower than the
-    basins. The flow's density is defined everywhere, so its forces at turned configurations
-    tell the net how the free energy rises away from the data. Bonds and angles keep their
-    sampled values, so the points stay on the flow's stiff-mode manifold. The force-matching
-    minimiser is unchanged (the flow's forces wherever the net has capacity); only where the
-    net learns them widens.
-
-    Args:
-        model: the trained density over CG positions.
-        positions: flow samples ``(T, n, 3)`` nm.
-        sigma_rad: standard deviation of the turn of every periodic torsion, radians.
-        seed: the noise's random stream.
-        batch_size: frames per force evaluation.
-
-    Returns:
-        Turned positions and the flow's forces there ``(T', n, 3)`` (nm; reduced units,
-        ∇ log q: multiply by kT), float64; non-finite frames dropped.
-    """
-    model64 = copy.deepcopy(model).to(torch.float64).eval().requires_grad_(False)
-    ic = model64.coordinates
-    periodic = torch.tensor(ic.periodic, dtype=torch.bool)
-    generator = torch.Generator().manual_seed(int(seed))
-    xs, fs = [], []
-    for start in range(0, len(positions), batch_size):
-        x = torch.as_tensor(positions[start:start + batch_size], dtype=torch.float64)
-        with torch.no_grad():
-            u, _ = ic.to_unit(x, check=False)
-            turn = torch.randn(u.shape, generator=generator, dtype=torch.float64) * (sigma_rad / (2.0 * math.pi))
-            u = torch.where(periodic, torch.remainder(u + turn, 1.0), u)
-            turned, _ = ic.from_unit(u)
-        _, reduced = flow_forces(model64, turned)
-        xs.append(turned.numpy())
-        fs.append(reduced.detach().numpy())
-    x, f = np.concatenate(xs), np.concatenate(fs)
-    finite = np.isfinite(x).all(axis=(1, 2)) & np.isfinite(f).all(axis=(1, 2))
-    return x[finite], f[finite]
-
-
-def max_bead_force_norm(forces: Any) -> np.ndarray:
-    """``max_I |F_I|`` per frame of forces ``(T, n, 3)``: ``(T,)`` in the forces' unit."""
-    return np.linalg.norm(np.asarray(forces, dtype=np.float64), axis=-1).max(axis=-1)
-
-
-def force_outlier_threshold(reference_forces: Any, percentile: float = FORCE_OUTLIER_PERCENTILE,
-                            factor: float = FORCE_OUTLIER_FACTOR) -> float:
-    """``factor ×`` the ``percentile``-th percentile of :func:`max_bead_force_norm` over
-    ``reference_forces`` ``(T, n, 3)`` (the flow's forces on the data frames), kJ/mol/nm.
-
-    Raises:
-        ValueError: a percentile outside [0, 100] or a factor ≤ 0.
-    """
-    if not 0.0 <= percentile <= 100.0:
-        raise FlowforceError(f"outlier percentile must be in [0, 100], got {percentile}")
-    if not factor > 0:
-        raise FlowforceError(f"outlier factor must be positive, got {factor}")
-    return float(factor * np.percentile(max_bead_force_norm(reference_forces), percentile))
-
-
-def drop_force_outliers(positions: np.ndarray, forces: np.ndarray,
-                        threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Keep the frames whose :func:`max_bead_force_norm` is at most ``threshold``.
-
-    Returns:
-        ``(positions[kept], forces[kept], kept)`` with ``kept`` a boolean ``(T,)``.
-    """
-    kept = max_bead_force_norm(forces) <= threshold
-    return positions[kept], forces[kept], kept
 
 
 # -- methods: where the training forces come from -------------------------------------------------
@@ -256,6 +140,7 @@ class CGMethodResult:
     positions: np.ndarray
     forces: np.ndarray
     info: dict[str, Any] = field(default_factory=dict)
+    energies: np.ndarray | None = None  # kJ/mol, up to a constant (flow-matching: −kT log q)
 
 
 def _force_matching(inputs: CGMethodInputs) -> CGMethodResult:
@@ -270,64 +155,82 @@ def _work_file(inputs: CGMethodInputs, suffix: str) -> Path | None:
     return None if inputs.work is None else inputs.work.with_name(inputs.work.name + suffix)
 
 
-def _flow_matching(inputs: CGMethodInputs) -> CGMethodResult:
+def _train_flows(inputs: CGMethodInputs) -> tuple[list[BoltzmannGenerator], list[Any]]:
+    """The flow (``flow_ensemble`` = 1) or the ensemble's members, each resumable from its file:
+    ``OUT.flow.ckpt`` and, for member k ≥ 1 (seed + k), ``OUT.flow{k}.ckpt``."""
+    import dataclasses
     import tempfile
 
     opts = inputs.options
+    models, trainers = [], []
+    with tempfile.TemporaryDirectory(prefix="flowforce-cg-") as tmp:
+        for k in range(int(opts["flow_ensemble"])):
+            suffix = ".flow.ckpt" if k == 0 else f".flow{k}.ckpt"
+            checkpoint = _work_file(inputs, suffix) or Path(tmp) / f"flow{k}.ckpt"
+            config = opts["flow_train"] if k == 0 else dataclasses.replace(opts["flow_train"],
+                                                                           seed=opts["flow_train"].seed + k)
+            model, trainer = train_boltzmann_generator(
+                inputs.mapping.cg_topology(), inputs.positions, checkpoint, temperature=inputs.temperature,
+                flow=opts.get("flow"), config=config, val_fraction=opts["val_fraction"],
+                progress=inputs.progress, extra_metadata={"mapping": inputs.mapping.to_dict()})
+            models.append(model)
+            trainers.append(trainer)
+    return models, trainers
+
+
+def _flow_matching(inputs: CGMethodInputs) -> CGMethodResult:
+    opts = inputs.options
     t0 = time.perf_counter()
     flow_ckpt = _work_file(inputs, ".flow.ckpt")
-    with tempfile.TemporaryDirectory(prefix="flowforce-cg-") as tmp:
-        checkpoint = flow_ckpt or Path(tmp) / "flow.ckpt"
-        model, trainer = train_boltzmann_generator(
-            inputs.mapping.cg_topology(), inputs.positions, checkpoint, temperature=inputs.temperature,
-            flow=opts.get("flow"), config=opts["flow_train"], val_fraction=opts["val_fraction"],
-            progress=inputs.progress, extra_metadata={"mapping": inputs.mapping.to_dict()})
+    models, trainers = _train_flows(inputs)
+    ensemble = FlowEnsemble(models)
     flow_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     n = int(opts["flow_samples"])
+    kt = kT(inputs.temperature)
     samples_file = _work_file(inputs, ".samples.npz")
     # The cache is valid only for these very flow parameters, sample count, seed and temperature.
-    drawn_by = data_hash(*model.state_dict().values(), n, int(opts["seed"]), float(inputs.temperature))
+    parameters = [value for model in models for value in model.state_dict().values()]
+    drawn_by = data_hash(*parameters, n, int(opts["seed"]), float(inputs.temperature))
     cached = None
     if samples_file is not None and samples_file.exists():
         try:
             with np.load(samples_file, allow_pickle=False) as data:
                 if str(data["drawn_by"]) == drawn_by:
-                    cached = np.asarray(data["positions"]), np.asarray(data["forces"])
+                    cached = np.asarray(data["positions"]), np.asarray(data["forces"]), np.asarray(data["energies"])
         except Exception:  # noqa: BLE001 - an unreadable or older cache is redrawn, not an error
             cached = None
     if cached is None:
-        x, f = sample_flow_forces(model, n, inputs.temperature, seed=int(opts["seed"]), progress=inputs.progress)
+        x, f, u = sample_flow_forces(ensemble, n, inputs.temperature, seed=int(opts["seed"]),
+                                     progress=inputs.progress, return_energies=True)
         if samples_file is not None and world()[0] == 0:
-            atomic_write_npz(samples_file, {"positions": x, "forces": f, "requested": n, "seed": int(opts["seed"]),
-                                            "drawn_by": np.array(drawn_by)})
+            atomic_write_npz(samples_file, {"positions": x, "forces": f, "energies": u, "requested": n,
+                                            "seed": int(opts["seed"]), "drawn_by": np.array(drawn_by)})
     else:
-        x, f = cached
+        x, f, u = cached
     non_finite = n - len(x)
     # The threshold comes from the flow's forces on (at most n) data frames.
     data = torch.as_tensor(inputs.positions[:n], dtype=torch.float64)
-    model64 = copy.deepcopy(model).to(torch.float64).eval().requires_grad_(False)
-    _, reduced_on_data = flow_forces(model64, data)
-    on_data = kT(inputs.temperature) * reduced_on_data.detach().numpy()
+    on_data = kt * ensemble.log_q_and_forces(data)[1].detach().numpy()
     threshold = force_outlier_threshold(on_data, opts["outlier_percentile"], opts["outlier_factor"])
     jitter = opts["torsion_jitter"]
     n_jitter = int(round(float(jitter["fraction"]) * len(x)))
     if n_jitter > 0 and float(jitter["sigma_rad"]) > 0:
         picked = np.random.default_rng(int(opts["seed"])).choice(len(x), size=n_jitter, replace=n_jitter > len(x))
-        xj, fj = jitter_torsions(model, x[picked], float(jitter["sigma_rad"]), seed=int(opts["seed"]))
-        x, f = np.concatenate([x, xj]), np.concatenate([f, kT(inputs.temperature) * fj])
+        xj, fj, lj = jitter_torsions(ensemble, x[picked], float(jitter["sigma_rad"]), seed=int(opts["seed"]))
+        x, f, u = np.concatenate([x, xj]), np.concatenate([f, kt * fj]), np.concatenate([u, -kt * lj])
         # Flow samples are independent: shuffled, the CG net's validation block (the last
         # frames) holds turned and plain points alike.
         order = np.random.default_rng(int(opts["seed"]) + 1).permutation(len(x))
-        x, f = x[order], f[order]
+        x, f, u = x[order], f[order], u[order]
     x_kept, f_kept, kept = drop_force_outliers(x, f, threshold)
     if len(x_kept) < 2:
         raise FlowforceError(f"only {len(x_kept)} of {n} flow samples pass the force threshold {threshold:.4g} "
                              "kJ/mol/nm; train the flow longer or raise outlier_factor")
     info = {"flow_checkpoint": None if flow_ckpt is None else str(flow_ckpt),
-            "flow_steps": int(trainer.step),
-            "flow_best_val_nll": None if trainer.best_state is None else float(trainer.best_val),
+            "flow_steps": int(trainers[0].step), "flow_ensemble": len(models),
+            "flow_best_val_nll": None if trainers[0].best_state is None else float(trainers[0].best_val),
             "flow_seconds": flow_seconds, "flow_samples": n, "non_finite_samples": int(non_finite),
             "outlier_rule": (f"keep a sample when max_I |F_I| <= {opts['outlier_factor']:g} x the "
                              f"{opts['outlier_percentile']:g}th percentile of max_I |F_I| of the flow's forces "
@@ -338,7 +241,7 @@ def _flow_matching(inputs: CGMethodInputs) -> CGMethodResult:
             "torsion_jitter_points": int(n_jitter),
             "median_max_force_on_data": float(np.median(max_bead_force_norm(on_data))),
             "median_max_force_on_samples": float(np.median(max_bead_force_norm(f)))}
-    return CGMethodResult(x_kept, f_kept, info)
+    return CGMethodResult(x_kept, f_kept, info, energies=u[kept])
 
 
 #: Method name → ``(inputs) -> training set``. The CG net is then trained the same way for all.
@@ -405,7 +308,7 @@ def _options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     defaults: dict[str, Any] = {
         "flow": {"n_layers": 6, "hidden": [64, 64], "n_components": 8},
         "flow_train": {"steps": 2000, "batch_size": 256, "validate_every": 100},
-        "flow_samples": 20000, "cg_loss": {"kind": "cartesian"}, "torsion_jitter": {"fraction": 0.0, "sigma_rad": 1.0},
+        "flow_samples": 20000, "flow_ensemble": 1, "cg_loss": {"kind": "cartesian", "energy_weight": 0.0}, "torsion_jitter": {"fraction": 0.0, "sigma_rad": 1.0},
         "outlier_percentile": FORCE_OUTLIER_PERCENTILE, "outlier_factor": FORCE_OUTLIER_FACTOR,
         "net": {"hidden": [64, 64]},
         "cg_train": {"steps": 2000, "batch_size": 256, "lr": 3e-3, "validate_every": 100},
@@ -482,7 +385,13 @@ def coarse_grain(positions: Any, topology: Any, temperature: float, out: str | P
         torch.manual_seed(int(opts["seed"]))
         net = build_cg_net(mapping, x_cg[train], float(temperature), opts["net"]).to(torch.float64)
     state = work.with_name(work.name + ".state.ckpt")
-    trained_from = fingerprint(data_hash(result.positions, result.forces, float(temperature)),
+    energy_weight = float(opts["cg_loss"]["energy_weight"])
+    if energy_weight > 0 and result.energies is None:
+        raise FlowforceError(f"cg_loss.energy_weight needs energies at the training points, which --method {method} "
+                             "does not give; set it to 0 or use --method flow-matching")
+    energies = result.energies if energy_weight > 0 else None
+    hashed = (result.positions, result.forces) if energies is None else (result.positions, result.forces, energies)
+    trained_from = fingerprint(data_hash(*hashed, float(temperature)),
                                {"method": method, "mapping": mapping.to_dict(), "net": opts["net"],
                                 "cg_loss": opts["cg_loss"],
                                 "val_fraction": float(opts["val_fraction"])})
@@ -493,7 +402,7 @@ def coarse_grain(positions: Any, topology: Any, temperature: float, out: str | P
         internal = InternalForceLoss(internal_coordinates(mapping.cg_topology()), opts["cg_loss"].get("weights"))
     fit = train_cg_net(net, result.positions, result.forces, opts["cg_train"], val_fraction=float(opts["val_fraction"]),
                        checkpoint=state, progress=progress, mapping=mapping, fingerprint=trained_from,
-                       internal=internal)
+                       internal=internal, energies=energies, energy_weight=energy_weight)
     info = {**result.info, "method_seconds": method_seconds, "cg_seconds": time.perf_counter() - t0,
             "cg_steps": fit.steps, "cg_force_scale": fit.force_scale, "cg_initial_val_loss": fit.initial_val_loss,
             "cg_best_val_loss": fit.best_val_loss, "data_frames": int(len(x_cg)), "n_beads": mapping.n_beads}
