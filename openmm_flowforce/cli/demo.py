@@ -25,11 +25,11 @@ HELP = "run the flow-matching pipeline on alanine dipeptide end to end: MD, flow
 SIZES: dict[str, dict[str, Any]] = {
     "full": {"reference_ns": 10.0, "save_every_ps": 0.5, "flow": {"n_layers": 6, "hidden": [64, 64]},
              "flow_steps": 3000, "flow_samples": 30000, "cg_steps": 3000, "cg_md_steps": 200000,
-             "timestep_fs": 5.0, "report_interval": 40},
+             "cg_md_steps_native": 1000000, "timestep_fs": 5.0, "report_interval": 40},
     "quick": {"reference_ns": 0.2, "save_every_ps": 0.5, "flow": {"n_layers": 2, "hidden": [32, 32],
                                                                    "n_components": 4},
               "flow_steps": 100, "flow_samples": 1000, "cg_steps": 100, "cg_md_steps": 2000,
-              "timestep_fs": 5.0, "report_interval": 20},
+              "cg_md_steps_native": 2000, "timestep_fs": 5.0, "report_interval": 20},
 }
 
 EPILOG = """\
@@ -38,8 +38,11 @@ Stages, each skipped when its file in DIR exists (delete a file to redo its stag
                  (full: 10 ns, a frame every 0.5 ps; --quick: 0.2 ns)
   cg.ckpt/.pdb   flow on the 5 backbone beads, flow samples + forces, CG net by force
                  matching on them (flowforce cg --method flow-matching)
-  cg.pt          TorchScript export (flowforce export)
-  cg.dcd         CG Langevin MD in OpenMM at 5 fs (full: 200,000 steps = 1 ns)
+  cg.pt          TorchScript export (flowforce export); with the native plugin (--backend
+                 native, the default where it loads) also cg.pt2, the AOTInductor package
+                 (flowforce export --compile, a minute or more)
+  cg.dcd         CG Langevin MD in OpenMM at 5 fs (full: 5 ns through the native plugin,
+                 at ~0.1 ms/step; 1 ns through TorchForce, at ~3 ms/step)
   report.json    phi/psi divergences, timings; fes.png: reference | CG model | difference
 
 Example:
@@ -56,10 +59,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test in well under a minute)")
     parser.add_argument("--platform", default="Reference", help="OpenMM platform for both MD runs (default Reference)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--backend", choices=("auto", "native", "torchforce"), default="auto",
+                        help="how OpenMM runs the CG model: native (compiled package through the native plugin, "
+                             "fast; longer CG MD), torchforce (TorchScript) or auto (native where the plugin loads, "
+                             "torchforce for --quick)")
 
 
 def files(args: argparse.Namespace) -> CommandFiles:
     return CommandFiles(folders={"--out": args.out}, resumable=True)
+
+
+def _backend(args: argparse.Namespace) -> str:
+    """``native`` or ``torchforce`` for the CG MD (``auto``: native where the plugin loads, not for --quick)."""
+    if args.backend != "auto":
+        return args.backend
+    if args.quick:
+        return "torchforce"  # compiling the package takes longer than the whole quick demo
+    from openmm_flowforce.export.native import native_unavailable
+
+    return "torchforce" if native_unavailable() else "native"
 
 
 def _stage(timings: dict[str, Any], name: str, path: Path, work) -> None:
@@ -82,8 +100,9 @@ def run(args: argparse.Namespace) -> int:
     size = SIZES["quick" if args.quick else "full"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    files = {name: out / name for name in ("reference.npz", "cg.ckpt", "cg.pdb", "cg.pt", "cg.dcd", "report.json",
-                                           "fes.png", "timings.json")}
+    files = {name: out / name for name in ("reference.npz", "cg.ckpt", "cg.pdb", "cg.pt", "cg.pt2", "cg.dcd",
+                                           "report.json", "fes.png", "timings.json")}
+    backend = _backend(args)
     timings: dict[str, Any] = {}
     if files["timings.json"].exists():  # wall times of the stages an earlier run did
         try:
@@ -130,21 +149,27 @@ def run(args: argparse.Namespace) -> int:
 
         with legacy_user_errors():
             export_potential(files["cg.ckpt"], files["cg.pt"])
+            if backend == "native":
+                from openmm_flowforce.export.compiled import compile_package
+
+                compile_package(files["cg.ckpt"], files["cg.pt2"], device="cpu", dtype="float32", threads=1)
 
     def cg_md() -> None:
         from openmm_flowforce.md.simulate import simulate
 
         partial = out / "cg.partial.dcd"  # renamed when complete: a stopped run is redone, not reused
-        result = simulate(files["cg.pt"], files["cg.pdb"], size["cg_md_steps"], partial, platform=args.platform,
-                          timestep_fs=size["timestep_fs"], seed=0, report_interval=size["report_interval"],
-                          progress=progress)
+        native = backend == "native"
+        steps = size["cg_md_steps_native" if native else "cg_md_steps"]
+        result = simulate(files["cg.pt2" if native else "cg.pt"], files["cg.pdb"], steps, partial,
+                          platform=args.platform, timestep_fs=size["timestep_fs"], seed=0,
+                          report_interval=size["report_interval"], progress=progress, backend=backend)
         partial.replace(files["cg.dcd"])
         timings["cg_md_us_per_step"] = round(result.us_per_step, 1)
 
     try:
         for name, path, work in (("reference_md", files["reference.npz"], reference),
                                  ("coarse_grain", files["cg.ckpt"], coarse_grain),
-                                 ("export", files["cg.pt"], export),
+                                 ("export", files["cg.pt2" if backend == "native" else "cg.pt"], export),
                                  ("cg_md", files["cg.dcd"], cg_md)):
             if progress:
                 print(f"[demo] {name}: {'reusing ' + str(path) if path.exists() else 'running'}", file=sys.stderr)
