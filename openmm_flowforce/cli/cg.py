@@ -43,7 +43,9 @@ value is checked and unknown keys are refused):
                 schnet: {hidden: 64, interactions: 3, n_rbf: 32, cutoff_nm: 1.2}}
                (kind: mlp | schnet | auto = mlp below 10 beads, schnet from 10; hidden and
                activation are the MLP's, schnet: the SchNet's features, interaction blocks,
-               radial basis functions and cutoff in nm)
+               radial basis functions and cutoff in nm; schnet.max_pairs: N filters only the N
+               shortest pairs, the same energy while at most N pairs are within the cutoff:
+               faster for tens of beads and more; default all pairs)
   cg_train:    {steps: 2000, batch_size: 256, lr: 0.003}
   val_fraction: 0.1
   seed: 0

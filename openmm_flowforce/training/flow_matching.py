@@ -74,7 +74,8 @@ NET_KINDS = ("auto", "mlp", "schnet")
 AUTO_SCHNET_MIN_BEADS = 10
 #: ``net.schnet``: CGSchNet's architecture (defaults :data:`~openmm_flowforce.potentials.schnet.SCHNET_DEFAULTS`).
 SCHNET_OPTION_SCHEMA: dict[str, Option] = {"hidden": POSITIVE_INT, "interactions": Option(int, minimum=0),
-                                           "n_rbf": Option(int, minimum=2), "cutoff_nm": POSITIVE}
+                                           "n_rbf": Option(int, minimum=2), "cutoff_nm": POSITIVE,
+                                           "max_pairs": POSITIVE_INT}
 #: Types of the CG net options; the activation and prior names are checked by the net,
 #: which lists the valid ones. ``hidden`` and ``activation`` are the MLP's, ``schnet`` CGSchNet's;
 #: the net ``kind`` chooses uses its own and not the other's.
@@ -372,7 +373,7 @@ def coarse_grain(positions: Any, topology: Any, temperature: float, out: str | P
             ``cg_train`` (:class:`TrainConfig` fields), ``flow_samples``, ``outlier_percentile``,
             ``outlier_factor``, ``net`` (``kind`` auto/mlp/schnet; the MLP's ``hidden``,
             ``activation``; ``priors``; ``schnet``: ``hidden``, ``interactions``, ``n_rbf``,
-            ``cutoff_nm``), ``val_fraction``,
+            ``cutoff_nm``, ``max_pairs``), ``val_fraction``,
             ``seed``. Sections are merged key by key over the defaults; unknown keys are rejected.
         progress: progress bars.
         mapped: ``positions`` and ``forces`` are already the beads of ``mapping`` (a
