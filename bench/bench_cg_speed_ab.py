@@ -55,6 +55,37 @@ def compile_all(args: argparse.Namespace) -> None:
                 print(f"compiled {name}", flush=True)
 
 
+def energy_and_forces(system, positions) -> tuple[float, np.ndarray]:
+    from openmm import unit
+
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    context.setPositions(positions * unit.nanometer)
+    state = context.getState(getEnergy=True, getForces=True)
+    return (state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole),
+            state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer))
+
+
+def compare_versions(systems: dict) -> dict[str, dict[str, float]]:
+    """Energy and forces through the native plugin of every package against the ``before_`` package
+    of the same net and size (the same weights), at its start positions perturbed by 0.02 nm."""
+    out = {}
+    for name, (system, start) in systems.items():
+        if name.startswith("before_"):
+            continue
+        twin = "before_" + name.split("_", 1)[1].replace(name.split("_")[2] + "_", "") \
+            if "_maxpairs" in name else "before_" + name.split("_", 1)[1]
+        if twin not in systems:
+            continue
+        x = start + 0.02 * np.random.default_rng(0).standard_normal(start.shape)
+        energy, forces = energy_and_forces(system, x)
+        want_energy, want_forces = energy_and_forces(systems[twin][0], x)
+        out[name] = {"vs": twin, "abs_energy_difference": abs(energy - want_energy), "energy": want_energy,
+                     "max_abs_force_difference": float(np.abs(forces - want_forces).max()),
+                     "max_abs_force": float(np.abs(want_forces).max())}
+        print(f"{name} vs {twin}: {out[name]}", flush=True)
+    return out
+
+
 def time_all(args: argparse.Namespace) -> None:
     from openmm_flowforce.export.backends import make_force
     from openmm_flowforce.export.compiled import read_package_metadata
@@ -66,6 +97,7 @@ def time_all(args: argparse.Namespace) -> None:
         masses = read_package_metadata(path)["masses"]
         systems[path.stem] = (cg_system(masses, make_force(path, backend="native")),
                               np.load(path.with_suffix(".start.npy")))
+    agreement = compare_versions(systems)
     rates: dict[tuple[str, str], list[float]] = {}
     steps = {(name, plat): max(50, int(args.seconds * steps_per_second(system, start, plat, 30, timestep_ps=0.002)))
              for name, (system, start) in systems.items() for plat in args.platforms}
@@ -83,7 +115,7 @@ def time_all(args: argparse.Namespace) -> None:
         print(f"{name:<36} {plat:<10} {rate:>8.0f} steps/s {1e6 / rate:>9.1f} µs/step "
               f"{rate * 5e-6 * 86400:>8.0f} ns/day at 5 fs", flush=True)
     meta = {"torch": torch.__version__, "openmm": openmm.__version__, "machine": host.machine(),
-            "rounds": args.rounds, "seconds": args.seconds}
+            "rounds": args.rounds, "seconds": args.seconds, "agreement": agreement}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
