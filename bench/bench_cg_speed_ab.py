@@ -6,14 +6,16 @@ machine slows every package alike.
     python bench/bench_cg_speed_ab.py compile --out DIR --tag after --nets schnet mlp --sizes 10 35 100 [--max-pairs]
     # 2. time every package in DIR, round-robin
     python bench/bench_cg_speed_ab.py time --out DIR --platforms Reference CPU --rounds 5 --seconds 1 \
-        --json bench/results/bench_cg_speed_ab.json
+        [--all-atom chig/ref.npz] --json bench/results/bench_cg_speed_ab.json
 
 A package is self-contained (an AOTInductor ``.pt2``), so packages compiled from two versions of
 the code run side by side in one timing process. The nets are ``bench_cg_schnet.build_net``'s
 (seeded: the same weights in every version), chignolin's 10 Cα beads at 10, Cα random walks at
 35 and 100; float32 packages with one thread (as ``bench_chignolin.py`` compiles them).
 Rows: median steps/s over ``--rounds`` rounds (Langevin 2 fs, 300 K), µs/step, and ns/day at
-the 5 fs time step the chignolin CG MD uses.
+the 5 fs time step the chignolin CG MD uses; with ``--all-atom REF.npz`` also the all-atom GBn2
+System of that dataset (HMR, 4 fs, CPU platform, one thread) in the same rounds, for the CG/all-atom
+ratio under the same load.
 """
 from __future__ import annotations
 
@@ -98,22 +100,32 @@ def time_all(args: argparse.Namespace) -> None:
         systems[path.stem] = (cg_system(masses, make_force(path, backend="native")),
                               np.load(path.with_suffix(".start.npy")))
     agreement = compare_versions(systems)
+    jobs = [(name, plat) for name in systems for plat in args.platforms]
+    if args.all_atom is not None:
+        # the all-atom reference System itself (GBn2, HMR), 4 fs, CPU platform, one thread
+        from openmm_flowforce.data.dataset import load_dataset
+
+        data = load_dataset(args.all_atom)
+        systems["all-atom"] = (openmm.XmlSerializer.deserialize(data.system_xml), data.positions[0])
+        jobs.append(("all-atom", "CPU"))
+    timestep = {name: 0.004 if name == "all-atom" else 0.002 for name in systems}
     rates: dict[tuple[str, str], list[float]] = {}
-    steps = {(name, plat): max(50, int(args.seconds * steps_per_second(system, start, plat, 30, timestep_ps=0.002)))
-             for name, (system, start) in systems.items() for plat in args.platforms}
+    steps = {(name, plat): max(50, int(args.seconds * steps_per_second(*systems[name], plat, 30, timestep[name])))
+             for name, plat in jobs}
     for r in range(args.rounds):
-        for name, (system, start) in systems.items():
-            for plat in args.platforms:
-                rate = steps_per_second(system, start, plat, steps[name, plat], timestep_ps=0.002)
-                rates.setdefault((name, plat), []).append(rate)
+        for name, plat in jobs:
+            rate = steps_per_second(*systems[name], plat, steps[name, plat], timestep_ps=timestep[name])
+            rates.setdefault((name, plat), []).append(rate)
         print(f"round {r + 1}/{args.rounds} done", flush=True)
     rows = []
     for (name, plat), values in rates.items():
         rate = float(np.median(values))
+        fs = 4 if name == "all-atom" else 5  # the time steps the chignolin bench runs them at
         rows.append({"package": name, "platform": plat, "steps_per_s": rate, "us_per_step": 1e6 / rate,
-                     "ns_per_day_at_5fs": rate * 5e-6 * 86400, "steps": steps[name, plat], "rounds": values})
+                     "timestep_fs": fs, "ns_per_day": rate * fs * 1e-6 * 86400, "steps": steps[name, plat],
+                     "rounds": values})
         print(f"{name:<36} {plat:<10} {rate:>8.0f} steps/s {1e6 / rate:>9.1f} µs/step "
-              f"{rate * 5e-6 * 86400:>8.0f} ns/day at 5 fs", flush=True)
+              f"{rate * fs * 1e-6 * 86400:>8.0f} ns/day at {fs} fs", flush=True)
     meta = {"torch": torch.__version__, "openmm": openmm.__version__, "machine": host.machine(),
             "rounds": args.rounds, "seconds": args.seconds, "agreement": agreement}
     if args.json:
@@ -133,6 +145,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=1.0,
                         help="about this long per package, platform and round (steps from a 30-step probe)")
+    parser.add_argument("--all-atom", type=Path, metavar="REF.npz",
+                        help="time: also the all-atom System stored in this dataset (bench_chignolin.py's ref.npz), "
+                             "4 fs, CPU platform, in the same rounds")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)

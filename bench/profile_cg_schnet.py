@@ -17,7 +17,7 @@ priors and features with a float32 network (the compiled package's precisions). 
   parameters, loaded into it) timed in alternation with this one, eager and as the traced graph,
   and their energies and forces compared (``before_*`` columns);
 * pieces, each forward + backward on its own with the shapes of the full call: ``priors``
-  (bonds, angles, repulsion), ``basis`` (pair distances, Gaussians, cosine cutoff),
+  (bonds, angles, repulsion), ``basis`` (pair distances, Gaussians, cosine cutoff, on all pairs),
   ``filters`` (the filter networks of every block on every pair), ``net`` (the whole network
   on given distances: basis excluded; filters, messages, updates, readout included).
 """
@@ -45,7 +45,8 @@ CATEGORIES = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm"),
 
 
 def per_call_us(fn: Callable[[], object], seconds: float = 1.0) -> float:
-    """Median over 5 repeats of the mean time per call, after a warm-up."""
+    """Least over 5 repeats of the mean time per call, after a warm-up (on a loaded machine the least
+    disturbed repeat is the best estimate of the cost)."""
     for _ in range(5):
         fn()
     t0 = time.perf_counter()
@@ -58,7 +59,7 @@ def per_call_us(fn: Callable[[], object], seconds: float = 1.0) -> float:
         for _ in range(reps):
             fn()
         times.append((time.perf_counter() - t0) / reps)
-    return float(np.median(times)) * 1e6
+    return float(np.min(times)) * 1e6
 
 
 def forward_backward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], object]:
@@ -99,12 +100,12 @@ def load_other_schnet(path: Path):
 
 
 def alternate(fns: dict[str, Callable[[], object]], rounds: int = 5) -> dict[str, float]:
-    """Median µs per call of each function, timed in turns."""
+    """Least µs per call of each function over ``rounds`` turns (each :func:`per_call_us`)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             times[name].append(per_call_us(fn, seconds=0.5))
-    return {name: float(np.median(values)) for name, values in times.items()}
+    return {name: float(np.min(values)) for name, values in times.items()}
 
 
 def profile_size(n: int, max_pairs: bool, other=None) -> dict:
