@@ -26,7 +26,10 @@ continuous as a pair crosses the cutoff.
 Export. The pairs are a fixed buffer of all ``i < j`` (``n(n−1)/2`` of them, fine for tens to
 hundreds of beads); pairs beyond the cutoff get zero filters rather than being dropped, so
 there is no data-dependent control flow and ``torch.jit.script`` and ``torch.export`` (strict)
-both take the module as written. The features are the pair distances (computed in float64 by
+both take the module as written. For many beads, most pairs are beyond the cutoff:
+``max_pairs`` then keeps a fixed-capacity neighbour list, the ``max_pairs`` shortest pairs per
+configuration (``torch.topk``, a fixed shape), with the same energy while the list holds every
+pair within the cutoff and NaN when it does not (:class:`SchNetEnergy`). The features are the pair distances (computed in float64 by
 the compiled exports), the network maps them to ``(B, 1)``: the contract of
 :class:`~openmm_flowforce.potentials.cg_net.CGNet`.
 """
@@ -45,7 +48,8 @@ from ..errors import FlowforceError
 from .cg_net import DEFAULT_PRIORS, CGNet, register_cg_net
 from .priors import BeadGraph, distances
 
-__all__ = ["CGSchNet", "PairDistances", "SCHNET_DEFAULTS", "SchNetEnergy", "ShiftedSoftplus", "cosine_cutoff"]
+__all__ = ["CGSchNet", "PairDistances", "SCHNET_DEFAULTS", "SchNetEnergy", "ShiftedSoftplus", "cosine_cutoff",
+           "shifted_softplus"]
 
 #: Default architecture (``flowforce cg --net schnet``): cutoff 1.2 nm reaches a few Cα
 #: neighbours beyond the bonded ones (Cα–Cα bond 0.38 nm); 3 interactions, 64 features and 32
@@ -53,11 +57,16 @@ __all__ = ["CGSchNet", "PairDistances", "SCHNET_DEFAULTS", "SchNetEnergy", "Shif
 SCHNET_DEFAULTS: dict[str, Any] = {"hidden": 64, "interactions": 3, "n_rbf": 32, "cutoff_nm": 1.2}
 
 
-class ShiftedSoftplus(nn.Module):
+def shifted_softplus(x: Tensor) -> Tensor:
     """``softplus(x) − log 2``: SchNet's activation, smooth and zero at 0."""
+    return functional.softplus(x) - 0.6931471805599453  # log 2 (a literal: TorchScript has no globals)
+
+
+class ShiftedSoftplus(nn.Module):
+    """:func:`shifted_softplus` as a module (for ``nn.Sequential``)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return functional.softplus(x) - 0.6931471805599453  # log 2 (a literal: TorchScript has no globals)
+        return shifted_softplus(x)
 
 
 def cosine_cutoff(d: Tensor, cutoff: float) -> Tensor:
@@ -188,8 +197,7 @@ class SchNetEnergy(nn.Module):
                 weights.append(weight)
                 biases.append(bias)
             # every block's first filter layer in one product: (P·B, K) → (P·B, T·F)
-            hidden_filters = functional.softplus(functional.linear(rbf, torch.cat(weights), torch.cat(biases)))
-            hidden_filters = hidden_filters - 0.6931471805599453  # ssp; log 2 as in ShiftedSoftplus
+            hidden_filters = shifted_softplus(functional.linear(rbf, torch.cat(weights), torch.cat(biases)))
             width = h.shape[1]
             for t, block in enumerate(self.interactions):
                 h = block(h, hidden_filters[:, t * width:(t + 1) * width], cut, bead_i, bead_j)
