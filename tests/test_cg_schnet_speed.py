@@ -170,3 +170,17 @@ def test_neighbour_list_exports_with_fixed_shapes():
     graph = trace_energy_and_forces(energy_module, x)
     program = export_program(graph, x)
     check_against_eager(program.module(), energy_module, x, rtol=1e-12)
+
+
+def test_flowforce_cg_options_take_max_pairs():
+    from openmm_flowforce.options import check_options
+    from openmm_flowforce.training.flow_matching import CG_OPTIONS, build_cg_net
+
+    mapping, frames = chain(35, 30)
+    options = check_options({"net": {"kind": "schnet", "schnet": {"hidden": 4, "interactions": 1, "n_rbf": 4,
+                                                                  "cutoff_nm": 1.0, "max_pairs": 150}}},
+                            CG_OPTIONS)["net"]
+    net = build_cg_net(mapping, frames, 300.0, options)
+    assert net.config()["max_pairs"] == 150 and net.network.max_pairs == 150
+    with pytest.raises(ValueError, match="max_pairs"):
+        check_options({"net": {"schnet": {"max_pairs": 0}}}, CG_OPTIONS)
