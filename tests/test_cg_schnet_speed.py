@@ -158,8 +158,9 @@ def test_neighbour_list_scripts_for_torchforce():
 
 @pytest.mark.slow
 def test_neighbour_list_exports_with_fixed_shapes():
-    """The traced energy+forces graph that ``torch.export`` (strict) takes gives the eager energies and
-    forces; it has no host synchronisation (``topk`` has a fixed output shape)."""
+    """The traced energy+forces graph that ``torch.export`` (strict) takes, for one configuration and
+    for a dynamic batch, gives the eager energies and forces; it has no host synchronisation (``topk``
+    has a fixed output shape)."""
     from openmm_flowforce.export.graph import check_against_eager, export_program, trace_energy_and_forces
     from openmm_flowforce.export.models import CGEnergy
 
@@ -170,6 +171,9 @@ def test_neighbour_list_exports_with_fixed_shapes():
     graph = trace_energy_and_forces(energy_module, x)
     program = export_program(graph, x)
     check_against_eager(program.module(), energy_module, x, rtol=1e-12)
+    batch = torch.as_tensor(frames[30:34])  # and with a dynamic batch size, checked on 7 frames
+    program = export_program(trace_energy_and_forces(energy_module, batch, batched=True), batch, batched=True)
+    check_against_eager(program.module(), energy_module, torch.as_tensor(frames[31:38]), rtol=1e-12)
 
 
 def test_flowforce_cg_options_take_max_pairs():
