@@ -1,7 +1,8 @@
 """CG MD speed of chignolin (10 Cα beads) with CGSchNet and the MLP CG net, through every force backend.
 
     python bench/bench_cg_schnet.py [--steps 2000] [--platforms Reference CPU] [--nets schnet mlp] \
-        [--scaling 10 35 100] [--json bench/results/bench_cg_schnet.json]
+        [--scaling 10 35 100] [--scaling-platforms Reference CPU] [--max-pairs] \
+        [--json bench/results/bench_cg_schnet.json]
 
 Rows (Langevin 2 fs, 300 K, steps/s after warm-up):
 * chignolin Cα (GYDPETGTWG, 10 beads, bead types from the residue names) for each net in
@@ -11,7 +12,9 @@ Rows (Langevin 2 fs, 300 K, steps/s after warm-up):
   running the float32 AOTInductor package, and the native plugin running the same package;
 * ``--scaling``: Reference platform, Cα chains of n beads (random walks), the nets of ``--nets``
   through ``--scaling-backends`` (default TorchForce; ``native`` compiles a package per net and
-  size), ``--scaling-steps`` timed steps: how the cost grows with the protein.
+  size), ``--scaling-steps`` timed steps, on ``--scaling-platforms``: how the cost grows with the
+  protein; ``--max-pairs`` gives CGSchNet a neighbour list there (1.25 × the most pairs within the
+  cutoff in the frames).
 Packages are float32 (`compile_package` default); compiling one takes about a minute and is
 not timed. Speed does not depend on training, so the readout is random (an untrained net adds
 nothing and might be optimised away). Times swing on a shared machine: read the ratios.
@@ -68,11 +71,20 @@ def chain_frames(n: int, n_frames: int = 200, seed: int = 0) -> np.ndarray:
     return base[None] + 0.02 * rng.standard_normal((n_frames, n, 3))
 
 
-def build_net(kind: str, mapping, frames):
+def neighbour_capacity(frames: np.ndarray, cutoff_nm: float = 1.2) -> int:
+    """``max_pairs`` for CGSchNet: 1.25 × the most pairs within the cutoff in any frame."""
+    d = np.linalg.norm(frames[:, :, None] - frames[:, None, :], axis=-1)
+    within = ((d < cutoff_nm).sum((1, 2)) - frames.shape[1]) // 2
+    return int(np.ceil(1.25 * within.max()))
+
+
+def build_net(kind: str, mapping, frames, max_pairs: int | None = None):
     from openmm_flowforce.potentials.cg_net import cg_net_class
 
     torch.manual_seed(0)
     options = {"hidden": (64, 64)} if kind == "mlp" else {}
+    if kind == "schnet" and max_pairs is not None:
+        options["max_pairs"] = max_pairs
     net = cg_net_class(kind).from_data(mapping, frames, 300.0, **options).double().eval()
     last = net.network[-1] if kind == "mlp" else net.network.readout[-1]
     torch.nn.init.normal_(last.weight, std=0.1)
@@ -91,6 +103,10 @@ def main() -> None:
     parser.add_argument("--scaling-steps", type=int, default=100, help="timed steps of the --scaling rows")
     parser.add_argument("--scaling-backends", nargs="+", default=["torchforce"], choices=["torchforce", "native"],
                         help="backends of the --scaling rows (native compiles a package per net and size)")
+    parser.add_argument("--scaling-platforms", nargs="+", default=["Reference"], help="platforms of the --scaling rows")
+    parser.add_argument("--max-pairs", action="store_true",
+                        help="--scaling rows: CGSchNet with a neighbour list (max_pairs = 1.25 x the most pairs "
+                             "within the cutoff in the frames) instead of all pairs")
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
@@ -136,13 +152,16 @@ def main() -> None:
             chain = CGMapping.from_topology(backbone_topology(["ALA"] * n), "ca")
             x = chain_frames(n)
             for kind in args.nets:
-                net = build_net(kind, chain, x)
+                capacity = neighbour_capacity(x) if args.max_pairs and kind == "schnet" else None
+                net = build_net(kind, chain, x, capacity)
                 model = (net, chain, chain.pdb_text(x[0]))
+                label = kind if capacity is None else f"{kind} max_pairs={capacity}"
                 for backend in args.scaling_backends:
                     source = (export_potential(model, tmp / f"{kind}{n}.pt") if backend == "torchforce"
                               else compile_package(model, tmp / f"{kind}{n}.pt2"))
                     system = cg_system(chain.masses, make_force(source, backend=backend))
-                    record(f"Cα chain ({n}), {kind}: {backend}", system, x[0], "Reference", args.scaling_steps)
+                    for plat in args.scaling_platforms:
+                        record(f"Cα chain ({n}), {label}: {backend}", system, x[0], plat, args.scaling_steps)
     meta = {"torch": torch.__version__, "openmm": openmm.__version__, "machine": host.machine(),
             "torch_threads": args.torch_threads}
     print(json.dumps(meta))

@@ -41,9 +41,11 @@ value is checked and unknown keys are refused):
   outlier_factor: 3.0
   net:         {kind: auto, hidden: [64, 64], activation: silu, priors: [bonds, angles, repulsion],
                 schnet: {hidden: 64, interactions: 3, n_rbf: 32, cutoff_nm: 1.2}}
-               (kind: mlp | schnet | auto = mlp below 10 beads, schnet from 10; hidden and
+               (kind: mlp | schnet | auto = mlp up to 10 beads, schnet from 11; hidden and
                activation are the MLP's, schnet: the SchNet's features, interaction blocks,
-               radial basis functions and cutoff in nm)
+               radial basis functions and cutoff in nm; schnet.max_pairs: N filters only the N
+               shortest pairs, the same energy while at most N pairs are within the cutoff:
+               faster for tens of beads and more; default all pairs)
   cg_train:    {steps: 2000, batch_size: 256, lr: 0.003}
   val_fraction: 0.1
   seed: 0
@@ -77,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--net", choices=NETS,
                         help="CG energy net: mlp (priors + MLP on all pair distances), schnet (priors + CGSchNet "
                              "message passing over bead types; its size does not grow with the protein) or auto (mlp "
-                             "below 10 beads, schnet from 10; the default); also the config key net.kind")
+                             "up to 10 beads, schnet from 11; the default); also the config key net.kind")
     parser.add_argument("--flow-samples", type=flag(CG_OPTIONS["flow_samples"]), metavar="N",
                         help="flow samples to train the CG net on (default 20000)")
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML options (see below)")

@@ -106,6 +106,8 @@ class CGNet(nn.Module):
 
     NET = ""
     CONFIG_KEYS: tuple[str, ...] = ()
+    #: Keys of :attr:`CONFIG_KEYS` that a config may lack (added after model files existed).
+    OPTIONAL_CONFIG_KEYS: tuple[str, ...] = ()
 
     def _init_priors(self, n_beads: int, bonds: Sequence[Sequence[int]],
                      priors: Sequence[str] | Mapping[str, Any], temperature: float) -> tuple[BeadGraph, dict[str, Any]]:
@@ -174,7 +176,8 @@ class CGNet(nn.Module):
         if name != cls.NET:
             return cg_net_class(name).from_config(config)
         config = {key: value for key, value in config.items() if key != "net"}
-        missing, unknown = sorted(set(cls.CONFIG_KEYS) - set(config)), sorted(set(config) - set(cls.CONFIG_KEYS))
+        missing = sorted(set(cls.CONFIG_KEYS) - set(config) - set(cls.OPTIONAL_CONFIG_KEYS))
+        unknown = sorted(set(config) - set(cls.CONFIG_KEYS))
         if missing or unknown:
             raise FlowforceError(f"CG energy net config: missing keys {missing}, unknown keys {unknown}; "
                                  f"a config has {', '.join(cls.CONFIG_KEYS)}")

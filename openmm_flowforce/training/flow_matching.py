@@ -74,12 +74,17 @@ NET_OPTIONS = ("hidden", "activation", "priors", "kind", "schnet")
 #: is the MLP below :data:`AUTO_SCHNET_MIN_BEADS` beads and CGSchNet from there on.
 NET_KINDS = ("auto", "mlp", "schnet")
 #: The MLP's first layer sees all n(n−1)/2 pair distances, so its size grows as n² and it knows
-#: no bead is like another; SchNet shares its weights over pairs and bead types. Alanine
-#: dipeptide's 5 backbone beads (the measured MLP case) stay MLP; chignolin's 10 Cα get SchNet.
-AUTO_SCHNET_MIN_BEADS = 10
+#: no bead is like another; SchNet shares its weights over pairs and bead types. Measured at
+#: chignolin's 10 Cα (BENCHMARKS.md "CGSchNet speed and the net choice"): at equal training
+#: budget the MLP fits a known mean force 7× better (loss 0.038 vs 0.26), on the 1000-frame
+#: GBn2 reference neither net beats its priors on held-out frames (so both models are their
+#: priors), and through the native plugin the MLP step is 3.5–5.6× cheaper; so up to 10 beads
+#: the MLP, from 11 SchNet (untested against the MLP there; its size does not grow with n).
+AUTO_SCHNET_MIN_BEADS = 11
 #: ``net.schnet``: CGSchNet's architecture (defaults :data:`~openmm_flowforce.potentials.schnet.SCHNET_DEFAULTS`).
 SCHNET_OPTION_SCHEMA: dict[str, Option] = {"hidden": POSITIVE_INT, "interactions": Option(int, minimum=0),
-                                           "n_rbf": Option(int, minimum=2), "cutoff_nm": POSITIVE}
+                                           "n_rbf": Option(int, minimum=2), "cutoff_nm": POSITIVE,
+                                           "max_pairs": POSITIVE_INT}
 #: Types of the CG net options; the activation and prior names are checked by the net,
 #: which lists the valid ones. ``hidden`` and ``activation`` are the MLP's, ``schnet`` CGSchNet's;
 #: the net ``kind`` chooses uses its own and not the other's.
@@ -343,7 +348,7 @@ def coarse_grain(positions: Any, topology: Any, temperature: float, out: str | P
             ``cg_train`` (:class:`TrainConfig` fields), ``flow_samples``, ``outlier_percentile``,
             ``outlier_factor``, ``net`` (``kind`` auto/mlp/schnet; the MLP's ``hidden``,
             ``activation``; ``priors``; ``schnet``: ``hidden``, ``interactions``, ``n_rbf``,
-            ``cutoff_nm``), ``val_fraction``,
+            ``cutoff_nm``, ``max_pairs``), ``val_fraction``,
             ``seed``. Sections are merged key by key over the defaults; unknown keys are rejected.
         progress: progress bars.
         mapped: ``positions`` and ``forces`` are already the beads of ``mapping`` (a
