@@ -18,7 +18,7 @@ what the table says. Variants (:data:`VARIANTS`):
   (``torsion_jitter``), so the net learns the flow's free energy away from the data;
 * ``energy``: the loss also matches the flow's energies −kT log q up to a constant
   (``cg_loss: {energy_weight: 1}``), which fixes free-energy differences directly;
-* combinations.
+* combinations; ``force-matching`` (mapped all-atom forces, the same net) as the baseline.
 
 Each CG model is judged by MD of the net itself: ``--walkers`` independent Langevin
 trajectories (BAOAB, 5 fs, 1/ps, 300 K, bead masses of the mapping) in batched float64 torch,
@@ -61,6 +61,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "jitter+internal+energy": ("flow", {**JITTER, "cg_loss": {"kind": "internal", "energy_weight": 1.0}}),
     "ensemble3": ("ens3", {"flow_ensemble": 3}),
     "ensemble3+jitter+energy": ("ens3", {"flow_ensemble": 3, **JITTER, "cg_loss": {"energy_weight": 1.0}}),
+    "force-matching": ("none", {}),
+    "force-matching+internal": ("none", INTERNAL),
     "jitter-wide": ("flow", {"torsion_jitter": {"fraction": 1.0, "sigma_rad": 2.0}}),
     "jitter-wide+internal": ("flow", {"torsion_jitter": {"fraction": 1.0, "sigma_rad": 2.0}, **INTERNAL}),
 }
@@ -156,12 +158,13 @@ def main() -> None:
                         shutil.copyfile(theirs, mine)
                 began = time.perf_counter()
                 if not ckpt.exists():
+                    method = "force-matching" if variant.startswith("force-matching") else "flow-matching"
                     result = coarse_grain(data.positions[subset], data.topology, data.temperature, ckpt, "backbone",
-                                          "flow-matching", options=options, progress=False)
+                                          method, forces=data.forces[subset], options=options, progress=False)
                     info = result.info
                     for suffix in (".flow.ckpt", ".samples.npz"):
                         theirs = shared.with_name(shared.name + suffix)
-                        if not theirs.exists():
+                        if not theirs.exists() and ckpt.with_suffix(suffix).exists():
                             shutil.copyfile(ckpt.with_suffix(suffix), theirs)
                 else:
                     from openmm_flowforce.training.flow_matching import load_cg_model_metadata
