@@ -48,23 +48,30 @@ BASE: dict[str, Any] = {"flow": {"n_layers": 6, "hidden": [64, 64]}, "flow_train
                         "flow_samples": 30000, "cg_train": {"steps": 3000}}
 QUICK: dict[str, Any] = {"flow": {"n_layers": 2, "hidden": [16, 16], "n_components": 4}, "flow_train": {"steps": 20},
                          "flow_samples": 500, "cg_train": {"steps": 20}}
-INTERNAL = {"cg_loss": {"kind": "internal"}}
-JITTER = {"torsion_jitter": {"fraction": 0.3, "sigma_rad": 1.0}}
+#: The variants spell out every option they use, so the table keeps its meaning when the
+#: defaults change (``base`` is flow-matching as it was before issue 15).
+def _variant(kind: str = "cartesian", energy: float = 0.0, jitter: float = 0.0, sigma: float = 1.0,
+             **more: Any) -> dict[str, Any]:
+    return {"cg_loss": {"kind": kind, "energy_weight": energy},
+            "torsion_jitter": {"fraction": jitter, "sigma_rad": sigma}, **more}
+
+
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "base": ("flow", {}),
-    "internal": ("flow", INTERNAL),
-    "internal-torsion3": ("flow", {"cg_loss": {"kind": "internal", "weights": {"torsion": 3.0}}}),
-    "jitter": ("flow", JITTER),
-    "jitter+internal": ("flow", {**JITTER, **INTERNAL}),
-    "energy": ("flow", {"cg_loss": {"energy_weight": 1.0}}),
-    "jitter+energy": ("flow", {**JITTER, "cg_loss": {"energy_weight": 1.0}}),
-    "jitter+internal+energy": ("flow", {**JITTER, "cg_loss": {"kind": "internal", "energy_weight": 1.0}}),
-    "ensemble3": ("ens3", {"flow_ensemble": 3}),
-    "ensemble3+jitter+energy": ("ens3", {"flow_ensemble": 3, **JITTER, "cg_loss": {"energy_weight": 1.0}}),
-    "force-matching": ("none", {}),
-    "force-matching+internal": ("none", INTERNAL),
-    "jitter-wide": ("flow", {"torsion_jitter": {"fraction": 1.0, "sigma_rad": 2.0}}),
-    "jitter-wide+internal": ("flow", {"torsion_jitter": {"fraction": 1.0, "sigma_rad": 2.0}, **INTERNAL}),
+    "base": ("flow", _variant()),
+    "internal": ("flow", _variant("internal")),
+    "internal-torsion3": ("flow", _variant("internal") | {"cg_loss": {"kind": "internal", "energy_weight": 0.0,
+                                                                       "weights": {"torsion": 3.0}}}),
+    "jitter": ("flow", _variant(jitter=0.3)),
+    "jitter+internal": ("flow", _variant("internal", jitter=0.3)),
+    "energy": ("flow", _variant(energy=1.0)),
+    "jitter+energy": ("flow", _variant(energy=1.0, jitter=0.3)),
+    "jitter+internal+energy": ("flow", _variant("internal", energy=1.0, jitter=0.3)),
+    "ensemble3": ("ens3", _variant(flow_ensemble=3)),
+    "ensemble3+jitter+energy": ("ens3", _variant(energy=1.0, jitter=0.3, flow_ensemble=3)),
+    "force-matching": ("none", _variant()),
+    "force-matching+internal": ("none", _variant("internal")),
+    "jitter-wide": ("flow", _variant(jitter=1.0, sigma=2.0)),
+    "jitter-wide+energy": ("flow", _variant(energy=1.0, jitter=1.0, sigma=2.0)),
 }
 
 

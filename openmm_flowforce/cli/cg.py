@@ -20,8 +20,11 @@ Methods:
   flow-matching   train a flow (Boltzmann generator) on the mapped CG positions, draw
                   --flow-samples samples, take its forces kT grad log q there, drop samples
                   whose largest bead force exceeds outlier_factor x the outlier_percentile-th
-                  percentile of the flow's forces on the data (default 3 x 99.9th), then
-                  train the CG net by force matching on them. Needs positions only.
+                  percentile of the flow's forces on the data (default 3 x 99.9th), add
+                  30 % points with the torsions turned (torsion_jitter), then train the CG
+                  net on the flow's forces AND its energies -kT log q (up to a constant;
+                  cg_loss.energy_weight 1): from 1000 frames of alanine dipeptide this takes
+                  the CG MD's phi/psi JS from 0.47 (forces only) to 0.02. Needs positions only.
                   (Koehler, Chen, Kraemer, Clementi, Noe, JCTC 2023, arXiv:2203.11167)
   force-matching  train the CG net on mapped positions and mapped (summed) all-atom forces;
                   needs forces in DATA.npz.
@@ -37,6 +40,12 @@ value is checked and unknown keys are refused):
   flow:        {n_layers: 6, hidden: [64, 64], n_components: 8, transform: smooth}
   flow_train:  {steps: 2000, batch_size: 256, lr: 0.001}
   flow_samples: 20000
+  flow_ensemble: 1          (K flows with seeds seed..seed+K-1, forces and energies averaged)
+  torsion_jitter: {fraction: 0.3, sigma_rad: 1.0}   (flow-matching: extra turned points)
+  cg_loss:     {kind: cartesian, energy_weight: null, weights: {bond: 1, angle: 1, torsion: 1}}
+               (kind: cartesian = forces on beads | internal = generalised forces on bonds,
+               angles, torsions, each scaled by its RMS, times weights of its kind;
+               energy_weight: null = 1 for flow-matching, 0 for force-matching)
   outlier_percentile: 99.9
   outlier_factor: 3.0
   net:         {kind: auto, hidden: [64, 64], activation: silu, priors: [bonds, angles, repulsion],
