@@ -14,7 +14,7 @@ from openmm_flowforce.errors import FlowforceError
 from openmm_flowforce.options import POSITIVE_INT, SEED, Option
 
 #: ``--flow`` (the same rule as the ``flow`` option of the flow sampler methods).
-FLOW = Option(str, choices=("real", "equivariant"))
+FLOW = Option(str, choices=("real", "equivariant", "internal"))
 
 HELP = "train, sample and evaluate energy-only samplers (iDEM, FAB, reverse KL, SNF, CRAFT, ESH) on toy targets"
 
