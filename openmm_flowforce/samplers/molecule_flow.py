@@ -102,10 +102,10 @@ def prior_internal_coordinates(topology: Any, system: Any, positions: np.ndarray
         theta0, k = angles[(i, j, k_)]
         cos_loc.append(math.cos(theta0))
         cos_scale.append(math.sin(theta0) * math.sqrt(kT / k))
-    ic.bond_loc.copy_(torch.tensor(bond_loc))
-    ic.bond_scale.copy_(torch.tensor(bond_scale))
-    ic.cos_loc.copy_(torch.tensor(cos_loc))
-    ic.cos_scale.copy_(torch.tensor(cos_scale))
+    ic.bond_loc.copy_(torch.tensor(bond_loc, dtype=torch.float64))
+    ic.bond_scale.copy_(torch.tensor(bond_scale, dtype=torch.float64))
+    ic.cos_loc.copy_(torch.tensor(cos_loc, dtype=torch.float64))
+    ic.cos_scale.copy_(torch.tensor(cos_scale, dtype=torch.float64))
     bonded = {(a.index, b.index) for a, b in topology.bonds()} | {(b.index, a.index) for a, b in topology.bonds()}
     sibling = [(j, l) in bonded for _, j, _, l in rows[3:]]
     x = torch.as_tensor(np.asarray(positions, dtype=np.float64))[None]

@@ -28,6 +28,7 @@ System with the same OpenMM calls, and a test checks that both give equal energi
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -61,6 +62,14 @@ def lin_log_cut(u: Tensor, cut: float, maximum: float) -> Tensor:
     return torch.where(torch.isfinite(u), reg, torch.full_like(reg, maximum))
 
 
+@functools.lru_cache(maxsize=4)
+def _forcefield(files: tuple[str, ...]) -> Any:
+    """An ``openmm.app.ForceField`` per file set, parsed once per process (amber14-all takes ~1 s)."""
+    from openmm import app
+
+    return app.ForceField(*files)
+
+
 def builtin_molecule_system(name: str, solvent: str = "vacuum") -> tuple[Any, Any, np.ndarray]:
     """``(topology, system, positions (N, 3) nm)`` of a built-in molecule.
 
@@ -77,7 +86,7 @@ def builtin_molecule_system(name: str, solvent: str = "vacuum") -> tuple[Any, An
     if solvent not in BUILTIN_SOLVENTS:
         raise FlowforceError(f"unknown solvent {solvent!r} for target {name!r}; valid: {', '.join(BUILTIN_SOLVENTS)}")
     pdb = app.PDBFile(builtins[name]())
-    forcefield = app.ForceField(*BUILTIN_FORCEFIELD, *BUILTIN_SOLVENTS[solvent])
+    forcefield = _forcefield((*BUILTIN_FORCEFIELD, *BUILTIN_SOLVENTS[solvent]))
     system = forcefield.createSystem(pdb.topology, nonbondedMethod=app.NoCutoff, constraints=None)
     positions = np.asarray(pdb.getPositions(asNumpy=True).value_in_unit(unit.nanometer), dtype=np.float64)
     return pdb.topology, system, positions
