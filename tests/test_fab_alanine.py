@@ -1,6 +1,7 @@
 """FAB on alanine dipeptide from the energy alone (issue 13 §3): target, flow, CLI, evaluation."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -155,7 +156,6 @@ def test_initial_flow_samples_are_sensible(vacuum, fab_model):
 def test_fab_cli_on_alanine_dipeptide_writes_a_model_the_evaluation_reads(tmp_path):
     import yaml
 
-    from openmm_flowforce.analysis.molecule_sampler import evaluate_molecule_sampler
     from openmm_flowforce.cli.main import main
     from openmm_flowforce.potentials.boltzmann import load_boltzmann_generator
     from openmm_flowforce.samplers.molecule_flow import save_boltzmann_generator
@@ -179,8 +179,21 @@ def test_fab_cli_on_alanine_dipeptide_writes_a_model_the_evaluation_reads(tmp_pa
     assert main(["sampler", "sample", str(ckpt), "-n", "8", "--out", str(out)]) == 0
     assert np.load(out).shape == (8, 66)
     reference = _perturbed(loaded.target, 40, sigma=0.002)
-    report = evaluate_molecule_sampler(loaded.method, loaded.model, loaded.target, reference, 32)
+    from openmm_flowforce.data.dataset import save_dataset
+
+    save_dataset(tmp_path / "ref.npz", topology=loaded.target.topology, positions=reference,
+                 energies=np.zeros(len(reference)), temperature=300.0)
+    report_path = tmp_path / "r.json"
+    assert main(["sampler", "evaluate", str(ckpt), "--reference", str(tmp_path / "ref.npz"), "-n", "32",
+                 "--out", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
     assert 0.0 <= report["raw"]["js_phi_psi"] <= math.log(2) and 0.0 < report["ess"] <= 1.0
+    assert report["energy_evaluations"] == summary["energy_evaluations"] and report["n_reference"] == 40
+    # a flat .npy reference is refused with the fix (molecules want MD frames with their topology)
+    np.save(tmp_path / "flat.npy", reference.reshape(40, -1))
+    assert main(["sampler", "evaluate", str(ckpt), "--reference", str(tmp_path / "flat.npy"), "-n", "32",
+                 "--out", str(tmp_path / "r2.json")]) == 2
+    assert not (tmp_path / "r2.json").exists()
     # the same flow as a Boltzmann-generator model file (what `flowforce sample` reads)
     save_boltzmann_generator(loaded.model, tmp_path / "bg.ckpt", loaded.target.temperature)
     generator = load_boltzmann_generator(tmp_path / "bg.ckpt")
