@@ -146,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     with np.load(ref_path) as data:
         ref = np.asarray(data["positions"], dtype=np.float64)
     curve = train_and_evaluate(work, target, steps, every, n_eval, options, ref)
+    from openmm_flowforce.samplers.common import load_sampler
+    from openmm_flowforce.samplers.molecule_flow import save_boltzmann_generator
+
+    loaded = load_sampler(work / "fab.ckpt")  # also as a Boltzmann-generator file: flowforce sample/export read it
+    save_boltzmann_generator(loaded.model, work / "fab_bg.ckpt", loaded.target.temperature, loaded.target.system)
     plot_curve(curve, results / f"curve_{tag}.png", f"FAB, {target}")
     if (work / "last.png").exists():
         (results / f"last_{tag}.png").write_bytes((work / "last.png").read_bytes())

@@ -195,7 +195,7 @@ def test_fab_cli_on_alanine_dipeptide_writes_a_model_the_evaluation_reads(tmp_pa
                  "--out", str(tmp_path / "r2.json")]) == 2
     assert not (tmp_path / "r2.json").exists()
     # the same flow as a Boltzmann-generator model file (what `flowforce sample` reads)
-    save_boltzmann_generator(loaded.model, tmp_path / "bg.ckpt", loaded.target.temperature)
+    save_boltzmann_generator(loaded.model, tmp_path / "bg.ckpt", loaded.target.temperature, loaded.target.system)
     generator = load_boltzmann_generator(tmp_path / "bg.ckpt")
     x = torch.as_tensor(reference[:5])
     with torch.no_grad():

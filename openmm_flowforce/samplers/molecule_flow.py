@@ -169,13 +169,19 @@ def internal_flow(target: Any, opts: Mapping[str, Any]) -> MoleculeFlow:
     return MoleculeFlow(generator)
 
 
-def save_boltzmann_generator(model: MoleculeFlow, path: str | Path, temperature: float,
+def save_boltzmann_generator(model: MoleculeFlow, path: str | Path, temperature: float, system: Any = None,
                              extra_metadata: Mapping[str, Any] | None = None) -> None:
     """Write ``model.generator`` as a Boltzmann-generator model file (the trainer's
-    checkpoint format, read by :func:`~openmm_flowforce.potentials.boltzmann.load_boltzmann_generator`
-    and ``flowforce sample``), atomically."""
+    checkpoint format, read by :func:`~openmm_flowforce.potentials.boltzmann.load_boltzmann_generator`,
+    ``flowforce sample`` and ``flowforce export``), atomically. With ``system`` (the
+    target's ``openmm.System``) stored as XML, ``flowforce sample --reweight`` can weigh
+    the samples by exp(−u)/q."""
+    import openmm
+
     from ..io import CHECKPOINT_FORMAT, save_checkpoint
 
     metadata = {**model.generator.metadata(), "temperature": float(temperature), **dict(extra_metadata or {})}
+    if system is not None:
+        metadata["system_xml"] = openmm.XmlSerializer.serialize(system)
     save_checkpoint({"format": CHECKPOINT_FORMAT, "model": model.generator.state_dict(), "metadata": metadata,
                      "config": {}}, path)
