@@ -76,6 +76,16 @@ def train_and_evaluate(work: Path, target: str, steps: int, every: int, n_eval: 
     curve = json.loads(curve_path.read_text()) if curve_path.exists() else []
     done = {row["steps"] for row in curve}
     checkpoint = work / "fab.ckpt"
+    if 0 not in done:  # the untrained flow, built exactly as the method builds it (same seed)
+        from openmm_flowforce.samplers import get_method
+        from openmm_flowforce.samplers.common import make_target
+
+        method, target_object = get_method("fab"), make_target(target)
+        model = method.build(target_object, method.options(options))
+        report = evaluate_molecule_sampler(method, model, target_object, reference_positions, n_eval, seed=0)
+        curve.append({"steps": 0, "energy_evaluations": 0, "train_wall_time_s": 0.0, **report})
+        curve.sort(key=lambda r: r["steps"])
+        curve_path.write_text(json.dumps(curve, indent=1) + "\n")
     for stop in range(every, steps + 1, every):
         if stop in done:
             continue
@@ -104,6 +114,7 @@ def plot_curve(curve: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    curve = [r for r in curve if r["energy_evaluations"] > 0]  # log axis: the untrained flow is in the JSON
     evals = [r["energy_evaluations"] for r in curve]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     axes[0].plot(evals, [r["raw"]["js_phi_psi"] for r in curve], "o-", label="flow samples")
