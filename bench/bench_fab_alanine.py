@@ -114,9 +114,14 @@ def plot_curve(curve: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curve = [r for r in curve if r["energy_evaluations"] > 0]  # log axis: the untrained flow is in the JSON
+    untrained = [r for r in curve if r["energy_evaluations"] == 0]
+    curve = [r for r in curve if r["energy_evaluations"] > 0]  # log axis: the untrained flow as a line
     evals = [r["energy_evaluations"] for r in curve]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    if untrained:
+        axes[0].axhline(untrained[0]["raw"]["js_phi_psi"], color="C0", ls="--", lw=1, label="untrained flow")
+        axes[0].axhline(untrained[0]["reweighted"]["js_phi_psi"], color="C1", ls="--", lw=1,
+                        label="untrained, reweighted")
     axes[0].plot(evals, [r["raw"]["js_phi_psi"] for r in curve], "o-", label="flow samples")
     axes[0].plot(evals, [r["reweighted"]["js_phi_psi"] for r in curve], "s-", label="reweighted")
     axes[0].axhline(0.02, color="k", ls=":", label="aim 0.02")
