@@ -5,9 +5,12 @@
 * :func:`flow_presets`: per-target flow and training defaults, scaled for a CPU.
 * :class:`FlowSamplerMethod`: a :class:`~openmm_flowforce.samplers.registry.SamplerMethod`
   whose model is a flow from :data:`FLOW_BUILDERS` (option ``flow``: ``"real"``, a
-  :class:`~openmm_flowforce.flows.RealFlow`, or ``"equivariant"``, an
+  :class:`~openmm_flowforce.flows.RealFlow`, ``"equivariant"``, an
   :class:`~openmm_flowforce.flows.equivariant.EquivariantAugmentedFlow` trained on the
-  joint (x, a) against the extended target ``p(x)·π(a|x)``; float64) and whose
+  joint (x, a) against the extended target ``p(x)·π(a|x)``, or ``"internal"``, the
+  Boltzmann generator on internal coordinates of a molecule target,
+  :class:`~openmm_flowforce.samplers.molecule_flow.MoleculeFlow`, the default there;
+  float64) and whose
   training loop owns atomic checkpoints with exact resume, a tqdm progress bar and a
   JSON-lines metrics log; subclasses supply one training step.
 
