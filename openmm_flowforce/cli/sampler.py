@@ -250,7 +250,7 @@ def _evaluate_molecule(args: argparse.Namespace, loaded) -> int:
     raw, rew = report["raw"], report["reweighted"]
     print(f"phi/psi JS {raw['js_phi_psi']:.4f} (flow), "
           f"{rew['js_phi_psi']:.4f} (reweighted) nats; ESS {report['ess']:.4f}; phi>0: flow {raw['phi_positive']:.3f}, "
-          f"reweighted {rew['phi_positive']:.3f}, reference {report['phi_positive_reference']:.3f}; "
+          f"reweighted {rew['phi_positive']:.3f}, reference {report['phi_positive_reference']:.4f}; "
           f"{report['energy_evaluations']:,} energy evaluations")
     print(f"report -> {args.out}" + (f", plot -> {args.plot}" if args.plot else ""))
     return 0
