@@ -39,7 +39,6 @@ import torch
 from torch import nn
 
 from ..coordinates import InternalCoordinates
-from ..coordinates.internal import _torsion
 from ..data.dataset import topology_to_pdb_text
 from ..errors import FlowforceError
 from ..flows import CouplingFlow
@@ -109,7 +108,7 @@ def prior_internal_coordinates(topology: Any, system: Any, positions: np.ndarray
     bonded = {(a.index, b.index) for a, b in topology.bonds()} | {(b.index, a.index) for a, b in topology.bonds()}
     sibling = [(j, l) in bonded for _, j, _, l in rows[3:]]
     x = torch.as_tensor(np.asarray(positions, dtype=np.float64))[None]
-    torsions = _torsion(x, *ic.rows[3:].T)[0]
+    torsions = ic.to_internal(x)[2][0]
     ic.torsion_loc.copy_(torsions)
     ic.torsion_scale.fill_(SIBLING_TORSION_SCALE)
     ic.set_periodic_torsions([not s for s in sibling])
