@@ -196,7 +196,7 @@ def test_cli_sampler_train_sample_evaluate(tmp_path, capsys):
     for argv in bad:
         assert main(argv) == 2, argv
     err = capsys.readouterr().err
-    assert "valid names: dw4, gmm40" in err and "valid names:" in err.split("nope")[1]
+    assert "valid names: " in err and "dw4, gmm40" in err and "valid names:" in err.split("nope")[1]
     assert "idem" in err.split("nope")[1]
     config.write_text("options: {n_mc: 3}\nsteps: 3\n")
     assert main(args) == 2

@@ -14,9 +14,10 @@ from openmm_flowforce.errors import FlowforceError
 from openmm_flowforce.options import POSITIVE_INT, SEED, Option
 
 #: ``--flow`` (the same rule as the ``flow`` option of the flow sampler methods).
-FLOW = Option(str, choices=("real", "equivariant"))
+FLOW = Option(str, choices=("real", "equivariant", "internal"))
 
-HELP = "train, sample and evaluate energy-only samplers (iDEM, FAB, reverse KL, SNF, CRAFT, ESH) on toy targets"
+HELP = ("train, sample and evaluate energy-only samplers (iDEM, FAB, reverse KL, SNF, CRAFT, ESH) on toy targets "
+        "and alanine dipeptide")
 
 EPILOG = """\
 examples:
@@ -25,8 +26,18 @@ examples:
   flowforce sampler sample dw4.ckpt -n 1000 --out dw4_samples.npy
   flowforce sampler evaluate dw4.ckpt --reference dw4_test.npy -n 1000 --out dw4_report.json
 
-Targets: gmm40, dw4, lj13, lj55 (an unknown name lists the valid ones). Methods: the
-registered ones (idem, and fab / reverse-kl where installed; an unknown name lists them).
+Targets: gmm40, dw4, lj13, lj55, and the molecules alanine-dipeptide (vacuum) and
+alanine-dipeptide-implicit (OBC2), the OpenMM energy of the System `flowforce md
+--system alanine-dipeptide [--solvent implicit]` simulates (an unknown name lists the valid
+ones). On a molecule the flow is the Boltzmann generator on internal coordinates (--flow
+internal, the default there), normalised from the force field, never from MD frames; its
+`evaluate` takes reference MD (.npz) and reports phi/psi JS of the flow and reweighted, ESS,
+bond/angle W1 and energies (--plot for a picture):
+  flowforce sampler train --target alanine-dipeptide --method fab --out ala_fab.ckpt --steps 100
+  flowforce md --system alanine-dipeptide --time-ns 5 --out ala_md.npz
+  flowforce sampler evaluate ala_fab.ckpt --reference ala_md.npz -n 2000 --out r.json --plot r.png
+Methods: the registered ones (idem, and fab / reverse-kl where installed; an unknown name
+lists them).
 
 config file for `train` (YAML; command-line flags win):
   options: {n_mc: 500, batch: 256, steps: 3000, sigma_max: 3.0}   # the method's options
@@ -53,15 +64,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     train = sub.add_parser("train", help="train a sampler from the target's energy alone",
                            description="train a sampler from the target's energy alone (resumes if --out exists)")
-    train.add_argument("--target", required=True, help="target name (gmm40, dw4, lj13, lj55)")
+    train.add_argument("--target", required=True,
+                       help="target name (gmm40, dw4, lj13, lj55, alanine-dipeptide, alanine-dipeptide-implicit)")
     train.add_argument("--method", required=True, help="sampler method (idem, fab, reverse-kl, snf, craft, ...)")
     train.add_argument("--out", required=True, metavar="S.ckpt", help="checkpoint to write (resumes if present)")
     train.add_argument("--steps", type=flag(POSITIVE_INT), help="total training steps (method default otherwise)")
     train.add_argument("--config", metavar="FILE.yaml", help="YAML with 'options' and 'target_options'")
     train.add_argument("--seed", type=flag(SEED), help="random seed (method default otherwise)")
-    train.add_argument("--flow", type=flag(FLOW), metavar="{real,equivariant}",
-                       help="flow of fab / reverse-kl: 'real' (smooth real-space flow, the default) or "
-                            "'equivariant' (SE(3)-equivariant augmented coupling flow, arXiv 2308.10364)")
+    train.add_argument("--flow", type=flag(FLOW), metavar="{real,equivariant,internal}",
+                       help="flow of fab / reverse-kl: 'real' (smooth real-space flow, the default on toy targets), "
+                            "'equivariant' (SE(3)-equivariant augmented coupling flow, arXiv 2308.10364) or "
+                            "'internal' (Boltzmann generator on internal coordinates; molecules, their default)")
     train.add_argument("--log", metavar="METRICS.jsonl", help="metrics log (default: S.ckpt with .jsonl)")
     train.add_argument("--restart", action="store_true",
                        help="start over even if S.ckpt exists (it is kept as S.ckpt.prev)")
@@ -85,6 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--no-align", action="store_true",
                           help="skip the aligned W2 (minutes for 1000 LJ-13 samples)")
     evaluate.add_argument("--seed", type=flag(SEED), default=0)
+    evaluate.add_argument("--plot", metavar="PLOT.png",
+                          help="molecule targets: phi/psi histograms (reference | flow | reweighted) and energies")
     parser.set_defaults(_sampler_parser=parser)
 
 
@@ -99,7 +114,7 @@ def files(args: argparse.Namespace) -> CommandFiles:
         return CommandFiles(inputs={"S.ckpt": args.checkpoint}, outputs={"--out": args.out})
     if args.sampler_command == "evaluate":
         return CommandFiles(inputs={"S.ckpt": args.checkpoint, "--reference": args.reference},
-                            outputs={"--out": args.out})
+                            outputs={"--out": args.out, "--plot": args.plot})
     return CommandFiles()
 
 
@@ -186,6 +201,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     import_methods()
     loaded = load_sampler(args.checkpoint)
+    if getattr(loaded.target, "topology", None) is not None:
+        return _evaluate_molecule(args, loaded)
+    if args.plot is not None:
+        raise FlowforceError("--plot applies to molecule targets (alanine-dipeptide...) only; remove it")
     reference = load_reference(args.reference, loaded.target, args.n_samples, seed=args.seed)
     start = time.perf_counter()
     report = evaluate_sampler(loaded.method, loaded.model, loaded.target, reference, align=not args.no_align,
@@ -202,4 +221,36 @@ def _evaluate(args: argparse.Namespace) -> int:
     print("  ".join(f"{k}={report[k]:.4g}" if isinstance(report[k], float) else f"{k}={report[k]}"
                     for k in shown))
     print(f"report -> {args.out}")
+    return 0
+
+
+def _evaluate_molecule(args: argparse.Namespace, loaded) -> int:
+    """A molecule target against reference MD: phi/psi JS raw and reweighted, ESS, bonded W1, energies."""
+    import numpy as np
+
+    from openmm_flowforce.analysis.molecule_sampler import evaluate_molecule_sampler
+    from openmm_flowforce.data.trajectory import load_data
+    from openmm_flowforce.io import atomic_write_bytes
+
+    target = loaded.target
+    if not str(args.reference).endswith(".npz"):
+        raise FlowforceError(f"--reference {args.reference}: for the molecule target {loaded.checkpoint['target']['name']} "
+                             "give reference MD as a .npz dataset (flowforce md --system alanine-dipeptide ... --out REF.npz)")
+    positions = np.asarray(load_data(args.reference).positions, dtype=np.float64)
+    if positions.shape[1:] != (target.n_atoms, 3):
+        raise FlowforceError(f"--reference {args.reference} has {positions.shape[1]} atoms; the target has {target.n_atoms}")
+    report = evaluate_molecule_sampler(loaded.method, loaded.model, target, positions, args.n_samples, seed=args.seed,
+                                       plot=args.plot, title=f"{loaded.checkpoint['method']} on "
+                                                             f"{loaded.checkpoint['target']['name']}")
+    summary = loaded.checkpoint.get("summary", {})
+    report = {"method": loaded.checkpoint["method"], "target": loaded.checkpoint["target"]["name"], **report,
+              "training_steps": summary.get("steps"), "energy_evaluations": summary.get("energy_evaluations"),
+              "training_wall_time_s": summary.get("wall_time_s"), "reference": str(args.reference)}
+    atomic_write_bytes(args.out, (json.dumps(report, indent=2) + "\n").encode())
+    raw, rew = report["raw"], report["reweighted"]
+    print(f"phi/psi JS {raw['js_phi_psi']:.4f} (flow), "
+          f"{rew['js_phi_psi']:.4f} (reweighted) nats; ESS {report['ess']:.4f}; phi>0: flow {raw['phi_positive']:.3f}, "
+          f"reweighted {rew['phi_positive']:.3f}, reference {report['phi_positive_reference']:.4f}; "
+          f"{report['energy_evaluations']:,} energy evaluations")
+    print(f"report -> {args.out}" + (f", plot -> {args.plot}" if args.plot else ""))
     return 0

@@ -2,7 +2,10 @@
 
 Midgley, Stimper, Simm, Schölkopf, Hernández-Lobato, "Flow Annealed Importance Sampling
 Bootstrap", ICLR 2023, arXiv 2208.01893. The flow q_θ (a smooth
-:class:`~openmm_flowforce.flows.RealFlow`) is trained to minimise the mass-covering
+:class:`~openmm_flowforce.flows.RealFlow`; on molecule targets such as alanine dipeptide
+the Boltzmann generator on internal coordinates,
+:class:`~openmm_flowforce.samplers.molecule_flow.MoleculeFlow`, with HMC on the Cartesian
+coordinates) is trained to minimise the mass-covering
 α-divergence with α = 2,
 
     D_2(p‖q_θ) ∝ ∫ p(x)²/q_θ(x) dx,        ∇_θ D_2 ∝ −∫ (p²/q_θ)·∇_θ log q_θ dx,

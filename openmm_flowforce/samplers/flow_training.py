@@ -5,9 +5,12 @@
 * :func:`flow_presets`: per-target flow and training defaults, scaled for a CPU.
 * :class:`FlowSamplerMethod`: a :class:`~openmm_flowforce.samplers.registry.SamplerMethod`
   whose model is a flow from :data:`FLOW_BUILDERS` (option ``flow``: ``"real"``, a
-  :class:`~openmm_flowforce.flows.RealFlow`, or ``"equivariant"``, an
+  :class:`~openmm_flowforce.flows.RealFlow`, ``"equivariant"``, an
   :class:`~openmm_flowforce.flows.equivariant.EquivariantAugmentedFlow` trained on the
-  joint (x, a) against the extended target ``p(x)·π(a|x)``; float64) and whose
+  joint (x, a) against the extended target ``p(x)·π(a|x)``, or ``"internal"``, the
+  Boltzmann generator on internal coordinates of a molecule target,
+  :class:`~openmm_flowforce.samplers.molecule_flow.MoleculeFlow`, the default there;
+  float64) and whose
   training loop owns atomic checkpoints with exact resume, a tqdm progress bar and a
   JSON-lines metrics log; subclasses supply one training step.
 
@@ -46,6 +49,10 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "lj13": dict(scale=1.0, n_layers=8, hidden=128, n_components=8, step_size=0.02, energy_cut=100.0),
     "lj55": dict(scale=1.5, n_layers=8, hidden=256, n_components=8, step_size=0.01, energy_cut=100.0),
     "default": dict(scale=1.0, n_layers=8, hidden=64, n_components=8, step_size=0.1),
+    # Molecules (MoleculeTarget): the Boltzmann generator on internal coordinates; HMC runs on
+    # Cartesian nm with unit mass, where X–H bonds of p²/q have ω ≈ 470 per unit time, so
+    # the leapfrog step must stay well below 2/ω ≈ 0.004 (adapted from there).
+    "molecule": dict(flow="internal", scale=1.0, n_layers=8, hidden=128, n_components=8, step_size=0.001),
 }
 
 #: Presets that replace ``_PRESETS`` entries for ``flow: equivariant``: ``n_layers`` counts
@@ -64,14 +71,17 @@ _EQUIVARIANT_ONLY = ("egnn_layers", "aug_scale", "n_importance")
 COMMON_DEFAULTS: dict[str, Any] = dict(
     scale=None, n_layers=None, hidden=None, n_components=None, transform="smooth", mean_free=True,
     steps=1000, batch_size=128, lr=1e-3, grad_clip=100.0, seed=0, checkpoint_every=100, log_every=10,
-    flow="real", egnn_layers=None, aug_scale=None, n_importance=None,
+    flow=None, egnn_layers=None, aug_scale=None, n_importance=None,
 )
 
 
 def target_key(target: Any) -> str:
-    """``"gmm40"``, ``"dw4"``, ``"lj13"``, ``"lj55"`` or ``"default"`` for a toy target object."""
+    """``"molecule"`` for a molecule target (it has ``topology`` and ``system``), else
+    ``"gmm40"``, ``"dw4"``, ``"lj13"``, ``"lj55"`` or ``"default"`` for a toy target object."""
     from ..targets.toys import GaussianMixture40, LennardJonesCluster, MultiDoubleWell
 
+    if getattr(target, "topology", None) is not None and getattr(target, "system", None) is not None:
+        return "molecule"
     if isinstance(target, GaussianMixture40):
         return "gmm40"
     if isinstance(target, MultiDoubleWell) and target.n_particles == 4 and target.spatial_dim == 2:
@@ -99,9 +109,12 @@ def resolve_options(options: Mapping[str, Any], target: Any) -> dict[str, Any]:
             ``scale``/``lr``/``step_size``.
     """
     preset = flow_presets(target)
+    default_flow = preset.pop("flow", "real")
+    if "flow" in options:  # None: the target's own kind of flow (internal coordinates for molecules)
+        options = {**options, "flow": options["flow"] or default_flow}
     if options.get("flow") == "equivariant":
         preset.update(_EQUIVARIANT_PRESETS.get(target_key(target), _EQUIVARIANT_PRESETS["default"]))
-    elif options.get("flow", "real") == "real":
+    elif options.get("flow", "real") in ("real", "internal"):
         given = [key for key in _EQUIVARIANT_ONLY if options.get(key) is not None]
         if given:
             raise FlowforceError(f"option(s) {', '.join(given)} apply only to flow: equivariant; remove them or "
@@ -197,10 +210,18 @@ def _equivariant_flow(target: Any, opts: Mapping[str, Any]) -> EquivariantAugmen
                                     aug_scale=opts["aug_scale"], n_importance=int(opts["n_importance"]))
 
 
+def _internal_flow(target: Any, opts: Mapping[str, Any]) -> torch.nn.Module:
+    """The Boltzmann generator on internal coordinates of a molecule target (:mod:`.molecule_flow`)."""
+    from .molecule_flow import internal_flow
+
+    return internal_flow(target, opts)
+
+
 #: Registry of the flows a flow sampler method can train (option ``flow``).
 FLOW_BUILDERS: dict[str, Callable[[Any, Mapping[str, Any]], torch.nn.Module]] = {
     "real": _real_flow,
     "equivariant": _equivariant_flow,
+    "internal": _internal_flow,
 }
 
 

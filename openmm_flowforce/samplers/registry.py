@@ -32,7 +32,7 @@ SAMPLER_OPTIONS: dict[str, Option] = {
     "energy_cut": Option(float), "network": Option(str, choices=("egnn", "mlp")),
     "weighting": Option(str, choices=("none", "variance")), "spacing": Option(str, choices=("geometric", "linear")),
     "transform": Option(str), "mean_free": Option(bool), "buffer": Option(bool),
-    "flow": Option(str, choices=("real", "equivariant")),
+    "flow": Option(str, choices=("real", "equivariant", "internal")),
 }
 
 

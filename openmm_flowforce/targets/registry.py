@@ -91,3 +91,17 @@ register_target("gmm40", _gmm40)
 register_target("dw4", _dw4)
 register_target("lj13", _lj(13))
 register_target("lj55", _lj(55))
+
+
+def _molecule(name: str, solvent: str):
+    def factory(**kwargs: Any) -> Any:
+        from .molecules import builtin_molecule_target
+
+        return builtin_molecule_target(name, solvent)(**kwargs)
+
+    factory.__doc__ = f"``MoleculeTarget``: the built-in {name} in {solvent} (amber14-all), flat x (B, 3N) nm."
+    return factory
+
+
+register_target("alanine-dipeptide", _molecule("alanine-dipeptide", "vacuum"))
+register_target("alanine-dipeptide-implicit", _molecule("alanine-dipeptide", "implicit"))
