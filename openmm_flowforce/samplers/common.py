@@ -94,7 +94,7 @@ def load_sampler(path: str | os.PathLike, target: Any = None) -> LoadedSampler:
 
 
 #: Options that may differ between a checkpoint and the run resuming it.
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every")
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "ode_steps", "divergence", "n_probes")
 
 
 def sampler_fingerprint(target: Any, options: Mapping[str, Any]) -> dict[str, Any]:

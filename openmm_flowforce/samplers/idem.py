@@ -31,9 +31,10 @@ scaled down so a CPU run takes minutes (K, batch, integration steps, widths: see
 :data:`PAPER_SETTINGS` for theirs); the learning rate is constant (they use
 ReduceLROnPlateau on a validation loss); the buffer is initialised from the prior for
 every target (their GMM run starts from an SDE driven by the MC estimator itself).
-iDEM has no tractable density here: :meth:`IDEM.log_prob` returns None (the paper's NLL
-comes from a separate flow-matching model trained on the buffer or from the
-probability-flow ODE; neither is implemented yet).
+Density: :meth:`IDEM.log_prob` is the log density of the score model's probability-flow
+ODE (:mod:`.pf_ode`, exact or Hutchinson divergence), and :meth:`IDEM.sample_with_log_prob`
+draws samples by that ODE with their log q, so the sampler report has NLL and ESS for
+iDEM (the paper's NLL/ESS come from a separate flow-matching model fit to the buffer).
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ from torch import nn
 from ..engine import Engine, StateOf
 from ..nn.egnn import EGNN
 from ..nn.mlp import MLP
+from .pf_ode import ProbabilityFlow, subspace_dimension
 from .common import SAMPLER_CHECKPOINT_FORMAT, check_method, particle_shape, sampler_fingerprint, target_spec
 from .registry import SamplerMethod, register_method
 from ..errors import FlowforceError
@@ -195,16 +197,20 @@ class IDEMModel(nn.Module):
         data_scale: x = data_scale · z.
         diffusion_scale: η, the noise factor of the reverse SDE.
         integration_steps: Euler–Maruyama steps of the reverse SDE.
+        ode_steps, divergence, n_probes: the probability-flow ODE of :meth:`flow` (RK4
+            steps, "exact" or "hutchinson" divergence, Hutchinson probes).
     """
 
     def __init__(self, dim: int, particles: tuple[int, int] | None, network: str, hidden: int, n_layers: int,
                  sigma_min: float, sigma_max: float, data_scale: float = 1.0, diffusion_scale: float = 1.0,
-                 integration_steps: int = 200):
+                 integration_steps: int = 200, ode_steps: int = 100, divergence: str = "exact",
+                 n_probes: int = 1):
         super().__init__()
         self.dim, self.particles = int(dim), particles
         self.schedule = GeometricNoiseSchedule(sigma_min, sigma_max)
         self.data_scale, self.diffusion_scale = float(data_scale), float(diffusion_scale)
         self.integration_steps = int(integration_steps)
+        self.ode_steps, self.divergence, self.n_probes = int(ode_steps), str(divergence), int(n_probes)
         if network == "egnn":
             if particles is None:
                 raise FlowforceError("network 'egnn' needs a particle target (with n_particles and spatial_dim)")
@@ -245,6 +251,26 @@ class IDEMModel(nn.Module):
     def sample(self, n: int, generator: torch.Generator | None = None, steps: int | None = None) -> Tensor:
         """n samples in the target's coordinates, ``(n, dim)``."""
         return self.sample_z(n, generator, steps) * self.data_scale
+
+    def flow(self) -> ProbabilityFlow:
+        """The probability-flow ODE of s_θ (in z units)."""
+        return ProbabilityFlow(self.score, self.schedule, self.dim, self.particles, self.ode_steps,
+                               self.divergence, self.n_probes)
+
+    def log_prob(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """log q(x) ``(B,)`` of the probability-flow ODE at x ``(B, dim)`` (target coordinates,
+        made mean-free for particles; a density on the zero-CoM subspace then, of dimension
+        ``(N − 1)·d``): ``log q_z(x/s) − n·log s`` for ``data_scale`` s."""
+        dtype = next(self.parameters()).dtype
+        z = x.detach().to(dtype) / self.data_scale
+        n = subspace_dimension(self.dim, self.particles)
+        return self.flow().log_prob(z, generator) - n * math.log(self.data_scale)
+
+    def sample_with_log_prob(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """n samples ``(n, dim)`` by the probability-flow ODE from the prior, with log q ``(n,)``."""
+        dtype = next(self.parameters()).dtype
+        z, log_q = self.flow().sample(n, dtype, generator)
+        return z * self.data_scale, log_q - subspace_dimension(self.dim, self.particles) * math.log(self.data_scale)
 
 
 class ReplayBuffer:
@@ -321,7 +347,9 @@ class IDEM(SamplerMethod):
     ``integration_steps``, ``diffusion_scale``, ``data_scale``, ``steps`` (total
     regression steps), ``steps_per_outer``, ``grad_clip`` (gradient-norm clip, 0.5 as
     Lightning's ``gradient_clip_val`` in their trainer), ``seed``, ``checkpoint_every``,
-    ``log_every``.
+    ``log_every``; for the probability-flow likelihood (evaluation only, may change on
+    resume): ``ode_steps`` (RK4 steps), ``divergence`` ("exact", n backward passes per
+    evaluation, or "hutchinson"), ``n_probes`` (Hutchinson probes).
     """
 
     name = "idem"
@@ -330,7 +358,7 @@ class IDEM(SamplerMethod):
         "max_score_norm": None, "weighting": None, "lr": None, "batch": None, "buffer_size": None,
         "n_init": 1024, "n_generate": None, "integration_steps": None, "diffusion_scale": None,
         "data_scale": None, "steps": None, "steps_per_outer": None, "grad_clip": 0.5, "seed": 0,
-        "checkpoint_every": 500, "log_every": 10,
+        "checkpoint_every": 500, "log_every": 10, "ode_steps": 100, "divergence": "exact", "n_probes": 1,
     }
 
     def resolve(self, target: Any, options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -352,13 +380,19 @@ class IDEM(SamplerMethod):
             torch.manual_seed(int(opts["seed"]))
             return IDEMModel(target.dim, particle_shape(target), opts["network"], int(opts["hidden"]),
                              int(opts["n_layers"]), opts["sigma_min"], opts["sigma_max"], opts["data_scale"],
-                             opts["diffusion_scale"], opts["integration_steps"])
+                             opts["diffusion_scale"], opts["integration_steps"], opts["ode_steps"],
+                             opts["divergence"], opts["n_probes"])
 
     def sample(self, model: IDEMModel, n: int, generator: torch.Generator | None = None) -> Tensor:
         return model.sample(n, generator)
 
-    def log_prob(self, model: nn.Module, x: Tensor) -> Tensor | None:
-        return None
+    def log_prob(self, model: IDEMModel, x: Tensor) -> Tensor:
+        """log q of the probability-flow ODE (see :meth:`IDEMModel.log_prob`)."""
+        return model.log_prob(x).detach()
+
+    def sample_with_log_prob(self, model: IDEMModel, n: int) -> tuple[Tensor, Tensor]:
+        """Samples drawn by the probability-flow ODE with their log q (for importance weights)."""
+        return model.sample_with_log_prob(n)
 
     def train(self, model: IDEMModel, target: Any, options: Mapping[str, Any], checkpoint: str | Path,
               progress: bool = True, log_path: str | Path | None = None) -> dict[str, Any]:
