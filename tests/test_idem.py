@@ -17,7 +17,7 @@ from openmm_flowforce.samplers.idem import GeometricNoiseSchedule, clip_score_no
 
 # Small everything: a few seconds per run on one core.
 TINY = dict(n_mc=20, batch=16, n_generate=32, integration_steps=10, steps_per_outer=2, hidden=8, n_layers=2,
-            n_init=64, checkpoint_every=3, log_every=1, ode_steps=4)
+            n_init=64, checkpoint_every=3, log_every=1, ode_steps=4, ema=0.5)
 
 
 def _score_error(k: int, sigma: float, seed: int = 0) -> float:
@@ -90,6 +90,24 @@ def test_egnn_equivariance(n_particles, dim):
     assert torch.allclose(v_moved, (v @ q)[:, perm], atol=1e-8, rtol=0)
     assert v.sum(1).abs().max() < 1e-10  # mean-free output
     assert net(x.reshape(b, n_particles, dim), t).shape == (b, n_particles, dim)
+
+
+def test_ema_average_is_what_eval_mode_scores_with():
+    from openmm_flowforce.samplers.idem import IDEMModel
+
+    torch.manual_seed(0)
+    model = IDEMModel(2, None, "mlp", 8, 2, sigma_min=0.01, sigma_max=1.0, ema=True)
+    before = [p.clone() for p in model.net.parameters()]
+    with torch.no_grad():
+        for p in model.net.parameters():
+            p.add_(1.0)
+    model.update_ema(0.75)  # θ_ema = 0.75 θ_old + 0.25 (θ_old + 1)
+    for averaged, old in zip(model.ema_net.parameters(), before):
+        torch.testing.assert_close(averaged, old + 0.25)
+    z, t = torch.randn(5, 2), torch.rand(5)
+    torch.testing.assert_close(model.eval().score(z, t), model.ema_net(z, t))
+    torch.testing.assert_close(model.train().score(z, t), model.net(z, t))
+    assert not (model.eval().score(z, t) - model.net(z, t)).abs().max() < 1e-3
 
 
 def test_idem_registered_with_per_target_defaults():

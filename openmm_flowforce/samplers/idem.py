@@ -38,6 +38,7 @@ iDEM (the paper's NLL/ESS come from a separate flow-matching model fit to the bu
 """
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -199,12 +200,14 @@ class IDEMModel(nn.Module):
         integration_steps: Euler–Maruyama steps of the reverse SDE.
         ode_steps, divergence, n_probes: the probability-flow ODE of :meth:`flow` (RK4
             steps, "exact" or "hutchinson" divergence, Hutchinson probes).
+        ema: keep an exponential moving average of the score network's weights (updated
+            by :meth:`update_ema`); in eval mode the score (sampling, the ODE) uses it.
     """
 
     def __init__(self, dim: int, particles: tuple[int, int] | None, network: str, hidden: int, n_layers: int,
                  sigma_min: float, sigma_max: float, data_scale: float = 1.0, diffusion_scale: float = 1.0,
                  integration_steps: int = 200, ode_steps: int = 100, divergence: str = "exact",
-                 n_probes: int = 1):
+                 n_probes: int = 1, ema: bool = False):
         super().__init__()
         self.dim, self.particles = int(dim), particles
         self.schedule = GeometricNoiseSchedule(sigma_min, sigma_max)
@@ -219,10 +222,21 @@ class IDEMModel(nn.Module):
             self.net = _TimeMLP(dim, hidden, n_layers)
         else:
             raise FlowforceError(f"unknown network {network!r}; valid: egnn, mlp")
+        # A frozen copy, saved with the model (so checkpoints and resume keep it).
+        self.ema_net = copy.deepcopy(self.net).requires_grad_(False) if ema else None
 
     def score(self, z: Tensor, t: Tensor) -> Tensor:
-        """s_θ(z, t) ≈ ∇_z log p_t(z), ``(B, dim)``."""
-        return self.net(z, t)
+        """s_θ(z, t) ≈ ∇_z log p_t(z), ``(B, dim)`` (the averaged weights in eval mode, if kept)."""
+        net = self.ema_net if self.ema_net is not None and not self.training else self.net
+        return net(z, t)
+
+    @torch.no_grad()
+    def update_ema(self, decay: float) -> None:
+        """θ_ema ← decay·θ_ema + (1 − decay)·θ (no-op without an average)."""
+        if self.ema_net is None:
+            return
+        for averaged, current in zip(self.ema_net.parameters(), self.net.parameters()):
+            averaged.lerp_(current, 1.0 - decay)
 
     def prior_sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n draws of N(0, σ²(1) I) in z units (mean-free for particles)."""
@@ -312,13 +326,13 @@ PAPER_SETTINGS: dict[str, dict[str, Any]] = {
 #: clipping and weighting as the paper; smaller K, batch, networks, SDE steps.
 CPU_SETTINGS: dict[str, dict[str, Any]] = {
     "gmm40": dict(PAPER_SETTINGS["gmm40"], n_mc=500, batch=256, n_generate=500, integration_steps=200,
-                  steps=2000, steps_per_outer=100),
+                  steps=2000, steps_per_outer=100, ema=0.0),
     "dw4": dict(PAPER_SETTINGS["dw4"], hidden=64, n_mc=200, batch=128, n_generate=500, integration_steps=200,
-                steps=2000, steps_per_outer=100),
+                steps=2000, steps_per_outer=100, ema=0.0),
     "lj13": dict(PAPER_SETTINGS["lj13"], hidden=32, n_layers=3, n_mc=100, batch=64, n_generate=256,
-                 integration_steps=100, steps=2000, steps_per_outer=200),
+                 integration_steps=100, steps=2000, steps_per_outer=200, ema=0.0),
     "lj55": dict(PAPER_SETTINGS["lj55"], hidden=32, n_layers=3, n_mc=50, batch=16, n_generate=32,
-                 integration_steps=100, steps=1000, steps_per_outer=200),
+                 integration_steps=100, steps=1000, steps_per_outer=200, ema=0.0),
 }
 
 
@@ -346,7 +360,8 @@ class IDEM(SamplerMethod):
     first put in the buffer), ``n_generate`` (SDE samples per outer iteration),
     ``integration_steps``, ``diffusion_scale``, ``data_scale``, ``steps`` (total
     regression steps), ``steps_per_outer``, ``grad_clip`` (gradient-norm clip, 0.5 as
-    Lightning's ``gradient_clip_val`` in their trainer), ``seed``, ``checkpoint_every``,
+    Lightning's ``gradient_clip_val`` in their trainer), ``ema`` (decay of the moving
+    average of the score weights used for sampling; 0 = none), ``seed``, ``checkpoint_every``,
     ``log_every``; for the probability-flow likelihood (evaluation only, may change on
     resume): ``ode_steps`` (RK4 steps), ``divergence`` ("exact", n backward passes per
     evaluation, or "hutchinson"), ``n_probes`` (Hutchinson probes).
@@ -359,6 +374,7 @@ class IDEM(SamplerMethod):
         "n_init": 1024, "n_generate": None, "integration_steps": None, "diffusion_scale": None,
         "data_scale": None, "steps": None, "steps_per_outer": None, "grad_clip": 0.5, "seed": 0,
         "checkpoint_every": 500, "log_every": 10, "ode_steps": 100, "divergence": "exact", "n_probes": 1,
+        "ema": None,
     }
 
     def resolve(self, target: Any, options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -381,7 +397,7 @@ class IDEM(SamplerMethod):
             return IDEMModel(target.dim, particle_shape(target), opts["network"], int(opts["hidden"]),
                              int(opts["n_layers"]), opts["sigma_min"], opts["sigma_max"], opts["data_scale"],
                              opts["diffusion_scale"], opts["integration_steps"], opts["ode_steps"],
-                             opts["divergence"], opts["n_probes"])
+                             opts["divergence"], opts["n_probes"], ema=opts["ema"] > 0)
 
     def sample(self, model: IDEMModel, n: int, generator: torch.Generator | None = None) -> Tensor:
         return model.sample(n, generator)
@@ -485,6 +501,7 @@ class _Trainer:
         if opts["grad_clip"]:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), opts["grad_clip"])
         self.optimizer.step()
+        self.model.update_ema(opts["ema"])
         return float(loss.detach())
 
     def step(self) -> dict[str, float]:

@@ -34,6 +34,7 @@ SAMPLER_OPTIONS: dict[str, Option] = {
     "transform": Option(str), "mean_free": Option(bool), "buffer": Option(bool),
     "flow": Option(str, choices=("real", "equivariant")),
     "divergence": Option(str, choices=("exact", "hutchinson")),
+    "ema": Option(float, minimum=0.0, maximum=1.0, open_maximum=True),
 }
 
 
