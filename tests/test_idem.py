@@ -189,7 +189,7 @@ def test_cli_sampler_train_sample_evaluate(tmp_path, capsys):
     np.save(tmp_path / "ref.npy", reference)
     report_path = tmp_path / "report.json"
     assert main(["sampler", "evaluate", str(ckpt), "--reference", str(tmp_path / "ref.npy"), "-n", "40",
-                 "--out", str(report_path)]) == 0
+                 "--out", str(report_path), "--ode-steps", "3", "--divergence", "hutchinson", "--probes", "2"]) == 0
     report = json.loads(report_path.read_text())
     for key in ("w2_unaligned", "w2_aligned", "w2_energy", "tv_distances", "energy_evaluations",
                 "training_wall_time_s"):

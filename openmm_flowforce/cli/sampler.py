@@ -15,6 +15,8 @@ from openmm_flowforce.options import POSITIVE_INT, SEED, Option
 
 #: ``--flow`` (the same rule as the ``flow`` option of the flow sampler methods).
 FLOW = Option(str, choices=("real", "equivariant"))
+#: ``--divergence`` of ``evaluate`` (iDEM's option of the same name).
+DIVERGENCE = Option(str, choices=("exact", "hutchinson"))
 
 HELP = "train, sample and evaluate energy-only samplers (iDEM, FAB, reverse KL, SNF, CRAFT, ESH) on toy targets"
 
@@ -85,6 +87,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--no-align", action="store_true",
                           help="skip the aligned W2 (minutes for 1000 LJ-13 samples)")
     evaluate.add_argument("--seed", type=flag(SEED), default=0)
+    evaluate.add_argument("--ode-steps", type=flag(POSITIVE_INT), metavar="N",
+                          help="iDEM: RK4 steps of the probability-flow ODE for NLL/ESS (default: the checkpoint's)")
+    evaluate.add_argument("--divergence", type=flag(DIVERGENCE), metavar="{exact,hutchinson}",
+                          help="iDEM: exact divergence (default) or the Hutchinson estimate (large systems)")
+    evaluate.add_argument("--probes", type=flag(POSITIVE_INT), metavar="M",
+                          help="iDEM: Hutchinson probes per sample (with --divergence hutchinson)")
     parser.set_defaults(_sampler_parser=parser)
 
 
@@ -185,7 +193,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from openmm_flowforce.samplers.common import import_methods, load_sampler
 
     import_methods()
-    loaded = load_sampler(args.checkpoint)
+    given = {"ode_steps": args.ode_steps, "divergence": args.divergence, "n_probes": args.probes}
+    loaded = load_sampler(args.checkpoint, evaluation_options={k: v for k, v in given.items() if v is not None})
     reference = load_reference(args.reference, loaded.target, args.n_samples, seed=args.seed)
     start = time.perf_counter()
     report = evaluate_sampler(loaded.method, loaded.model, loaded.target, reference, align=not args.no_align,
