@@ -75,7 +75,7 @@ def baselines(target_name: str, reference: np.ndarray, seed: int) -> dict:
     from openmm_flowforce.samplers.common import make_target
 
     target = make_target(target_name)
-    gauss = np.random.default_rng(seed + 7).normal(size=reference.shape) * reference.std()
+    gauss = np.random.default_rng(seed).normal(size=reference.shape) * reference.std()
     gauss = target.remove_mean(torch.as_tensor(gauss)).numpy()
     second = load_reference(VALIDATION[target_name], target, len(reference), seed=seed + 1)
     return {"w2_gaussian": w2_samples(gauss, reference), "w2_floor": w2_samples(second, reference)}
