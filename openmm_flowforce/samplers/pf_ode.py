@@ -43,7 +43,7 @@ in log σ once σ ≫ σ_min, where the flow is smooth).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -53,8 +53,16 @@ Tensor = torch.Tensor
 Score = Callable[[Tensor, Tensor], Tensor]
 Field = Callable[[Tensor], Tensor]
 
-__all__ = ["DIVERGENCES", "ProbabilityFlow", "divergence_exact", "divergence_hutchinson", "mean_free_basis",
-           "subspace_dimension"]
+class NoiseSchedule(Protocol):
+    """A VE schedule: ``variance(t)`` (σ² added from 0 to t) and ``g2(t) = dσ²/dt``, t ``(B,)`` or scalar."""
+
+    def variance(self, t: Tensor) -> Tensor: ...
+
+    def g2(self, t: Tensor) -> Tensor: ...
+
+
+__all__ = ["DIVERGENCES", "NoiseSchedule", "ProbabilityFlow", "divergence_exact", "divergence_hutchinson",
+           "mean_free_basis", "subspace_dimension"]
 
 
 def subspace_dimension(dim: int, particles: tuple[int, int] | None) -> int:
@@ -131,8 +139,8 @@ class ProbabilityFlow:
         n_probes: Hutchinson probes per trajectory (ignored by ``"exact"``).
     """
 
-    def __init__(self, score: Score, schedule, dim: int, particles: tuple[int, int] | None, steps: int = 100,
-                 divergence: str = "exact", n_probes: int = 1):
+    def __init__(self, score: Score, schedule: NoiseSchedule, dim: int, particles: tuple[int, int] | None,
+                 steps: int = 100, divergence: str = "exact", n_probes: int = 1):
         if divergence not in DIVERGENCES:
             raise FlowforceError(f"unknown divergence {divergence!r}; valid: {', '.join(DIVERGENCES)}")
         if steps < 1 or n_probes < 1:
