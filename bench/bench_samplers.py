@@ -4,9 +4,10 @@ Trains every registered sampler method (idem, fab, reverse-kl, ... — whatever
 ``openmm_flowforce.samplers.common.import_methods`` finds) on each target from the energy
 alone, then compares 1000 samples with 1000 reference samples (``/work/shared/data``,
 the iDEM authors' test splits) and prints one row per (target, method): W2 unaligned
-(iDEM's x-W2), W2 aligned, energy W2, distance-histogram TV, NLL and ESS where the method
-has a density, energy evaluations and wall time; the published numbers are printed
-beside them. Not a test.
+(iDEM's x-W2), its score between a Gaussian (0) and a second reference set (1), W2
+aligned, energy W2, distance-histogram TV, NLL and ESS where the method has a density
+(iDEM: its probability-flow ODE), energy evaluations and wall time; the published
+numbers are printed beside them. Not a test.
 
     python bench/bench_samplers.py [--targets dw4 lj13] [--methods idem] \\
         [--steps idem=2000] [--option flow=equivariant ...] [--n-eval 1000] [--no-align] \\
@@ -36,6 +37,8 @@ import torch
 
 #: Reference test sets (the iDEM authors' splits, see /work/shared/data/README.md).
 REFERENCE = {"dw4": "/work/shared/data/dw4/test.npy", "lj13": "/work/shared/data/lj13/test.npy"}
+#: A second reference set of the same distribution: its W2 to the test set is the floor.
+VALIDATION = {"dw4": "/work/shared/data/dw4/val.npy", "lj13": "/work/shared/data/lj13/val.npy"}
 
 #: The iDEM paper's Table 2 (arXiv 2402.06121; mean ± std over 3 seeds). LJ-13: iDEM
 #: W2 4.26, NLL 17.68, ESS 0.231 (as quoted in the task and in a public script that
@@ -61,6 +64,23 @@ def _parse_steps(items: list[str]) -> dict[str, int]:
     return steps
 
 
+def baselines(target_name: str, reference: np.ndarray, seed: int) -> dict:
+    """x-W2 of two baselines against the reference (n rows each): ``w2_gaussian``, an
+    isotropic Gaussian with the reference's coordinate standard deviation (made mean-free
+    for particle targets), and ``w2_floor``, a second reference set (``val.npy``) — what a
+    perfect sampler scores. A sampler's ``score`` is (W2_gaussian − W2)/(W2_gaussian − W2_floor):
+    0 for the Gaussian, 1 at the floor."""
+    from openmm_flowforce.analysis.metrics import w2_samples
+    from openmm_flowforce.analysis.sampler_report import load_reference
+    from openmm_flowforce.samplers.common import make_target
+
+    target = make_target(target_name)
+    gauss = np.random.default_rng(seed).normal(size=reference.shape) * reference.std()
+    gauss = target.remove_mean(torch.as_tensor(gauss)).numpy()
+    second = load_reference(VALIDATION[target_name], target, len(reference), seed=seed + 1)
+    return {"w2_gaussian": w2_samples(gauss, reference), "w2_floor": w2_samples(second, reference)}
+
+
 def run_one(method_name: str, target_name: str, steps: int | None, n_eval: int, align: bool, workdir: Path,
             seed: int, extra: dict | None = None) -> dict:
     from openmm_flowforce.analysis.sampler_report import evaluate_sampler, load_reference
@@ -78,7 +98,11 @@ def run_one(method_name: str, target_name: str, steps: int | None, n_eval: int, 
     reference = load_reference(REFERENCE[target_name], target, n_eval, seed=seed)
     start = time.perf_counter()
     report = evaluate_sampler(method, model, target, reference, align=align, seed=seed)
-    return {"target": target_name, "method": method_name, "options": dict(extra or {}), **report,
+    base = baselines(target_name, reference, seed)
+    w2 = report["w2_unaligned"]
+    score = None if w2 is None else (base["w2_gaussian"] - w2) / (base["w2_gaussian"] - base["w2_floor"])
+    return {"target": target_name, "method": method_name, "options": dict(extra or {}), **report, **base,
+            "score": score,
             "training_steps": summary["steps"], "energy_evaluations": summary["energy_evaluations"],
             "training_wall_time_s": summary["wall_time_s"], "evaluation_wall_time_s": time.perf_counter() - start,
             "published": PUBLISHED.get((target_name, method_name), {})}
@@ -131,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {method_name} on {target_name}", file=sys.stderr)
             rows.append(run_one(method_name, target_name, steps.get(method_name), args.n_eval,
                                 not args.no_align, workdir, args.seed, extra))
-    columns = ("w2_unaligned", "w2_aligned", "w2_energy", "tv_distances", "nll", "ess", "energy_evaluations",
-               "training_wall_time_s")
+    columns = ("w2_unaligned", "w2_gaussian", "w2_floor", "score", "w2_aligned", "w2_energy", "tv_distances",
+               "nll", "ess", "energy_evaluations", "training_wall_time_s", "evaluation_wall_time_s")
     print("| target | method | " + " | ".join(columns) + " | published (W2 / NLL / ESS) |")
     print("|" + "---|" * (len(columns) + 3))
     for row in rows:

@@ -17,7 +17,9 @@ the iDEM paper's tables (Akhound-Sadegh et al. 2024, arXiv 2402.06121):
   the reference's range (iDEM's ``dist_total_var``); particle targets only.
 * ``nll`` (−mean log q on the reference) and ``ess`` (Kish, from
   ``log w = −u(x) − log q(x)`` on the model's samples) when the method has a density;
-  None otherwise. Methods with ``sample_with_log_weights`` (SNF, CRAFT) take the ESS from
+  None otherwise. Methods with ``sample_with_log_prob`` (iDEM's probability-flow ODE)
+  take the ESS from a fresh batch of n samples drawn with their log q. Methods with
+  ``sample_with_log_weights`` (SNF, CRAFT) take the ESS from
   their own path/SMC weights (a fresh batch of n) and add ``log_z`` (log-mean-exp of those
   weights); SNF's ``nll`` is its path estimate (an upper bound in expectation).
 """
@@ -138,8 +140,18 @@ def evaluate_sampler(method: Any, model: torch.nn.Module, target: Any, reference
         report["nll"] = report["ess"] = None
     else:
         report["nll"] = float(-log_q_ref.detach().to(torch.float64).mean())
-        log_q_gen = method.log_prob(model, x.to(dtype)).detach().to(torch.float64)
-        report["ess"] = ess(torch.where(finite, -u_gen - log_q_gen, torch.full_like(u_gen, -torch.inf)))
+        with_log_prob = getattr(method, "sample_with_log_prob", None)
+        if with_log_prob is not None:  # iDEM: the ODE gives samples and their log q in one pass
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + 1)
+                x_w, log_q_gen = (v.detach().to(torch.float64) for v in with_log_prob(model, n))
+            with torch.no_grad():
+                u_w = target.energy(x_w)
+        else:
+            x_w, u_w = x, u_gen
+            log_q_gen = method.log_prob(model, x.to(dtype)).detach().to(torch.float64)
+        log_w = -u_w - log_q_gen
+        report["ess"] = ess(torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -torch.inf)))
     weighted = getattr(method, "sample_with_log_weights", None)
     if weighted is not None:  # path or SMC weights (SNF, CRAFT): the ESS of the samples' own weights
         with torch.no_grad(), torch.random.fork_rng(devices=[]):

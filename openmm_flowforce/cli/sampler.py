@@ -15,6 +15,8 @@ from openmm_flowforce.options import POSITIVE_INT, SEED, Option
 
 #: ``--flow`` (the same rule as the ``flow`` option of the flow sampler methods).
 FLOW = Option(str, choices=("real", "equivariant", "internal"))
+#: ``--divergence`` of ``evaluate`` (iDEM's option of the same name).
+DIVERGENCE = Option(str, choices=("exact", "hutchinson"))
 
 HELP = ("train, sample and evaluate energy-only samplers (iDEM, FAB, reverse KL, SNF, CRAFT, ESH) on toy targets "
         "and alanine dipeptide")
@@ -100,6 +102,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--seed", type=flag(SEED), default=0)
     evaluate.add_argument("--plot", metavar="PLOT.png",
                           help="molecule targets: phi/psi histograms (reference | flow | reweighted) and energies")
+    evaluate.add_argument("--ode-steps", type=flag(POSITIVE_INT), metavar="N",
+                          help="iDEM: RK4 steps of the probability-flow ODE for NLL/ESS (default: the checkpoint's)")
+    evaluate.add_argument("--divergence", type=flag(DIVERGENCE), metavar="{exact,hutchinson}",
+                          help="iDEM: exact divergence (default) or the Hutchinson estimate (large systems)")
+    evaluate.add_argument("--probes", type=flag(POSITIVE_INT), metavar="M",
+                          help="iDEM: Hutchinson probes per sample (with --divergence hutchinson)")
     parser.set_defaults(_sampler_parser=parser)
 
 
@@ -200,7 +208,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from openmm_flowforce.samplers.common import import_methods, load_sampler
 
     import_methods()
-    loaded = load_sampler(args.checkpoint)
+    given = {"ode_steps": args.ode_steps, "divergence": args.divergence, "n_probes": args.probes}
+    loaded = load_sampler(args.checkpoint, evaluation_options={k: v for k, v in given.items() if v is not None})
     if getattr(loaded.target, "topology", None) is not None:
         return _evaluate_molecule(args, loaded)
     if args.plot is not None:

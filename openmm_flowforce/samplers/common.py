@@ -70,8 +70,12 @@ class LoadedSampler(NamedTuple):
     checkpoint: dict[str, Any]
 
 
-def load_sampler(path: str | os.PathLike, target: Any = None) -> LoadedSampler:
+def load_sampler(path: str | os.PathLike, target: Any = None,
+                 evaluation_options: Mapping[str, Any] | None = None) -> LoadedSampler:
     """Rebuild method, target and model from a sampler checkpoint (``weights_only`` load).
+
+    ``evaluation_options`` replace the checkpoint's options that do not change the trained
+    model (e.g. iDEM's ``ode_steps``); the method rejects keys it does not have.
 
     Raises:
         FileNotFoundError: no such file.
@@ -87,6 +91,8 @@ def load_sampler(path: str | os.PathLike, target: Any = None) -> LoadedSampler:
                                  "make_target); pass target= explicitly")
         target = make_target(spec["name"], **spec.get("kwargs", {}))
     options = dict(ckpt["options"])
+    if evaluation_options:
+        options = method.options({**options, **evaluation_options}, where=str(path))
     model = method.build(target, options)
     model.load_state_dict(ckpt["model"])
     model.eval()
@@ -94,7 +100,7 @@ def load_sampler(path: str | os.PathLike, target: Any = None) -> LoadedSampler:
 
 
 #: Options that may differ between a checkpoint and the run resuming it.
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every")
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "ode_steps", "divergence", "n_probes")
 
 
 def sampler_fingerprint(target: Any, options: Mapping[str, Any]) -> dict[str, Any]:

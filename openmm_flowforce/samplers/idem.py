@@ -31,12 +31,14 @@ scaled down so a CPU run takes minutes (K, batch, integration steps, widths: see
 :data:`PAPER_SETTINGS` for theirs); the learning rate is constant (they use
 ReduceLROnPlateau on a validation loss); the buffer is initialised from the prior for
 every target (their GMM run starts from an SDE driven by the MC estimator itself).
-iDEM has no tractable density here: :meth:`IDEM.log_prob` returns None (the paper's NLL
-comes from a separate flow-matching model trained on the buffer or from the
-probability-flow ODE; neither is implemented yet).
+Density: :meth:`IDEM.log_prob` is the log density of the score model's probability-flow
+ODE (:mod:`.pf_ode`, exact or Hutchinson divergence), and :meth:`IDEM.sample_with_log_prob`
+draws samples by that ODE with their log q, so the sampler report has NLL and ESS for
+iDEM (the paper's NLL/ESS come from a separate flow-matching model fit to the buffer).
 """
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -47,6 +49,7 @@ from torch import nn
 from ..engine import Engine, StateOf
 from ..nn.egnn import EGNN
 from ..nn.mlp import MLP
+from .pf_ode import ProbabilityFlow, subspace_dimension
 from .common import SAMPLER_CHECKPOINT_FORMAT, check_method, particle_shape, sampler_fingerprint, target_spec
 from .registry import SamplerMethod, register_method
 from ..errors import FlowforceError
@@ -195,16 +198,22 @@ class IDEMModel(nn.Module):
         data_scale: x = data_scale · z.
         diffusion_scale: η, the noise factor of the reverse SDE.
         integration_steps: Euler–Maruyama steps of the reverse SDE.
+        ode_steps, divergence, n_probes: the probability-flow ODE of :meth:`flow` (RK4
+            steps, "exact" or "hutchinson" divergence, Hutchinson probes).
+        ema: keep an exponential moving average of the score network's weights (updated
+            by :meth:`update_ema`); in eval mode the score (sampling, the ODE) uses it.
     """
 
     def __init__(self, dim: int, particles: tuple[int, int] | None, network: str, hidden: int, n_layers: int,
                  sigma_min: float, sigma_max: float, data_scale: float = 1.0, diffusion_scale: float = 1.0,
-                 integration_steps: int = 200):
+                 integration_steps: int = 200, ode_steps: int = 100, divergence: str = "exact",
+                 n_probes: int = 1, ema: bool = False):
         super().__init__()
         self.dim, self.particles = int(dim), particles
         self.schedule = GeometricNoiseSchedule(sigma_min, sigma_max)
         self.data_scale, self.diffusion_scale = float(data_scale), float(diffusion_scale)
         self.integration_steps = int(integration_steps)
+        self.ode_steps, self.divergence, self.n_probes = int(ode_steps), str(divergence), int(n_probes)
         if network == "egnn":
             if particles is None:
                 raise FlowforceError("network 'egnn' needs a particle target (with n_particles and spatial_dim)")
@@ -213,10 +222,21 @@ class IDEMModel(nn.Module):
             self.net = _TimeMLP(dim, hidden, n_layers)
         else:
             raise FlowforceError(f"unknown network {network!r}; valid: egnn, mlp")
+        # A frozen copy, saved with the model (so checkpoints and resume keep it).
+        self.ema_net = copy.deepcopy(self.net).requires_grad_(False) if ema else None
 
     def score(self, z: Tensor, t: Tensor) -> Tensor:
-        """s_θ(z, t) ≈ ∇_z log p_t(z), ``(B, dim)``."""
-        return self.net(z, t)
+        """s_θ(z, t) ≈ ∇_z log p_t(z), ``(B, dim)`` (the averaged weights in eval mode, if kept)."""
+        net = self.ema_net if self.ema_net is not None and not self.training else self.net
+        return net(z, t)
+
+    @torch.no_grad()
+    def update_ema(self, decay: float) -> None:
+        """θ_ema ← decay·θ_ema + (1 − decay)·θ (no-op without an average)."""
+        if self.ema_net is None:
+            return
+        for averaged, current in zip(self.ema_net.parameters(), self.net.parameters()):
+            averaged.lerp_(current, 1.0 - decay)
 
     def prior_sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n draws of N(0, σ²(1) I) in z units (mean-free for particles)."""
@@ -245,6 +265,26 @@ class IDEMModel(nn.Module):
     def sample(self, n: int, generator: torch.Generator | None = None, steps: int | None = None) -> Tensor:
         """n samples in the target's coordinates, ``(n, dim)``."""
         return self.sample_z(n, generator, steps) * self.data_scale
+
+    def flow(self) -> ProbabilityFlow:
+        """The probability-flow ODE of s_θ (in z units)."""
+        return ProbabilityFlow(self.score, self.schedule, self.dim, self.particles, self.ode_steps,
+                               self.divergence, self.n_probes)
+
+    def log_prob(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """log q(x) ``(B,)`` of the probability-flow ODE at x ``(B, dim)`` (target coordinates,
+        made mean-free for particles; a density on the zero-CoM subspace then, of dimension
+        ``(N − 1)·d``): ``log q_z(x/s) − n·log s`` for ``data_scale`` s."""
+        dtype = next(self.parameters()).dtype
+        z = x.detach().to(dtype) / self.data_scale
+        n = subspace_dimension(self.dim, self.particles)
+        return self.flow().log_prob(z, generator) - n * math.log(self.data_scale)
+
+    def sample_with_log_prob(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """n samples ``(n, dim)`` by the probability-flow ODE from the prior, with log q ``(n,)``."""
+        dtype = next(self.parameters()).dtype
+        z, log_q = self.flow().sample(n, dtype, generator)
+        return z * self.data_scale, log_q - subspace_dimension(self.dim, self.particles) * math.log(self.data_scale)
 
 
 class ReplayBuffer:
@@ -283,16 +323,21 @@ PAPER_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 #: CPU-scale defaults per target kind (what ``None`` options resolve to). Same schedule,
-#: clipping and weighting as the paper; smaller K, batch, networks, SDE steps.
+#: clipping and weighting as the paper; smaller K, batch, networks, SDE steps. DW-4 differs
+#: more (BENCHMARKS.md, "iDEM at the CPU default"): σ_min = 0.01 instead of 10⁻⁵ puts 31 %
+#: rather than 14 % of the uniform t draws (and SDE steps) at σ > 0.5, where the K-sample
+#: target is mostly noise and needs the most averaging; a 2000-sample buffer holds the
+#: last 4 refills instead of every sample since the prior; sampling uses an EMA (0.99) of
+#: the score weights.
 CPU_SETTINGS: dict[str, dict[str, Any]] = {
     "gmm40": dict(PAPER_SETTINGS["gmm40"], n_mc=500, batch=256, n_generate=500, integration_steps=200,
-                  steps=2000, steps_per_outer=100),
+                  steps=2000, steps_per_outer=100, ema=0.0),
     "dw4": dict(PAPER_SETTINGS["dw4"], hidden=64, n_mc=200, batch=128, n_generate=500, integration_steps=200,
-                steps=2000, steps_per_outer=100),
+                steps=2000, steps_per_outer=100, sigma_min=0.01, buffer_size=2000, ema=0.99),
     "lj13": dict(PAPER_SETTINGS["lj13"], hidden=32, n_layers=3, n_mc=100, batch=64, n_generate=256,
-                 integration_steps=100, steps=2000, steps_per_outer=200),
+                 integration_steps=100, steps=2000, steps_per_outer=200, ema=0.0),
     "lj55": dict(PAPER_SETTINGS["lj55"], hidden=32, n_layers=3, n_mc=50, batch=16, n_generate=32,
-                 integration_steps=100, steps=1000, steps_per_outer=200),
+                 integration_steps=100, steps=1000, steps_per_outer=200, ema=0.0),
 }
 
 
@@ -320,8 +365,11 @@ class IDEM(SamplerMethod):
     first put in the buffer), ``n_generate`` (SDE samples per outer iteration),
     ``integration_steps``, ``diffusion_scale``, ``data_scale``, ``steps`` (total
     regression steps), ``steps_per_outer``, ``grad_clip`` (gradient-norm clip, 0.5 as
-    Lightning's ``gradient_clip_val`` in their trainer), ``seed``, ``checkpoint_every``,
-    ``log_every``.
+    Lightning's ``gradient_clip_val`` in their trainer), ``ema`` (decay of the moving
+    average of the score weights used for sampling; 0 = none), ``seed``, ``checkpoint_every``,
+    ``log_every``; for the probability-flow likelihood (evaluation only, may change on
+    resume): ``ode_steps`` (RK4 steps), ``divergence`` ("exact", n backward passes per
+    evaluation, or "hutchinson"), ``n_probes`` (Hutchinson probes).
     """
 
     name = "idem"
@@ -330,7 +378,8 @@ class IDEM(SamplerMethod):
         "max_score_norm": None, "weighting": None, "lr": None, "batch": None, "buffer_size": None,
         "n_init": 1024, "n_generate": None, "integration_steps": None, "diffusion_scale": None,
         "data_scale": None, "steps": None, "steps_per_outer": None, "grad_clip": 0.5, "seed": 0,
-        "checkpoint_every": 500, "log_every": 10,
+        "checkpoint_every": 500, "log_every": 10, "ode_steps": 100, "divergence": "exact", "n_probes": 1,
+        "ema": None,
     }
 
     def resolve(self, target: Any, options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -352,13 +401,19 @@ class IDEM(SamplerMethod):
             torch.manual_seed(int(opts["seed"]))
             return IDEMModel(target.dim, particle_shape(target), opts["network"], int(opts["hidden"]),
                              int(opts["n_layers"]), opts["sigma_min"], opts["sigma_max"], opts["data_scale"],
-                             opts["diffusion_scale"], opts["integration_steps"])
+                             opts["diffusion_scale"], opts["integration_steps"], opts["ode_steps"],
+                             opts["divergence"], opts["n_probes"], ema=opts["ema"] > 0)
 
     def sample(self, model: IDEMModel, n: int, generator: torch.Generator | None = None) -> Tensor:
         return model.sample(n, generator)
 
-    def log_prob(self, model: nn.Module, x: Tensor) -> Tensor | None:
-        return None
+    def log_prob(self, model: IDEMModel, x: Tensor) -> Tensor:
+        """log q of the probability-flow ODE (see :meth:`IDEMModel.log_prob`)."""
+        return model.log_prob(x).detach()
+
+    def sample_with_log_prob(self, model: IDEMModel, n: int) -> tuple[Tensor, Tensor]:
+        """Samples drawn by the probability-flow ODE with their log q (for importance weights)."""
+        return model.sample_with_log_prob(n)
 
     def train(self, model: IDEMModel, target: Any, options: Mapping[str, Any], checkpoint: str | Path,
               progress: bool = True, log_path: str | Path | None = None) -> dict[str, Any]:
@@ -451,6 +506,7 @@ class _Trainer:
         if opts["grad_clip"]:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), opts["grad_clip"])
         self.optimizer.step()
+        self.model.update_ema(opts["ema"])
         return float(loss.detach())
 
     def step(self) -> dict[str, float]:

@@ -24,7 +24,7 @@ SAMPLER_OPTIONS: dict[str, Option] = {
     **{key: POSITIVE_INT for key in ("steps", "batch_size", "batch", "buffer_size", "n_mc", "n_init", "n_generate",
                                      "integration_steps", "steps_per_outer", "n_layers", "hidden", "n_components",
                                      "checkpoint_every", "log_every", "n_leapfrog", "n_hmc", "n_updates",
-                                     "egnn_layers", "n_importance")},
+                                     "egnn_layers", "n_importance", "ode_steps", "n_probes")},
     **{key: POSITIVE for key in ("lr", "sigma_min", "sigma_max", "max_score_norm", "diffusion_scale", "data_scale",
                                  "scale", "step_size", "w_adjust_clip", "aug_scale")},
     "n_intermediate": COUNT, "min_buffer": COUNT, "grad_clip": NON_NEGATIVE, "seed": SEED,
@@ -33,6 +33,8 @@ SAMPLER_OPTIONS: dict[str, Option] = {
     "weighting": Option(str, choices=("none", "variance")), "spacing": Option(str, choices=("geometric", "linear")),
     "transform": Option(str), "mean_free": Option(bool), "buffer": Option(bool),
     "flow": Option(str, choices=("real", "equivariant", "internal")),
+    "divergence": Option(str, choices=("exact", "hutchinson")),
+    "ema": Option(float, minimum=0.0, maximum=1.0, open_maximum=True),
 }
 
 
@@ -84,6 +86,9 @@ class SamplerMethod:
         """Normalised log density of the samples, or None for methods without one."""
         return None
 
+    #: Methods whose density is cheapest along their own sampling path (iDEM's
+    #: probability-flow ODE) also define ``sample_with_log_prob(model, n) -> (x, log_q)``;
+    #: the sampler report then takes the ESS from those samples.
     #: Methods whose samples carry their own importance weights (SNF path weights, SMC
     #: weights) also define ``sample_with_log_weights(model, n) -> (x (n, dim), log_w (n,))``,
     #: log w with respect to exp(−u) whose log-mean-exp estimates log Z; the sampler
