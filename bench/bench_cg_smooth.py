@@ -123,7 +123,16 @@ def main() -> None:
     parser.add_argument("--md-ps", type=float, default=100.0, help="ps per walker (5 fs steps)")
     parser.add_argument("--workdir", default="cg_smooth")
     parser.add_argument("--quick", action="store_true", help="tiny models and MD: checks that the script runs")
+    parser.add_argument("--collect", nargs="+", metavar="DIR",
+                        help="only print the markdown table of the results.json in these workdirs (runs split "
+                             "over several processes)")
     args = parser.parse_args()
+    if args.collect:
+        merged: dict[str, Any] = {}
+        for folder in args.collect:
+            merged.update(json.loads((Path(folder) / "results.json").read_text()))
+        print_markdown(merged)
+        return
     torch.set_num_threads(1)
 
     from openmm_flowforce.analysis.bonded import bonds_of_pdb, compare_bonded
@@ -215,6 +224,24 @@ def print_table(results: dict[str, Any], frames: list[int], variants: list[str])
             blown = np.mean([r["blown_walkers"] for r in rows])
             print(f"{variant:>22} {n:>6} {len(rows):>5} {js.mean():>8.3f} ± {js.std(ddof=1) if len(js) > 1 else 0:.3f}"
                   f" {pos:>9.3f} {blown:>6.2f}")
+
+
+def print_markdown(results: dict[str, Any]) -> None:
+    """One row per (frames, variant): JS per seed, mean ± s.d., P(φ > 0), worst bond/angle W1."""
+    print("| frames | variant | JS per seed | JS mean ± s.d. | P(φ > 0) | worst bond W1 (pm) | worst angle W1 (°) "
+          "| CG val. loss start → best |")
+    print("|---:|---|---|---:|---:|---:|---:|---|")
+    rows = [r for r in results.values() if "js" in r]
+    for n in sorted({r["frames"] for r in rows}):
+        for variant in dict.fromkeys(r["variant"] for r in rows if r["frames"] == n):
+            cell = sorted((r for r in rows if r["frames"] == n and r["variant"] == variant), key=lambda r: r["seed"])
+            js = np.array([r["js"] for r in cell])
+            spread = f" ± {js.std(ddof=1):.3f}" if len(js) > 1 else ""
+            losses = "; ".join(f"{r['cg_initial_val_loss']:.3f} → {r['cg_best_val_loss']:.3f}" for r in cell)
+            print(f"| {n} | {variant} | {', '.join(f'{v:.3f}' for v in js)} | {js.mean():.3f}{spread} "
+                  f"| {np.mean([r['p_phi_positive'] for r in cell]):.4f} "
+                  f"| {np.mean([r['worst_bond_w1_pm'] for r in cell]):.2f} "
+                  f"| {np.mean([r['worst_angle_w1_deg'] for r in cell]):.2f} | {losses} |")
 
 
 if __name__ == "__main__":
