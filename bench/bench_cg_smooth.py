@@ -126,12 +126,15 @@ def main() -> None:
     parser.add_argument("--collect", nargs="+", metavar="DIR",
                         help="only print the markdown table of the results.json in these workdirs (runs split "
                              "over several processes)")
+    parser.add_argument("--plot", metavar="PNG", help="with --collect: JS against training frames, mean ± s.d.")
     args = parser.parse_args()
     if args.collect:
         merged: dict[str, Any] = {}
         for folder in args.collect:
             merged.update(json.loads((Path(folder) / "results.json").read_text()))
         print_markdown(merged)
+        if args.plot:
+            print(f"plot: {plot_collected(merged, Path(args.plot))}")
         return
     torch.set_num_threads(1)
 
@@ -224,6 +227,29 @@ def print_table(results: dict[str, Any], frames: list[int], variants: list[str])
             blown = np.mean([r["blown_walkers"] for r in rows])
             print(f"{variant:>22} {n:>6} {len(rows):>5} {js.mean():>8.3f} ± {js.std(ddof=1) if len(js) > 1 else 0:.3f}"
                   f" {pos:>9.3f} {blown:>6.2f}")
+
+
+def plot_collected(results: dict[str, Any], path: Path) -> Path:
+    """JS of the CG MD against training frames, one line per variant, error bars = s.d. over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results.values() if "js" in r]
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        frames = sorted({r["frames"] for r in rows if r["variant"] == variant})
+        js = [[r["js"] for r in rows if r["variant"] == variant and r["frames"] == n] for n in frames]
+        ax.errorbar(frames, [np.mean(v) for v in js], yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in js],
+                    marker="o", capsize=3, label=f"{variant} (seeds: {', '.join(str(len(v)) for v in js)})")
+    ax.set(xscale="log", yscale="log", xlabel="training frames (of a 20 ns reference)",
+           ylabel="JS of the CG MD's φ/ψ surface (nats)", title="alanine dipeptide, backbone CG")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def print_markdown(results: dict[str, Any]) -> None:
