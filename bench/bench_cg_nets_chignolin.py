@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from bench_md import write_results  # this folder
+
 #: Nets compared: name → ``net`` options of ``flowforce cg``.
 NETS = {
     "mlp (64, 64)": {"kind": "mlp", "hidden": [64, 64]},
@@ -112,10 +114,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     meta = {"data": str(args.data), "frames": frames, "steps": args.steps, "batch_size": args.batch_size,
             "lr": args.lr, "val_fraction": args.val_fraction, "force_scale": scale, "torch": torch.__version__}
-    print(json.dumps(meta))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    write_results(args.json, meta, rows)
 
 
 if __name__ == "__main__":

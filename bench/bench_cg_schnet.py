@@ -22,7 +22,6 @@ nothing and might be optimised away). Times swing on a shared machine: read the 
 from __future__ import annotations
 
 import argparse
-import json
 import platform as host
 import tempfile
 import time
@@ -33,7 +32,7 @@ import openmm
 import torch
 from openmm import app
 
-from bench_md import _steps_per_second as steps_per_second, _system as cg_system  # this folder
+from bench_md import _steps_per_second as steps_per_second, _system as cg_system, write_results  # this folder
 
 CHIGNOLIN = ("GLY", "TYR", "ASP", "PRO", "GLU", "THR", "GLY", "THR", "TRP", "GLY")
 
@@ -164,10 +163,7 @@ def main() -> None:
                         record(f"Cα chain ({n}), {label}: {backend}", system, x[0], plat, args.scaling_steps)
     meta = {"torch": torch.__version__, "openmm": openmm.__version__, "machine": host.machine(),
             "torch_threads": args.torch_threads}
-    print(json.dumps(meta))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    write_results(args.json, meta, rows)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,15 @@ def _system(masses, force) -> openmm.System:
     return system
 
 
+def write_results(path, meta: dict, rows: list) -> None:
+    """Print ``meta`` as JSON and, when ``path`` is given, write ``{"meta", "rows"}`` there."""
+    print(json.dumps(meta))
+    if path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4000, help="timed steps of the fast rows (flow rows: 1/10)")
@@ -147,10 +156,7 @@ def main() -> None:
                 print(f"{name:<42} {plat:<10} {rate:>10.0f} steps/s {1e6 / rate:>9.1f} µs/step", flush=True)
     meta = {"torch": torch.__version__, "openmm": openmm.__version__, "machine": host.machine(),
             "torch_threads": args.torch_threads, "package_device": args.package_device}
-    print(json.dumps(meta))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    write_results(args.json, meta, rows)
 
 
 if __name__ == "__main__":
