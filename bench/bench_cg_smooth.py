@@ -173,7 +173,7 @@ def main() -> None:
                 for mine, theirs in ((ckpt.with_suffix(".flow.ckpt"), shared.with_name(shared.name + ".flow.ckpt")),
                                      (ckpt.with_suffix(".samples.npz"), shared.with_name(shared.name + ".samples.npz")),
                                      (ckpt.with_suffix(".flow.ckpt"), first)):
-                    if not mine.exists() and theirs.exists():
+                    if flow_key != "none" and not mine.exists() and theirs.exists():
                         shutil.copyfile(theirs, mine)
                 began = time.perf_counter()
                 if not ckpt.exists():
@@ -183,7 +183,7 @@ def main() -> None:
                     info = result.info
                     for suffix in (".flow.ckpt", ".samples.npz"):
                         theirs = shared.with_name(shared.name + suffix)
-                        if not theirs.exists() and ckpt.with_suffix(suffix).exists():
+                        if flow_key != "none" and not theirs.exists() and ckpt.with_suffix(suffix).exists():
                             shutil.copyfile(ckpt.with_suffix(suffix), theirs)
                 else:
                     from openmm_flowforce.training.flow_matching import load_cg_model_metadata
