@@ -98,15 +98,16 @@ def time_all(args: argparse.Namespace) -> None:
     for path in packages:
         masses = read_package_metadata(path)["masses"]
         systems[path.stem] = (cg_system(masses, make_force(path, backend="native")),
-                              np.load(path.with_suffix(".start.npy")))
+                              np.load(path.with_suffix(".start.npy"), allow_pickle=False))
     agreement = compare_versions(systems)
     jobs = [(name, plat) for name in systems for plat in args.platforms]
     if args.all_atom is not None:
         # the all-atom reference System itself (GBn2, HMR), 4 fs, CPU platform, one thread
         from openmm_flowforce.data.dataset import load_dataset
+        from openmm_flowforce.safety import deserialize_xml
 
         data = load_dataset(args.all_atom)
-        systems["all-atom"] = (openmm.XmlSerializer.deserialize(data.system_xml), data.positions[0])
+        systems["all-atom"] = (deserialize_xml(data.system_xml, str(args.all_atom)), data.positions[0])
         jobs.append(("all-atom", "CPU"))
     timestep = {name: 0.004 if name == "all-atom" else 0.002 for name in systems}
     rates: dict[tuple[str, str], list[float]] = {}

@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     results.mkdir(parents=True, exist_ok=True)
 
     ref_path = reference(work, args.solvent, ns)
-    with np.load(ref_path) as data:
+    with np.load(ref_path, allow_pickle=False) as data:
         ref = np.asarray(data["positions"], dtype=np.float64)
     curve = train_and_evaluate(work, target, steps, every, n_eval, options, ref)
     from openmm_flowforce.samplers.common import load_sampler
