@@ -146,6 +146,9 @@ def work(tmp_path_factory) -> Path:
         "neg_loss.yaml": "loss: {nll: -1}\n", "zero_epochs.yaml": "epochs: 0\n", "big_val.yaml": "val_fraction: 2\n",
         "zero_batch.yaml": "train: {batch_size: 0}\n", "unknown.yaml": "epoch: 3\n",
         "cg_steps.yaml": "flow_train: {steps: 0}\n", "cg_net.yaml": "net: {hidden: [0]}\n",
+        "cg_loss.yaml": "cg_loss: {kind: polar}\n", "cg_weights.yaml": "cg_loss: {weights: {dihedral: 1}}\n",
+        "cg_jitter.yaml": "torsion_jitter: {fraction: -0.5}\n", "cg_ensemble.yaml": "flow_ensemble: 0\n",
+        "cg_energy_fm.yaml": "cg_loss: {energy_weight: 1.0}\n",
         "s_steps.yaml": "options: {steps: 'x'}\n", "s_lr.yaml": "options: {lr: -1}\n",
         "s_target.yaml": "target_options: {bogus: 1}\n", "python_tag.yaml": "epochs: !!python/object/apply:os.getcwd []\n",
     }
@@ -321,6 +324,13 @@ CASES = [
     _case("config-unknown-key", "train {d}/ala.npz --out {d}/o.ckpt --config {d}/unknown.yaml", 2, "epoch"),
     _case("cg-config-zero-steps", "cg {d}/ala.npz --out {d}/o.ckpt --config {d}/cg_steps.yaml", 2, "steps"),
     _case("cg-config-hidden-zero", "cg {d}/ala.npz --out {d}/o.ckpt --config {d}/cg_net.yaml", 2, "hidden"),
+    _case("cg-config-loss-kind", "cg {d}/ala.npz --out {d}/o.ckpt --config {d}/cg_loss.yaml", 2, "kind"),
+    _case("cg-config-loss-weight-kind", "cg {d}/ala.npz --out {d}/o.ckpt --config {d}/cg_weights.yaml", 2, "dihedral"),
+    _case("cg-config-negative-jitter", "cg {d}/ala.npz --out {d}/o.ckpt --config {d}/cg_jitter.yaml", 2, "fraction"),
+    _case("cg-config-zero-ensemble", "cg {d}/ala.npz --out {d}/o.ckpt --config {d}/cg_ensemble.yaml", 2,
+          "flow_ensemble"),
+    _case("cg-energy-weight-force-matching", "cg {d}/ala.npz --out {d}/o.ckpt --method force-matching --quick "
+          "--config {d}/cg_energy_fm.yaml", 2, "energy_weight"),
     _case("sampler-config-steps-string", "sampler train --target dw4 --method reverse-kl --out {d}/o.ckpt "
           "--config {d}/s_steps.yaml", 2, "steps", "'x'"),
     _case("sampler-config-negative-lr", "sampler train --target dw4 --method reverse-kl --out {d}/o.ckpt "
