@@ -35,6 +35,18 @@ Tensor = torch.Tensor
 __all__ = ["EGNN", "EGNNLayer", "EGNNVectors"]
 
 
+def _check_sizes(name: str, activation: str, n_particles: int, spatial_dim: int, n_layers: int, hidden: int,
+                 **more: int) -> None:
+    """One error line for an unknown activation or a size out of range (``more``: extra counts ≥ 1)."""
+    if activation not in _ACTIVATIONS:
+        raise FlowforceError(f"unknown activation {activation!r}; valid names: {', '.join(sorted(_ACTIVATIONS))}")
+    sizes = {"spatial_dim": spatial_dim, "n_layers": n_layers, "hidden": hidden, **more}
+    if n_particles < 2 or min(sizes.values()) < 1:
+        got = ", ".join(f"{k}={v}" for k, v in sizes.items())
+        raise FlowforceError(f"{name} needs n_particles >= 2 and positive {', '.join(sizes)}; "
+                             f"got n_particles={n_particles}, {got}")
+
+
 class EGNNLayer(nn.Module):
     """One E(n)-equivariant message-passing layer on a complete graph.
 
@@ -120,11 +132,7 @@ class EGNN(nn.Module):
                  n_layers: int = 3, activation: str = "silu", attention: bool = True,
                  coord_range: float | None = 15.0):
         super().__init__()
-        if activation not in _ACTIVATIONS:
-            raise FlowforceError(f"unknown activation {activation!r}; valid names: {', '.join(sorted(_ACTIVATIONS))}")
-        if n_particles < 2 or spatial_dim < 1 or n_layers < 1 or hidden < 1 or n_conditions < 1:
-            raise FlowforceError(f"EGNN needs n_particles >= 2 and positive spatial_dim, n_layers, hidden, "
-                                 f"n_conditions; got {n_particles}, {spatial_dim}, {n_layers}, {hidden}, {n_conditions}")
+        _check_sizes("EGNN", activation, n_particles, spatial_dim, n_layers, hidden, n_conditions=n_conditions)
         self.n_particles, self.spatial_dim, self.n_conditions = int(n_particles), int(spatial_dim), int(n_conditions)
         self.embedding = nn.Linear(n_conditions, hidden)
         per_layer = None if coord_range is None else float(coord_range) / n_layers
@@ -181,11 +189,7 @@ class EGNNVectors(nn.Module):
     def __init__(self, n_particles: int, spatial_dim: int, n_vectors: int, hidden: int = 32, n_layers: int = 2,
                  activation: str = "silu", coord_range: float | None = 5.0):
         super().__init__()
-        if activation not in _ACTIVATIONS:
-            raise FlowforceError(f"unknown activation {activation!r}; valid names: {', '.join(sorted(_ACTIVATIONS))}")
-        if n_particles < 2 or spatial_dim < 1 or n_layers < 1 or hidden < 1 or n_vectors < 1:
-            raise FlowforceError(f"EGNNVectors needs n_particles >= 2 and positive spatial_dim, n_layers, hidden, "
-                                 f"n_vectors; got {n_particles}, {spatial_dim}, {n_layers}, {hidden}, {n_vectors}")
+        _check_sizes("EGNNVectors", activation, n_particles, spatial_dim, n_layers, hidden, n_vectors=n_vectors)
         self.n_particles, self.spatial_dim, self.n_vectors = int(n_particles), int(spatial_dim), int(n_vectors)
         self.initial = nn.Parameter(torch.randn(hidden) / hidden ** 0.5)
         per_layer = None if coord_range is None else float(coord_range) / n_layers
