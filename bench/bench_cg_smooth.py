@@ -70,6 +70,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "ensemble3+jitter+energy": ("ens3", _variant(energy=1.0, jitter=0.3, flow_ensemble=3)),
     "force-matching": ("none", _variant()),
     "force-matching+internal": ("none", _variant("internal")),
+    # Is force matching limited by its 3000 optimiser steps rather than by its noisy data?
+    "force-matching-long": ("none", _variant(cg_train={"steps": 20000})),
     "jitter-wide": ("flow", _variant(jitter=1.0, sigma=2.0)),
     "jitter-wide+energy": ("flow", _variant(energy=1.0, jitter=1.0, sigma=2.0)),
 }
