@@ -72,6 +72,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "force-matching+internal": ("none", _variant("internal")),
     # Is force matching limited by its 3000 optimiser steps rather than by its noisy data?
     "force-matching-long": ("none", _variant(cg_train={"steps": 20000})),
+    # The least-noise force map (coordinates/force_maps.py): half the torsional force noise.
+    "force-matching+optimal-map": ("none", _variant(force_map="optimal")),
     "jitter-wide": ("flow", _variant(jitter=1.0, sigma=2.0)),
     "jitter-wide+energy": ("flow", _variant(energy=1.0, jitter=1.0, sigma=2.0)),
 }
@@ -143,13 +145,17 @@ def main() -> None:
     from openmm_flowforce.analysis.bonded import bonds_of_pdb, compare_bonded
     from openmm_flowforce.analysis.fes import PHI_PSI, compare_fes, compute_cvs, parse_cv
     from openmm_flowforce.coordinates.cg_mapping import CGMapping
+    from openmm_flowforce.coordinates.force_maps import system_constraints
     from openmm_flowforce.data.dataset import load_dataset
     from openmm_flowforce.potentials.cg_net import load_cg_net
+    from openmm_flowforce.safety import deserialize_xml
     from openmm_flowforce.training.flow_matching import coarse_grain
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     data = load_dataset(args.reference)
+    constraints = system_constraints(deserialize_xml(data.system_xml, "system_xml", expected="System")) \
+        if data.system_xml else []
     mapping = CGMapping.from_topology(data.topology, "backbone")
     target = np.asarray(mapping.map_positions(data.positions.astype(np.float64)))
     results_path = work / "results.json"
@@ -181,7 +187,8 @@ def main() -> None:
                 if not ckpt.exists():
                     method = "force-matching" if variant.startswith("force-matching") else "flow-matching"
                     result = coarse_grain(data.positions[subset], data.topology, data.temperature, ckpt, "backbone",
-                                          method, forces=data.forces[subset], options=options, progress=False)
+                                          method, forces=data.forces[subset], options=options, progress=False,
+                                          constraints=constraints)
                     info = result.info
                     for suffix in (".flow.ckpt", ".samples.npz"):
                         theirs = shared.with_name(shared.name + suffix)

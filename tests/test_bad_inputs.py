@@ -331,6 +331,10 @@ CASES = [
           "flow_ensemble"),
     _case("cg-energy-weight-force-matching", "cg {d}/ala.npz --out {d}/o.ckpt --method force-matching --quick "
           "--config {d}/cg_energy_fm.yaml", 2, "energy_weight"),
+    _case("cg-optimal-force-map-flow-matching", "cg {d}/ala.npz --out {d}/o.ckpt --force-map optimal --quick", 2,
+          "force_map"),
+    _case("cg-unknown-force-map", "cg {d}/ala.npz --out {d}/o.ckpt --method force-matching --force-map best", 2,
+          "--force-map", "best"),
     _case("sampler-config-steps-string", "sampler train --target dw4 --method reverse-kl --out {d}/o.ckpt "
           "--config {d}/s_steps.yaml", 2, "steps", "'x'"),
     _case("sampler-config-negative-lr", "sampler train --target dw4 --method reverse-kl --out {d}/o.ckpt "

@@ -18,11 +18,13 @@ for a slice bead it is the force on its one atom). With disjoint groups,
 (noisy) estimate of the mean force −∇U_CG, so force matching converges to the potential of
 mean force (Noid et al., J. Chem. Phys. 128, 244114 (2008); Köhler, Chen, Krämer, Clementi,
 Noé, JCTC 2023, arXiv:2203.11167). Groups therefore may not overlap (checked); they need not
-cover every atom: forces on unmapped atoms are dropped. Not handled: constraint forces. With
-bond constraints (e.g. ``HBonds``) the forces OpenMM reports omit the constraint forces, and a
-slice bead whose atom is constrained to an unmapped atom gets a biased force; generate
-force-matching data without constraints (or with groups that contain whole constrained
-clusters, as ``residue-com`` does).
+cover every atom: forces on unmapped atoms are dropped. Not handled by this map: constraint
+forces. With bond constraints (e.g. ``HBonds``) the forces OpenMM reports omit the constraint
+forces, and a slice bead whose atom is constrained to an unmapped atom gets a biased force;
+generate force-matching data without constraints, use groups that contain whole constrained
+clusters (as ``residue-com`` does), or the optimal force map of
+:mod:`~openmm_flowforce.coordinates.force_maps`, which is blind to constraint forces and also
+less noisy.
 
 Bonds. Beads are ordered along the chain (by residue, then by the preset's order within a
 residue: N, CA, C for ``backbone``; by atom index for selections). Consecutive beads are bonded
@@ -398,6 +400,11 @@ class CGMapping:
         numpy, lists or an OpenMM Quantity in (float64 numpy out), or torch in (same dtype and
         device out; differentiable)."""
         return self._apply(self._position_matrix, positions, "positions")
+
+    @property
+    def position_matrix(self) -> np.ndarray:
+        """``C``, ``(n_beads, n_atoms)``: ``X = C x`` (a copy)."""
+        return self._position_matrix.copy()
 
     def map_forces(self, forces: Any) -> Any:
         """Bead forces ``F_I = Σ_{i∈G_I} f_i`` (summed over the mapped atoms), kJ/mol/nm;

@@ -43,13 +43,14 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from ..conventions import kT
 from ..coordinates.cg_mapping import CGMapping
+from ..coordinates.force_maps import FORCE_MAPS, optimal_force_map
 from ..io import CHECKPOINT_FORMAT, atomic_write_npz, load_checkpoint, save_checkpoint
 from ..potentials.boltzmann import BoltzmannGenerator
 from ..potentials.cg_net import CGNet, cg_metadata, cg_net_class
@@ -117,6 +118,7 @@ CG_OPTIONS: dict[str, Option] = {
     "torsion_jitter": Option(dict, fields=JITTER_OPTIONS), "outlier_percentile": Option(float, minimum=0.0, maximum=100.0),
     "outlier_factor": POSITIVE, "net": Option(dict, fields=NET_OPTION_SCHEMA),
     "cg_train": Option(dict, fields=TRAIN_CONFIG_OPTIONS), "val_fraction": FRACTION, "seed": SEED,
+    "force_map": Option(str, choices=FORCE_MAPS),
 }
 
 
@@ -325,7 +327,7 @@ def _options(options: Mapping[str, Any] | None) -> dict[str, Any]:
         "outlier_percentile": FORCE_OUTLIER_PERCENTILE, "outlier_factor": FORCE_OUTLIER_FACTOR,
         "net": {"hidden": [64, 64]},
         "cg_train": {"steps": 2000, "batch_size": 256, "lr": 3e-3, "validate_every": 100},
-        "val_fraction": 0.1, "seed": 0,
+        "val_fraction": 0.1, "seed": 0, "force_map": "basic",
     }
     out = {**defaults, **check_options(dict(options or {}), CG_OPTIONS)}
     for section in ("flow", "flow_train", "net", "cg_train", "cg_loss", "torsion_jitter"):
@@ -339,7 +341,8 @@ def _options(options: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def coarse_grain(positions: Any, topology: Any, temperature: float, out: str | Path, mapping: str | CGMapping = "backbone",
                  method: str = "flow-matching", forces: Any = None, options: Mapping[str, Any] | None = None,
-                 progress: bool = True, mapped: bool = False) -> CoarseGrainResult:
+                 progress: bool = True, mapped: bool = False,
+                 constraints: Sequence[Sequence[int]] | None = None) -> CoarseGrainResult:
     """Learn a CG force field from all-atom MD frames and write it to ``out``.
 
     Args:
@@ -362,6 +365,8 @@ def coarse_grain(positions: Any, topology: Any, temperature: float, out: str | P
         mapped: ``positions`` and ``forces`` are already the beads of ``mapping`` (a
             :class:`CGMapping`), ``(T, n_beads, 3)``, as ``flowforce md --save-cg`` stores
             them; they are used as they are and ``topology`` is not read.
+        constraints: constrained atom pairs of the System the forces were recorded with, for
+            the ``force_map: optimal`` option (force matching; :mod:`~openmm_flowforce.coordinates.force_maps`).
 
     Returns:
         :class:`CoarseGrainResult`.
@@ -376,6 +381,12 @@ def coarse_grain(positions: Any, topology: Any, temperature: float, out: str | P
     if not isinstance(mapping, CGMapping):
         mapping = CGMapping.from_topology(topology, mapping)
     out = Path(out)
+    opts = _options(options)
+    if opts["force_map"] != "basic" and (method != "force-matching" or mapped):
+        raise FlowforceError(f"force_map: {opts['force_map']} maps all-atom forces for --method force-matching; "
+                             + ("this dataset holds CG-mapped frames only" if mapped else f"--method {method} "
+                                "uses no forces") + ", so drop the option")
+    info_map: dict[str, Any] = {"force_map": opts["force_map"]}
     if mapped:
         x_cg = np.asarray(positions, dtype=np.float64)
         f_cg = None if forces is None else np.asarray(forces, dtype=np.float64)
@@ -385,8 +396,13 @@ def coarse_grain(positions: Any, topology: Any, temperature: float, out: str | P
     else:
         x_cg = np.asarray(mapping.map_positions(np.asarray(positions, dtype=np.float64)))
         f_cg = None if forces is None else np.asarray(mapping.map_forces(np.asarray(forces, dtype=np.float64)))
-    opts = _options(options)
     train, _ = split_frames(len(x_cg), float(opts["val_fraction"]))
+    if opts["force_map"] == "optimal" and f_cg is not None:  # fitted to the training frames only
+        all_atom = np.asarray(forces, dtype=np.float64)
+        weights = optimal_force_map(all_atom[train], mapping.position_matrix, constraints or ())
+        basic_rms = float(np.sqrt(np.mean(f_cg[train] ** 2)))
+        f_cg = np.einsum("Ia,tac->tIc", weights, all_atom)
+        info_map["force_map_rms_ratio"] = float(np.sqrt(np.mean(f_cg[train] ** 2))) / basic_rms
     work = out.with_suffix("") if out.suffix else out
     inputs = CGMethodInputs(x_cg, f_cg, mapping, float(temperature), work, opts, progress)
     t0 = time.perf_counter()
@@ -419,7 +435,7 @@ def coarse_grain(positions: Any, topology: Any, temperature: float, out: str | P
     fit = train_cg_net(net, result.positions, result.forces, opts["cg_train"], val_fraction=float(opts["val_fraction"]),
                        checkpoint=state, progress=progress, mapping=mapping, fingerprint=trained_from,
                        internal=internal, energies=energies, energy_weight=energy_weight)
-    info = {**result.info, "method_seconds": method_seconds, "cg_seconds": time.perf_counter() - t0,
+    info = {**result.info, **info_map, "method_seconds": method_seconds, "cg_seconds": time.perf_counter() - t0,
             "cg_steps": fit.steps, "cg_force_scale": fit.force_scale, "cg_initial_val_loss": fit.initial_val_loss,
             "cg_best_val_loss": fit.best_val_loss, "data_frames": int(len(x_cg)), "n_beads": mapping.n_beads}
     pdb_text = mapping.pdb_text(x_cg[0])
