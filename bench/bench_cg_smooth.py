@@ -68,10 +68,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "jitter+internal+energy": ("flow", _variant("internal", energy=1.0, jitter=0.3)),
     "ensemble3": ("ens3", _variant(flow_ensemble=3)),
     "ensemble3+jitter+energy": ("ens3", _variant(energy=1.0, jitter=0.3, flow_ensemble=3)),
-    "force-matching": ("none", _variant()),
-    "force-matching+internal": ("none", _variant("internal")),
+    "force-matching": ("none", _variant(force_map="basic")),
+    "force-matching+internal": ("none", _variant("internal", force_map="basic")),
     # Is force matching limited by its 3000 optimiser steps rather than by its noisy data?
-    "force-matching-long": ("none", _variant(cg_train={"steps": 20000})),
+    "force-matching-long": ("none", _variant(cg_train={"steps": 20000}, force_map="basic")),
     # The least-noise force map (coordinates/force_maps.py): half the torsional force noise.
     "force-matching+optimal-map": ("none", _variant(force_map="optimal")),
     "jitter-wide": ("flow", _variant(jitter=1.0, sigma=2.0)),

@@ -114,11 +114,14 @@ def test_coarse_grain_force_matching_uses_the_optimal_map(alanine_md, tmp_path):
 
     quick = {"cg_train": {"steps": 20, "validate_every": 10}, "net": {"hidden": [8, 8]}}
     md = alanine_md
-    result = coarse_grain(md["positions"][:300], md["topology"], 300.0, tmp_path / "o.ckpt", "backbone",
-                          "force-matching", forces=md["forces"][:300], options={**quick, "force_map": "optimal"},
+    result = coarse_grain(md["positions"][:150], md["topology"], 300.0, tmp_path / "o.ckpt", "backbone",
+                          "force-matching", forces=md["forces"][:150], options={**quick, "force_map": "optimal"},
                           progress=False, constraints=[])
     assert result.info["force_map"] == "optimal"
     assert result.info["force_map_rms_ratio"] < 0.95
+    unknown = coarse_grain(md["positions"][:150], md["topology"], 300.0, tmp_path / "u.ckpt", "backbone",
+                           "force-matching", forces=md["forces"][:150], options=quick, progress=False)
+    assert unknown.info["force_map"] == "basic" and "force_map_rms_ratio" not in unknown.info  # auto, no constraints
     with pytest.raises(FlowforceError, match="force_map: optimal maps all-atom forces for --method force-matching"):
         coarse_grain(md["positions"][:50], md["topology"], 300.0, tmp_path / "f.ckpt", "backbone", "flow-matching",
                      options={"force_map": "optimal"}, progress=False)
@@ -130,7 +133,7 @@ def test_cli_force_map_needs_the_system_and_keeps_the_library_choices(alanine_md
     from openmm_flowforce.cli.main import main
     from openmm_flowforce.data.dataset import save_dataset
 
-    assert cg_cli.FORCE_MAPS == FORCE_MAPS
+    assert cg_cli.FORCE_MAPS == ("auto",) + FORCE_MAPS
     md = alanine_md
     save_dataset(tmp_path / "nosys.npz", topology=md["topology"], positions=md["positions"][:40],
                  energies=np.zeros(40), temperature=300.0, forces=md["forces"][:40])
@@ -140,3 +143,7 @@ def test_cli_force_map_needs_the_system_and_keeps_the_library_choices(alanine_md
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--force-map optimal needs the System" in err and len(err.splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+    # auto (the default) falls back to the basic map without the System, and says which it used
+    assert main(["cg", str(tmp_path / "nosys.npz"), "--method", "force-matching", "--quick", "--quiet",
+                 "--out", str(tmp_path / "a.ckpt")]) == 0
+    assert "basic force map" in capsys.readouterr().out

@@ -118,7 +118,7 @@ CG_OPTIONS: dict[str, Option] = {
     "torsion_jitter": Option(dict, fields=JITTER_OPTIONS), "outlier_percentile": Option(float, minimum=0.0, maximum=100.0),
     "outlier_factor": POSITIVE, "net": Option(dict, fields=NET_OPTION_SCHEMA),
     "cg_train": Option(dict, fields=TRAIN_CONFIG_OPTIONS), "val_fraction": FRACTION, "seed": SEED,
-    "force_map": Option(str, choices=FORCE_MAPS),
+    "force_map": Option(str, choices=("auto",) + FORCE_MAPS),
 }
 
 
@@ -327,7 +327,7 @@ def _options(options: Mapping[str, Any] | None) -> dict[str, Any]:
         "outlier_percentile": FORCE_OUTLIER_PERCENTILE, "outlier_factor": FORCE_OUTLIER_FACTOR,
         "net": {"hidden": [64, 64]},
         "cg_train": {"steps": 2000, "batch_size": 256, "lr": 3e-3, "validate_every": 100},
-        "val_fraction": 0.1, "seed": 0, "force_map": "basic",
+        "val_fraction": 0.1, "seed": 0, "force_map": "auto",
     }
     out = {**defaults, **check_options(dict(options or {}), CG_OPTIONS)}
     for section in ("flow", "flow_train", "net", "cg_train", "cg_loss", "torsion_jitter"):
@@ -365,8 +365,10 @@ def coarse_grain(positions: Any, topology: Any, temperature: float, out: str | P
         mapped: ``positions`` and ``forces`` are already the beads of ``mapping`` (a
             :class:`CGMapping`), ``(T, n_beads, 3)``, as ``flowforce md --save-cg`` stores
             them; they are used as they are and ``topology`` is not read.
-        constraints: constrained atom pairs of the System the forces were recorded with, for
-            the ``force_map: optimal`` option (force matching; :mod:`~openmm_flowforce.coordinates.force_maps`).
+        constraints: constrained atom pairs of the System the forces were recorded with (``[]``
+            for none), for the optimal force map of force matching
+            (:mod:`~openmm_flowforce.coordinates.force_maps`); None: not known, and the option
+            ``force_map: auto`` (the default) then uses the basic map, else the optimal one.
 
     Returns:
         :class:`CoarseGrainResult`.
@@ -382,11 +384,14 @@ def coarse_grain(positions: Any, topology: Any, temperature: float, out: str | P
         mapping = CGMapping.from_topology(topology, mapping)
     out = Path(out)
     opts = _options(options)
-    if opts["force_map"] != "basic" and (method != "force-matching" or mapped):
-        raise FlowforceError(f"force_map: {opts['force_map']} maps all-atom forces for --method force-matching; "
+    force_map = opts["force_map"]
+    if force_map == "optimal" and (method != "force-matching" or mapped):
+        raise FlowforceError("force_map: optimal maps all-atom forces for --method force-matching; "
                              + ("this dataset holds CG-mapped frames only" if mapped else f"--method {method} "
                                 "uses no forces") + ", so drop the option")
-    info_map: dict[str, Any] = {"force_map": opts["force_map"]}
+    if force_map == "auto":  # measured: BENCHMARKS "Optimal force maps"
+        force_map = "optimal" if method == "force-matching" and not mapped and constraints is not None else "basic"
+    info_map: dict[str, Any] = {"force_map": force_map}
     if mapped:
         x_cg = np.asarray(positions, dtype=np.float64)
         f_cg = None if forces is None else np.asarray(forces, dtype=np.float64)
@@ -397,7 +402,7 @@ def coarse_grain(positions: Any, topology: Any, temperature: float, out: str | P
         x_cg = np.asarray(mapping.map_positions(np.asarray(positions, dtype=np.float64)))
         f_cg = None if forces is None else np.asarray(mapping.map_forces(np.asarray(forces, dtype=np.float64)))
     train, _ = split_frames(len(x_cg), float(opts["val_fraction"]))
-    if opts["force_map"] == "optimal" and f_cg is not None:  # fitted to the training frames only
+    if force_map == "optimal" and f_cg is not None:  # fitted to the training frames only
         all_atom = np.asarray(forces, dtype=np.float64)
         weights = optimal_force_map(all_atom[train], mapping.position_matrix, constraints or ())
         basic_rms = float(np.sqrt(np.mean(f_cg[train] ** 2)))
