@@ -74,6 +74,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "force-matching-long": ("none", _variant(cg_train={"steps": 20000}, force_map="basic")),
     # The least-noise force map (coordinates/force_maps.py): half the torsional force noise.
     "force-matching+optimal-map": ("none", _variant(force_map="optimal")),
+    "force-matching+optimal-map+internal": ("none", _variant("internal", force_map="optimal")),
     "jitter-wide": ("flow", _variant(jitter=1.0, sigma=2.0)),
     "jitter-wide+energy": ("flow", _variant(energy=1.0, jitter=1.0, sigma=2.0)),
 }
