@@ -129,14 +129,14 @@ def main() -> None:
     parser.add_argument("--workdir", default="cg_smooth")
     parser.add_argument("--quick", action="store_true", help="tiny models and MD: checks that the script runs")
     parser.add_argument("--collect", nargs="+", metavar="DIR",
-                        help="only print the markdown table of the results.json in these workdirs (runs split "
-                             "over several processes)")
+                        help="only print the markdown table of the results.json in these workdirs, or of these "
+                             "JSON files (runs split over several processes)")
     parser.add_argument("--plot", metavar="PNG", help="with --collect: JS against training frames, mean ± s.d.")
     args = parser.parse_args()
     if args.collect:
         merged: dict[str, Any] = {}
-        for folder in args.collect:
-            merged.update(json.loads((Path(folder) / "results.json").read_text()))
+        for path in map(Path, args.collect):
+            merged.update(json.loads((path if path.is_file() else path / "results.json").read_text()))
         print_markdown(merged)
         if args.plot:
             print(f"plot: {plot_collected(merged, Path(args.plot))}")
@@ -239,23 +239,28 @@ def print_table(results: dict[str, Any], frames: list[int], variants: list[str])
                   f" {pos:>9.3f} {blown:>6.2f}")
 
 
-def plot_collected(results: dict[str, Any], path: Path) -> Path:
-    """JS of the CG MD against training frames, one line per variant, error bars = s.d. over seeds."""
+def plot_collected(results: dict[str, Any], path: Path, floor: float = 0.006) -> Path:
+    """JS of the CG MD against training frames, one line per variant measured at two or more
+    sizes (the others are in the table), error bars = s.d. over seeds; the dashed line is the
+    floor of the statistic (two 10 ns halves of the reference)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in results.values() if "js" in r]
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, ax = plt.subplots(figsize=(7, 4.6))
     for variant in dict.fromkeys(r["variant"] for r in rows):
         frames = sorted({r["frames"] for r in rows if r["variant"] == variant})
+        if len(frames) < 2:
+            continue
         js = [[r["js"] for r in rows if r["variant"] == variant and r["frames"] == n] for n in frames]
         ax.errorbar(frames, [np.mean(v) for v in js], yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in js],
                     marker="o", capsize=3, label=f"{variant} (seeds: {', '.join(str(len(v)) for v in js)})")
+    ax.axhline(floor, color="grey", linestyle="--", linewidth=1, label="floor: two 10 ns halves of the reference")
     ax.set(xscale="log", yscale="log", xlabel="training frames (of a 20 ns reference)",
-           ylabel="JS of the CG MD's φ/ψ surface (nats)", title="alanine dipeptide, backbone CG")
-    ax.legend(fontsize=7)
+           ylabel="JS of the CG MD's φ/ψ surface (nats)", title="alanine dipeptide, backbone CG: data efficiency")
+    ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
