@@ -20,7 +20,10 @@ Methods:
   flow-matching   train a flow (Boltzmann generator) on the mapped CG positions, draw
                   --flow-samples samples, take its forces kT grad log q there, drop samples
                   whose largest bead force exceeds outlier_factor x the outlier_percentile-th
-                  percentile of the flow's forces on the data (default 3 x 99.9th), add
+                  percentile of the flow's forces on the data (default 3 x 99.9th) and
+                  those where the CG net's priors' forces exceed prior_outlier_factor x
+                  the same percentile of the priors' forces on the data (beads that
+                  overlap: the flow cannot know they repel, the priors do), add
                   30 % points with the torsions turned (torsion_jitter), then train the CG
                   net on the flow's forces AND its energies -kT log q (up to a constant;
                   cg_loss.energy_weight 1): from 1000 frames of alanine dipeptide this takes
@@ -48,6 +51,7 @@ value is checked and unknown keys are refused):
                energy_weight: null = 1 for flow-matching, 0 for force-matching)
   outlier_percentile: 99.9
   outlier_factor: 3.0
+  prior_outlier_factor: 3.0 (the same rule on the priors' forces; 1e9 keeps every sample)
   net:         {kind: auto, hidden: [64, 64], activation: silu, priors: [bonds, angles, repulsion],
                 schnet: {hidden: 64, interactions: 3, n_rbf: 32, cutoff_nm: 1.2}}
                (kind: mlp | schnet | auto = mlp up to 10 beads, schnet from 11; hidden and
@@ -175,6 +179,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"samples     {info['flow_samples']} drawn, {info['dropped_samples']} dropped by the force threshold "
               f"{info['force_threshold_kj_mol_nm']:.4g} kJ/mol/nm ({info['outlier_rule']}), "
               f"{info['non_finite_samples']} non-finite")
+        if info.get("prior_force_threshold_kj_mol_nm") is not None:
+            print(f"            of them {info['dropped_by_priors']} by the priors' force threshold "
+                  f"{info['prior_force_threshold_kj_mol_nm']:.4g} kJ/mol/nm")
     loss = info["cg_best_val_loss"]
     initial = info["cg_initial_val_loss"]
     print(f"CG net      {result.net.NET}, {info['cg_steps']} steps on {info['training_frames']} frames, "
