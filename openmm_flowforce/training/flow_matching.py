@@ -106,6 +106,7 @@ CG_LOSS_OPTIONS: dict[str, Option] = {
     "kind": Option(str, choices=CG_LOSS_KINDS),
     "weights": Option(dict, fields={k: Option(float, minimum=0.0) for k in ("bond", "angle", "torsion")}),
     "energy_weight": Option(float, minimum=0.0, nullable=True),
+    "huber": Option(float, minimum=0.0, open_minimum=True, nullable=True),
 }
 #: ``cg_loss.energy_weight`` when not given: methods that give energies at their training points
 #: (flow-matching: −kT log q) match them with this weight; the others (force matching) with 0.
@@ -377,7 +378,7 @@ def _options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     defaults: dict[str, Any] = {
         "flow": {"n_layers": 6, "hidden": [64, 64], "n_components": 8},
         "flow_train": {"steps": 2000, "batch_size": 256, "validate_every": 100},
-        "flow_samples": 20000, "flow_ensemble": 1, "cg_loss": {"kind": "cartesian", "energy_weight": None},
+        "flow_samples": 20000, "flow_ensemble": 1, "cg_loss": {"kind": "cartesian", "energy_weight": None, "huber": None},
         "torsion_jitter": dict(DEFAULT_TORSION_JITTER),
         "outlier_percentile": FORCE_OUTLIER_PERCENTILE, "outlier_factor": FORCE_OUTLIER_FACTOR,
         "prior_outlier_factor": FORCE_OUTLIER_FACTOR, "net": {"hidden": [64, 64]},
@@ -478,7 +479,8 @@ def coarse_grain(positions: Any, topology: Any, temperature: float, out: str | P
         internal = InternalForceLoss(internal_coordinates(mapping.cg_topology()), opts["cg_loss"].get("weights"))
     fit = train_cg_net(net, result.positions, result.forces, opts["cg_train"], val_fraction=float(opts["val_fraction"]),
                        checkpoint=state, progress=progress, mapping=mapping, fingerprint=trained_from,
-                       internal=internal, energies=energies, energy_weight=energy_weight)
+                       internal=internal, energies=energies, energy_weight=energy_weight,
+                       huber=opts["cg_loss"]["huber"])
     info = {**result.info, "method_seconds": method_seconds, "cg_seconds": time.perf_counter() - t0,
             "cg_steps": fit.steps, "cg_force_scale": fit.force_scale, "cg_initial_val_loss": fit.initial_val_loss,
             "cg_best_val_loss": fit.best_val_loss, "data_frames": int(len(x_cg)), "n_beads": mapping.n_beads}
