@@ -58,7 +58,7 @@ from ..conventions import kT
 from ..coordinates.cg_mapping import CGMapping
 from ..io import CHECKPOINT_FORMAT, atomic_write_npz, load_checkpoint, save_checkpoint
 from ..potentials.boltzmann import BoltzmannGenerator
-from ..potentials.cg_net import CGNet, cg_metadata, cg_net_class
+from ..potentials.cg_net import DIHEDRAL_FEATURES, CGNet, cg_metadata, cg_net_class
 from .boltzmann import FLOW_OPTIONS, split_frames, train_boltzmann_generator
 from .cg import train_cg_net
 from ..engine import data_hash, fingerprint, world
@@ -75,7 +75,7 @@ __all__ = ["CG_METHODS", "CGMethodResult", "CoarseGrainResult", "FORCE_OUTLIER_F
            "prior_forces", "sample_flow_forces", "save_cg_model", "within_prior_forces"]
 
 #: CG net options accepted by :func:`coarse_grain` (``net=...``).
-NET_OPTIONS = ("hidden", "activation", "priors", "kind", "schnet")
+NET_OPTIONS = ("hidden", "activation", "priors", "kind", "schnet", "dihedral_features")
 #: ``net.kind``: which CG net (:data:`~openmm_flowforce.potentials.cg_net.CG_NETS`); ``auto``
 #: is the MLP below :data:`AUTO_SCHNET_MIN_BEADS` beads and CGSchNet from there on.
 NET_KINDS = ("auto", "mlp", "schnet")
@@ -96,7 +96,8 @@ SCHNET_OPTION_SCHEMA: dict[str, Option] = {"hidden": POSITIVE_INT, "interactions
 #: the net ``kind`` chooses uses its own and not the other's.
 NET_OPTION_SCHEMA: dict[str, Option] = {"hidden": Option(list, item=POSITIVE_INT), "activation": Option(str),
                                         "priors": Option(object), "kind": Option(str, choices=NET_KINDS),
-                                        "schnet": Option(dict, fields=SCHNET_OPTION_SCHEMA)}
+                                        "schnet": Option(dict, fields=SCHNET_OPTION_SCHEMA),
+                                        "dihedral_features": Option(str, choices=DIHEDRAL_FEATURES)}
 #: Every coarse-graining option (``flowforce cg --config`` keys), with its sections.
 #: ``cg_loss``: which force-matching loss trains the CG net. ``cartesian`` matches the force on
 #: every bead; ``internal`` the generalised forces on bonds, angles and torsions, each scaled by
@@ -334,7 +335,7 @@ def build_cg_net(mapping: CGMapping, positions: np.ndarray, temperature: float,
                  options: Mapping[str, Any]) -> CGNet:
     """A CG net with priors fitted to CG ``positions`` ``(T, n, 3)`` nm, from the ``net`` options."""
     kind = net_kind(options, mapping.n_beads)
-    own = {"mlp": ("hidden", "activation"), "schnet": ()}[kind]
+    own = {"mlp": ("hidden", "activation", "dihedral_features"), "schnet": ()}[kind]
     kwargs = {key: options[key] for key in (*own, "priors") if key in options}
     if kind == "schnet":
         kwargs.update(options.get("schnet") or {})
