@@ -72,9 +72,10 @@ def test_the_rule_drops_overlapping_beads_and_keeps_the_data(cg, alanine_md):
         within_prior_forces(forces_of, fresh, data, factor=0.0)
 
 
-def test_flow_matching_reports_the_prior_rule(beads, alanine_md, tmp_path):
+def test_flow_matching_reports_the_prior_and_contact_rules(beads, alanine_md, tmp_path):
     options = {"flow": {"n_layers": 2, "hidden": [16, 16], "n_components": 4}, "flow_train": {"steps": 40},
-               "flow_samples": 300, "net": {"hidden": [8, 8]}, "cg_train": {"steps": 20, "validate_every": 10}}
+               "flow_samples": 300, "net": {"hidden": [8, 8]}, "cg_train": {"steps": 20, "validate_every": 10},
+               "contact_factor": 1.0}
     positions = alanine_md["positions"][::3]
     result = coarse_grain(positions, alanine_md["topology"], T, tmp_path / "cg.ckpt", mapping=beads,
                           options=options, progress=False)
@@ -83,6 +84,32 @@ def test_flow_matching_reports_the_prior_rule(beads, alanine_md, tmp_path):
     _, threshold = within_prior_forces(lambda p: prior_forces(result.net, p), x[:10], x[:300])
     # The trained net's priors are the ones fitted before the method ran (priors are not trained).
     assert info["prior_force_threshold_kj_mol_nm"] == pytest.approx(threshold, rel=1e-12)
-    assert 0 <= info["dropped_by_priors"] <= info["dropped_samples"]
+    assert info["contact_factor"] == 1.0 and info["dropped_by_contacts"] > 0  # the turned torsions leave the data
+    assert info["dropped_by_priors"] + info["dropped_by_contacts"] <= info["dropped_samples"]
     assert info["dropped_samples"] + info["training_frames"] == 300 + info["torsion_jitter_points"]
     assert "priors' forces" in info["outlier_rule"]
+
+
+def test_contact_rule_drops_frames_closer_than_the_data_ever_came(cg, alanine_md):
+    from openmm_flowforce.potentials.priors import BeadGraph
+    from openmm_flowforce.training.flow_samples import within_data_contacts
+
+    _, mapping, _ = cg
+    x = np.asarray(mapping.map_positions(alanine_md["positions"]))
+    data, fresh = x[:1200], x[1200:1260].copy()
+    far = BeadGraph.from_bonds(mapping.n_beads, mapping.bonds).nonbonded
+    kept, closest = within_data_contacts(data, data, far, 1.0)
+    assert kept.all() and closest.shape == (len(far),)  # the data are within their own support
+    i, j = far[0]
+    expected = np.linalg.norm(data[:, i] - data[:, j], axis=-1).min()
+    assert closest[0] == pytest.approx(expected, rel=1e-15)
+    # Plant frames whose first pair sits at 0.95 and 0.85 of its closest data distance.
+    for t, fraction in ((3, 0.95), (7, 0.85)):
+        direction = fresh[t, j] - fresh[t, i]
+        fresh[t, j] = fresh[t, i] + fraction * expected * direction / np.linalg.norm(direction)
+    for factor, dropped in ((1.0, {3, 7}), (0.9, {7}), (0.8, set())):
+        kept, _ = within_data_contacts(fresh, data, far, factor)
+        natural = within_data_contacts(x[1200:1260], data, far, factor)[0]  # unplanted frames decide the rest
+        assert set(np.flatnonzero(~kept)) == dropped | set(np.flatnonzero(~natural)) - {3, 7}
+    with pytest.raises(FlowforceError, match="contact factor"):
+        within_data_contacts(fresh, data, far, 0.0)

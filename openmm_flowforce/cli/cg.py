@@ -45,17 +45,23 @@ value is checked and unknown keys are refused):
   flow_samples: 20000
   flow_ensemble: 1          (K flows with seeds seed..seed+K-1, forces and energies averaged)
   torsion_jitter: {fraction: 0.3, sigma_rad: 1.0}   (flow-matching: extra turned points)
-  cg_loss:     {kind: cartesian, energy_weight: null, weights: {bond: 1, angle: 1, torsion: 1}}
+  cg_loss:     {kind: cartesian, energy_weight: null, huber: null, weights: {bond: 1, angle: 1, torsion: 1}}
                (kind: cartesian = forces on beads | internal = generalised forces on bonds,
                angles, torsions, each scaled by its RMS, times weights of its kind;
-               energy_weight: null = 1 for flow-matching, 0 for force-matching)
+               energy_weight: null = 1 for flow-matching, 0 for force-matching;
+               huber: delta > 0 = a robust per-frame force loss, linear beyond delta RMS units)
   outlier_percentile: 99.9
   outlier_factor: 3.0
   prior_outlier_factor: 3.0 (the same rule on the priors' forces; 1e9 keeps every sample)
+  contact_factor: null      (e.g. 1.0: drop samples where a bead pair >= 3 bonds apart is
+                            closer than contact_factor x the closest it came in the data)
   net:         {kind: auto, hidden: [64, 64], activation: silu, priors: [bonds, angles, repulsion],
+                dihedral_features: cos_sin,
                 schnet: {hidden: 64, interactions: 3, n_rbf: 32, cutoff_nm: 1.2}}
                (kind: mlp | schnet | auto = mlp up to 10 beads, schnet from 11; hidden and
-               activation are the MLP's, schnet: the SchNet's features, interaction blocks,
+               activation are the MLP's, dihedral_features too (cos_sin | weighted: times the
+               sines of the two angles, smooth where an angle turns linear: use it for C-alpha
+               chains), schnet: the SchNet's features, interaction blocks,
                radial basis functions and cutoff in nm; schnet.max_pairs: N filters only the N
                shortest pairs, the same energy while at most N pairs are within the cutoff:
                faster for tens of beads and more; default all pairs)

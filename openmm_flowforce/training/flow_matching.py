@@ -63,7 +63,8 @@ from .boltzmann import FLOW_OPTIONS, split_frames, train_boltzmann_generator
 from .cg import train_cg_net
 from ..engine import data_hash, fingerprint, world
 from .flow_samples import (FORCE_OUTLIER_FACTOR, FORCE_OUTLIER_PERCENTILE, FlowEnsemble, drop_force_outliers,
-                           force_outlier_threshold, jitter_torsions, max_bead_force_norm, sample_flow_forces)
+                           force_outlier_threshold, jitter_torsions, max_bead_force_norm, sample_flow_forces,
+                           within_data_contacts)
 from .trainer import TRAIN_CONFIG_OPTIONS, TrainConfig
 from ..errors import FlowforceError
 from ..options import FRACTION, POSITIVE, POSITIVE_INT, SEED, Option, check_options
@@ -124,6 +125,7 @@ CG_OPTIONS: dict[str, Option] = {
     "flow_samples": Option(int, minimum=2), "flow_ensemble": POSITIVE_INT, "cg_loss": Option(dict, fields=CG_LOSS_OPTIONS),
     "torsion_jitter": Option(dict, fields=JITTER_OPTIONS), "outlier_percentile": Option(float, minimum=0.0, maximum=100.0),
     "outlier_factor": POSITIVE, "prior_outlier_factor": POSITIVE,
+    "contact_factor": Option(float, minimum=0.0, open_minimum=True, nullable=True),
     "net": Option(dict, fields=NET_OPTION_SCHEMA),
     "cg_train": Option(dict, fields=TRAIN_CONFIG_OPTIONS), "val_fraction": FRACTION, "seed": SEED,
 }
@@ -256,6 +258,15 @@ def _flow_matching(inputs: CGMethodInputs) -> CGMethodResult:
         by_priors = kept & ~within
         kept = kept & within
         x_kept, f_kept = x[kept], f[kept]
+    by_contacts = np.zeros(len(x), dtype=bool)
+    if opts["contact_factor"] is not None:
+        from ..potentials.priors import BeadGraph
+
+        far = BeadGraph.from_bonds(inputs.mapping.n_beads, inputs.mapping.bonds).nonbonded
+        within, _ = within_data_contacts(x, inputs.positions, far, float(opts["contact_factor"]))
+        by_contacts = kept & ~within
+        kept = kept & within
+        x_kept, f_kept = x[kept], f[kept]
     if len(x_kept) < 2:
         raise FlowforceError(f"only {len(x_kept)} of {n} flow samples pass the force thresholds ({threshold:.4g} "
                              "kJ/mol/nm on the flow's forces, "
@@ -274,6 +285,7 @@ def _flow_matching(inputs: CGMethodInputs) -> CGMethodResult:
             "outlier_percentile": float(opts["outlier_percentile"]), "outlier_factor": float(opts["outlier_factor"]),
             "force_threshold_kj_mol_nm": threshold, "dropped_samples": int((~kept).sum()),
             "prior_force_threshold_kj_mol_nm": prior_threshold, "dropped_by_priors": int(by_priors.sum()),
+            "contact_factor": opts["contact_factor"], "dropped_by_contacts": int(by_contacts.sum()),
             "training_frames": int(len(x_kept)), "sampling_seconds": time.perf_counter() - t0,
             "torsion_jitter_points": int(n_jitter),
             "median_max_force_on_data": float(np.median(max_bead_force_norm(on_data))),
@@ -382,7 +394,7 @@ def _options(options: Mapping[str, Any] | None) -> dict[str, Any]:
         "flow_samples": 20000, "flow_ensemble": 1, "cg_loss": {"kind": "cartesian", "energy_weight": None, "huber": None},
         "torsion_jitter": dict(DEFAULT_TORSION_JITTER),
         "outlier_percentile": FORCE_OUTLIER_PERCENTILE, "outlier_factor": FORCE_OUTLIER_FACTOR,
-        "prior_outlier_factor": FORCE_OUTLIER_FACTOR, "net": {"hidden": [64, 64]},
+        "prior_outlier_factor": FORCE_OUTLIER_FACTOR, "contact_factor": None, "net": {"hidden": [64, 64]},
         "cg_train": {"steps": 2000, "batch_size": 256, "lr": 3e-3, "validate_every": 100},
         "val_fraction": 0.1, "seed": 0,
     }
