@@ -182,12 +182,17 @@ def run(args: argparse.Namespace) -> int:
     if "dropped_samples" in info:
         print(f"flow        {info['flow_steps']} steps, validation NLL {info['flow_best_val_nll']}, "
               f"{info['flow_seconds']:.1f} s")
-        print(f"samples     {info['flow_samples']} drawn, {info['dropped_samples']} dropped by the force threshold "
-              f"{info['force_threshold_kj_mol_nm']:.4g} kJ/mol/nm ({info['outlier_rule']}), "
-              f"{info['non_finite_samples']} non-finite")
+        by_priors, by_contacts = info.get("dropped_by_priors", 0), info.get("dropped_by_contacts", 0)
+        print(f"samples     {info['flow_samples']} drawn (+ {info.get('torsion_jitter_points', 0)} with turned torsions), "
+              f"{info['dropped_samples']} dropped, {info['non_finite_samples']} non-finite")
+        print(f"            {info['dropped_samples'] - by_priors - by_contacts} by the flow's force threshold "
+              f"{info['force_threshold_kj_mol_nm']:.4g} kJ/mol/nm ({info['outlier_rule']})")
         if info.get("prior_force_threshold_kj_mol_nm") is not None:
-            print(f"            of them {info['dropped_by_priors']} by the priors' force threshold "
+            print(f"            {by_priors} by the priors' force threshold "
                   f"{info['prior_force_threshold_kj_mol_nm']:.4g} kJ/mol/nm")
+        if info.get("contact_factor") is not None:
+            print(f"            {by_contacts} by the contact rule (a pair >= 3 bonds apart closer than "
+                  f"{info['contact_factor']:g} x its closest in the data)")
     loss = info["cg_best_val_loss"]
     initial = info["cg_initial_val_loss"]
     print(f"CG net      {result.net.NET}, {info['cg_steps']} steps on {info['training_frames']} frames, "
