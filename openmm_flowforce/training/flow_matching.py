@@ -33,6 +33,13 @@ with turned torsions, so the net learns the flow's free energy where the data ne
 RMS: :mod:`~openmm_flowforce.training.internal_forces`) and ``cg_loss.energy_weight`` (also
 match the flow's energies ``−kT log q`` up to a constant).
 
+Options for a protein (issue 14; measured on chignolin's Cα beads in BENCHMARKS "Chignolin end
+to end"): ``net.dihedral_features: weighted`` (the MLP net's dihedral features stay smooth
+where a bonded angle turns linear), ``contact_factor`` (drop samples in which a pair of beads
+≥ 3 bonds apart is closer than the data ever had it:
+:func:`~openmm_flowforce.training.flow_samples.within_data_contacts`) and ``cg_loss.huber`` (a
+robust force loss: :func:`~openmm_flowforce.training.cg.huber_per_frame`).
+
 Force-matching (Noid et al., J. Chem. Phys. 128, 244114 (2008)) trains the same net on the
 mapped all-atom positions and the mapped (summed) all-atom forces instead; it needs forces.
 
@@ -271,7 +278,7 @@ def _flow_matching(inputs: CGMethodInputs) -> CGMethodResult:
         raise FlowforceError(f"only {len(x_kept)} of {n} flow samples pass the force thresholds ({threshold:.4g} "
                              "kJ/mol/nm on the flow's forces, "
                              f"{'none' if prior_threshold is None else f'{prior_threshold:.4g}'} on the priors'); "
-                             "train the flow longer or raise outlier_factor and prior_outlier_factor")
+                             "train the flow longer or raise outlier_factor, prior_outlier_factor or contact_factor")
     info = {"flow_checkpoint": None if flow_ckpt is None else str(flow_ckpt),
             "flow_steps": int(trainers[0].step), "flow_ensemble": len(models),
             "flow_best_val_nll": None if trainers[0].best_state is None else float(trainers[0].best_val),
@@ -425,8 +432,10 @@ def coarse_grain(positions: Any, topology: Any, temperature: float, out: str | P
         forces: all-atom forces ``(T, N, 3)`` kJ/mol/nm (force-matching only).
         options: overrides of the defaults: ``flow`` (CouplingFlow options), ``flow_train`` and
             ``cg_train`` (:class:`TrainConfig` fields), ``flow_samples``, ``outlier_percentile``,
-            ``outlier_factor``, ``net`` (``kind`` auto/mlp/schnet; the MLP's ``hidden``,
-            ``activation``; ``priors``; ``schnet``: ``hidden``, ``interactions``, ``n_rbf``,
+            ``outlier_factor``, ``prior_outlier_factor``, ``contact_factor``, ``cg_loss``
+            (``kind``, ``weights``, ``energy_weight``, ``huber``), ``torsion_jitter``,
+            ``flow_ensemble``, ``net`` (``kind`` auto/mlp/schnet; the MLP's ``hidden``,
+            ``activation``, ``dihedral_features``; ``priors``; ``schnet``: ``hidden``, ``interactions``, ``n_rbf``,
             ``cutoff_nm``, ``max_pairs``), ``val_fraction``,
             ``seed``. Sections are merged key by key over the defaults; unknown keys are rejected.
         progress: progress bars.
