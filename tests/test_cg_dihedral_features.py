@@ -128,3 +128,16 @@ def test_dihedral_features_option(cg, alanine_md):
     assert not build_cg_net(mapping, x, 300.0, _options(None)["net"]).features.weighted
     with pytest.raises(OptionError, match="dihedral_features"):
         _options({"net": {"dihedral_features": "sin"}})
+
+
+def test_the_readme_protein_config_is_valid():
+    """The chignolin config in README.md ("Flow-matching for a protein") passes the option checks."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", readme, flags=re.S) if "cln025_cg.yaml" in b)
+    opts = _options(yaml.safe_load(block))
+    assert opts["net"]["dihedral_features"] == "weighted" and opts["contact_factor"] == 1.0
