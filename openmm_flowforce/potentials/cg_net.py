@@ -37,8 +37,7 @@ from .priors import PRIORS, BeadGraph, build_prior, cos_angles, dihedral_cos_sin
 from ..errors import FlowforceError
 
 __all__ = ["CGEnergyNet", "CGFeatures", "CGNet", "CG_NETS", "DEFAULT_PRIORS", "DIHEDRAL_FEATURES", "MODEL_KIND",
-           "cg_metadata",
-           "cg_net_class", "load_cg_net", "net_from_metadata", "register_cg_net", "save_cg_net"]
+           "cg_metadata", "cg_net_class", "load_cg_net", "net_from_metadata", "register_cg_net", "save_cg_net"]
 
 MODEL_KIND = "cg_energy_net"
 #: Priors used when the caller does not say (``dihedrals`` is optional: the network learns them).
