@@ -8,9 +8,9 @@ as batched Langevin walkers.
 
 Every variant starts from the same flow (``FLOW/cg.flow.ckpt``) and its sample cache
 (``FLOW/cg.samples.npz``), copied into its folder, so they differ only in what :data:`VARIANTS`
-says. Each CG net (the MLP, which ``--net auto`` picks for 10 beads; ``flowforce cg`` defaults otherwise) is then judged by ``--walkers``
-independent Langevin walkers (BAOAB, 5 fs, 1/ps, 340 K, the Cα masses; float64 torch, the
-integrator of ``flowforce simulate``), started from data frames spread over the whole
+says. Each CG net (the MLP, which ``--net auto`` picks for 10 beads; ``flowforce cg`` defaults
+otherwise) is then judged by ``--walkers`` independent Langevin walkers (BAOAB, 5 fs, 1/ps,
+340 K, the Cα masses; float64 torch, the integrator of ``flowforce simulate``), started from data frames spread over the whole
 reference, ``--steps`` steps each, the first 20 % dropped. Reported: the fraction of walkers
 that blew up (a bond over 1 nm or a non-finite value; the walker restarts, the fraction counts
 it), their kinetic temperature (an integrator heated by stiff forces runs hot), the median
@@ -45,6 +45,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "weighted+strict-priors": {**WEIGHTED, "prior_outlier_factor": 1.0},
     "weighted+contacts": {**WEIGHTED, "contact_factor": 1.0},
     "weighted+contacts0.9": {**WEIGHTED, "contact_factor": 0.9},
+    # another seed: the CG net's initial weights and batches, the turned torsions, new flow samples
+    "weighted+contacts+seed1": {**WEIGHTED, "contact_factor": 1.0, "seed": 1},
 }
 
 

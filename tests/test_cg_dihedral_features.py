@@ -34,7 +34,8 @@ def test_weighted_features_are_the_sines_times_cos_and_sin_of_the_dihedral():
     x = chain(50)
     cos, sin = dihedral_cos_sin_weighted(x, QUAD)
     phi = dihedral_angles(x, QUAD)
-    sines = (1 - cos_angles(x, torch.tensor([[0, 1, 2]])) ** 2).sqrt() * (1 - cos_angles(x, torch.tensor([[1, 2, 3]])) ** 2).sqrt()
+    first, second = cos_angles(x, torch.tensor([[0, 1, 2]])), cos_angles(x, torch.tensor([[1, 2, 3]]))
+    sines = (1 - first ** 2).sqrt() * (1 - second ** 2).sqrt()
     np.testing.assert_allclose(cos.numpy(), (sines * torch.cos(phi)).numpy(), rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(sin.numpy(), (sines * torch.sin(phi)).numpy(), rtol=1e-12, atol=1e-14)
 

@@ -398,7 +398,8 @@ def _options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     defaults: dict[str, Any] = {
         "flow": {"n_layers": 6, "hidden": [64, 64], "n_components": 8},
         "flow_train": {"steps": 2000, "batch_size": 256, "validate_every": 100},
-        "flow_samples": 20000, "flow_ensemble": 1, "cg_loss": {"kind": "cartesian", "energy_weight": None, "huber": None},
+        # No "huber" key in cg_loss: the CG nets cached by older runs keep their fingerprint.
+        "flow_samples": 20000, "flow_ensemble": 1, "cg_loss": {"kind": "cartesian", "energy_weight": None},
         "torsion_jitter": dict(DEFAULT_TORSION_JITTER),
         "outlier_percentile": FORCE_OUTLIER_PERCENTILE, "outlier_factor": FORCE_OUTLIER_FACTOR,
         "prior_outlier_factor": FORCE_OUTLIER_FACTOR, "contact_factor": None, "net": {"hidden": [64, 64]},
@@ -502,7 +503,7 @@ def coarse_grain(positions: Any, topology: Any, temperature: float, out: str | P
     fit = train_cg_net(net, result.positions, result.forces, opts["cg_train"], val_fraction=float(opts["val_fraction"]),
                        checkpoint=state, progress=progress, mapping=mapping, fingerprint=trained_from,
                        internal=internal, energies=energies, energy_weight=energy_weight,
-                       huber=opts["cg_loss"]["huber"])
+                       huber=opts["cg_loss"].get("huber"))
     info = {**result.info, "method_seconds": method_seconds, "cg_seconds": time.perf_counter() - t0,
             "cg_steps": fit.steps, "cg_force_scale": fit.force_scale, "cg_initial_val_loss": fit.initial_val_loss,
             "cg_best_val_loss": fit.best_val_loss, "data_frames": int(len(x_cg)), "n_beads": mapping.n_beads}
