@@ -77,6 +77,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "force-matching+optimal-map+internal": ("none", _variant("internal", force_map="optimal")),
     "jitter-wide": ("flow", _variant(jitter=1.0, sigma=2.0)),
     "jitter-wide+energy": ("flow", _variant(energy=1.0, jitter=1.0, sigma=2.0)),
+    # the smooth dihedral features chignolin needs (BENCHMARKS "Chignolin end to end")
+    "jitter+energy+weighted": ("flow", _variant(energy=1.0, jitter=0.3, net={"dihedral_features": "weighted"})),
 }
 
 

@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--equilibration-ps", type=float, default=10.0)
     parser.add_argument("--methods", nargs="+", default=["flow-matching", "force-matching"])
     parser.add_argument("--net", default="schnet", help="CG net (flowforce cg --net)")
+    parser.add_argument("--cg-config", metavar="FILE.yaml", help="flowforce cg --config for every method")
     parser.add_argument("--cg-steps", type=int, default=200_000, help="CG MD steps at 5 fs")
     parser.add_argument("--backend", default="native", help="flowforce simulate --backend")
     parser.add_argument("--platform", default="auto")
@@ -161,7 +162,7 @@ def main() -> None:
         ckpt, package, dcd, csv = (folder / name for name in ("cg.ckpt", "cg.pt2", "cg.dcd", "cg.csv"))
         started = time.perf_counter()
         if not (folder / "cg.pdb").exists() or not ckpt.exists():
-            cg_args = ["--quick"] if args.quick else []
+            cg_args = (["--quick"] if args.quick else []) + (["--config", args.cg_config] if args.cg_config else [])
             flowforce("cg", reference, "--mapping", "ca", "--method", method, "--net", args.net, "--quiet",
                       *cg_args, "--out", ckpt, log=log)
         if not package.exists():

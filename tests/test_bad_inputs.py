@@ -148,7 +148,8 @@ def work(tmp_path_factory) -> Path:
         "cg_steps.yaml": "flow_train: {steps: 0}\n", "cg_net.yaml": "net: {hidden: [0]}\n",
         "cg_loss.yaml": "cg_loss: {kind: polar}\n", "cg_weights.yaml": "cg_loss: {weights: {dihedral: 1}}\n",
         "cg_jitter.yaml": "torsion_jitter: {fraction: -0.5}\n", "cg_ensemble.yaml": "flow_ensemble: 0\n",
-        "cg_energy_fm.yaml": "cg_loss: {energy_weight: 1.0}\n",
+        "cg_energy_fm.yaml": "cg_loss: {energy_weight: 1.0}\n", "cg_prior_factor.yaml": "prior_outlier_factor: 0\n",
+        "cg_huber.yaml": "cg_loss: {huber: -1}\n", "cg_contact.yaml": "contact_factor: 0\n",
         "s_steps.yaml": "options: {steps: 'x'}\n", "s_lr.yaml": "options: {lr: -1}\n",
         "s_target.yaml": "target_options: {bogus: 1}\n", "python_tag.yaml": "epochs: !!python/object/apply:os.getcwd []\n",
     }
@@ -329,6 +330,11 @@ CASES = [
     _case("cg-config-negative-jitter", "cg {d}/ala.npz --out {d}/o.ckpt --config {d}/cg_jitter.yaml", 2, "fraction"),
     _case("cg-config-zero-ensemble", "cg {d}/ala.npz --out {d}/o.ckpt --config {d}/cg_ensemble.yaml", 2,
           "flow_ensemble"),
+    _case("cg-config-zero-prior-factor", "cg {d}/ala.npz --out {d}/o.ckpt --config {d}/cg_prior_factor.yaml", 2,
+          "prior_outlier_factor"),
+    _case("cg-config-zero-contact-factor", "cg {d}/ala.npz --out {d}/o.ckpt --config {d}/cg_contact.yaml", 2,
+          "contact_factor"),
+    _case("cg-config-negative-huber", "cg {d}/ala.npz --out {d}/o.ckpt --config {d}/cg_huber.yaml", 2, "huber"),
     _case("cg-energy-weight-force-matching", "cg {d}/ala.npz --out {d}/o.ckpt --method force-matching --quick "
           "--config {d}/cg_energy_fm.yaml", 2, "energy_weight"),
     _case("cg-optimal-force-map-flow-matching", "cg {d}/ala.npz --out {d}/o.ckpt --force-map optimal --quick", 2,

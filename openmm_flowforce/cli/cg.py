@@ -22,7 +22,10 @@ Methods:
   flow-matching   train a flow (Boltzmann generator) on the mapped CG positions, draw
                   --flow-samples samples, take its forces kT grad log q there, drop samples
                   whose largest bead force exceeds outlier_factor x the outlier_percentile-th
-                  percentile of the flow's forces on the data (default 3 x 99.9th), add
+                  percentile of the flow's forces on the data (default 3 x 99.9th) and
+                  those where the CG net's priors' forces exceed prior_outlier_factor x
+                  the same percentile of the priors' forces on the data (beads that
+                  overlap: the flow cannot know they repel, the priors do), add
                   30 % points with the torsions turned (torsion_jitter), then train the CG
                   net on the flow's forces AND its energies -kT log q (up to a constant;
                   cg_loss.energy_weight 1): from 1000 frames of alanine dipeptide this takes
@@ -34,7 +37,7 @@ Methods:
                   forces with the least noise that still estimates the mean force (Kraemer
                   et al. 2023, arXiv:2302.07071), blind to constraint forces (HBonds/HMR
                   data); on alanine dipeptide it halves the torsional force noise and takes
-                  the CG MD's phi/psi JS from 1000 frames from 0.41 to 0.07. basic sums the
+                  the CG MD's phi/psi JS from 1000 frames from 0.41 to 0.10. basic sums the
                   forces of each bead's atoms.
 
 Writes CG.ckpt (self-contained model: net, mapping, temperature, CG topology) and CG.pdb
@@ -50,16 +53,23 @@ value is checked and unknown keys are refused):
   flow_samples: 20000
   flow_ensemble: 1          (K flows with seeds seed..seed+K-1, forces and energies averaged)
   torsion_jitter: {fraction: 0.3, sigma_rad: 1.0}   (flow-matching: extra turned points)
-  cg_loss:     {kind: cartesian, energy_weight: null, weights: {bond: 1, angle: 1, torsion: 1}}
+  cg_loss:     {kind: cartesian, energy_weight: null, huber: null, weights: {bond: 1, angle: 1, torsion: 1}}
                (kind: cartesian = forces on beads | internal = generalised forces on bonds,
                angles, torsions, each scaled by its RMS, times weights of its kind;
-               energy_weight: null = 1 for flow-matching, 0 for force-matching)
+               energy_weight: null = 1 for flow-matching, 0 for force-matching;
+               huber: delta > 0 = a robust per-frame force loss, linear beyond delta RMS units)
   outlier_percentile: 99.9
   outlier_factor: 3.0
+  prior_outlier_factor: 3.0 (the same rule on the priors' forces; 1e9 keeps every sample)
+  contact_factor: null      (e.g. 1.0: drop samples where a bead pair >= 3 bonds apart is
+                            closer than contact_factor x the closest it came in the data)
   net:         {kind: auto, hidden: [64, 64], activation: silu, priors: [bonds, angles, repulsion],
+                dihedral_features: cos_sin,
                 schnet: {hidden: 64, interactions: 3, n_rbf: 32, cutoff_nm: 1.2}}
                (kind: mlp | schnet | auto = mlp up to 10 beads, schnet from 11; hidden and
-               activation are the MLP's, schnet: the SchNet's features, interaction blocks,
+               activation are the MLP's, dihedral_features too (cos_sin | weighted: times the
+               sines of the two angles, smooth where an angle turns linear: use it for C-alpha
+               chains), schnet: the SchNet's features, interaction blocks,
                radial basis functions and cutoff in nm; schnet.max_pairs: N filters only the N
                shortest pairs, the same energy while at most N pairs are within the cutoff:
                faster for tens of beads and more; default all pairs)
@@ -210,9 +220,17 @@ def run(args: argparse.Namespace) -> int:
     if "dropped_samples" in info:
         print(f"flow        {info['flow_steps']} steps, validation NLL {info['flow_best_val_nll']}, "
               f"{info['flow_seconds']:.1f} s")
-        print(f"samples     {info['flow_samples']} drawn, {info['dropped_samples']} dropped by the force threshold "
-              f"{info['force_threshold_kj_mol_nm']:.4g} kJ/mol/nm ({info['outlier_rule']}), "
-              f"{info['non_finite_samples']} non-finite")
+        by_priors, by_contacts = info.get("dropped_by_priors", 0), info.get("dropped_by_contacts", 0)
+        print(f"samples     {info['flow_samples']} drawn (+ {info.get('torsion_jitter_points', 0)} with turned torsions), "
+              f"{info['dropped_samples']} dropped, {info['non_finite_samples']} non-finite")
+        print(f"            {info['dropped_samples'] - by_priors - by_contacts} by the flow's force threshold "
+              f"{info['force_threshold_kj_mol_nm']:.4g} kJ/mol/nm ({info['outlier_rule']})")
+        if info.get("prior_force_threshold_kj_mol_nm") is not None:
+            print(f"            {by_priors} by the priors' force threshold "
+                  f"{info['prior_force_threshold_kj_mol_nm']:.4g} kJ/mol/nm")
+        if info.get("contact_factor") is not None:
+            print(f"            {by_contacts} by the contact rule (a pair >= 3 bonds apart closer than "
+                  f"{info['contact_factor']:g} x its closest in the data)")
     loss = info["cg_best_val_loss"]
     initial = info["cg_initial_val_loss"]
     print(f"CG net      {result.net.NET}, {info['cg_steps']} steps on {info['training_frames']} frames, "

@@ -33,26 +33,35 @@ from torch import Tensor, nn
 from ..conventions import kT as thermal_energy
 from ..io import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from ..nn.mlp import MLP
-from .priors import PRIORS, BeadGraph, build_prior, cos_angles, dihedral_cos_sin, distances
+from .priors import PRIORS, BeadGraph, build_prior, cos_angles, dihedral_cos_sin, dihedral_cos_sin_weighted, distances
 from ..errors import FlowforceError
 
-__all__ = ["CGEnergyNet", "CGFeatures", "CGNet", "CG_NETS", "DEFAULT_PRIORS", "MODEL_KIND", "cg_metadata",
-           "cg_net_class", "load_cg_net", "net_from_metadata", "register_cg_net", "save_cg_net"]
+__all__ = ["CGEnergyNet", "CGFeatures", "CGNet", "CG_NETS", "DEFAULT_PRIORS", "DIHEDRAL_FEATURES", "MODEL_KIND",
+           "cg_metadata", "cg_net_class", "load_cg_net", "net_from_metadata", "register_cg_net", "save_cg_net"]
 
 MODEL_KIND = "cg_energy_net"
 #: Priors used when the caller does not say (``dihedrals`` is optional: the network learns them).
 DEFAULT_PRIORS: dict[str, dict[str, Any]] = {"bonds": {}, "angles": {}, "repulsion": {}}
 #: Floor on feature standard deviations, so a constant feature does not blow up.
 MIN_FEATURE_STD = 1e-4
-CONFIG_KEYS = ("n_beads", "bonds", "hidden", "activation", "priors", "temperature")
+CONFIG_KEYS = ("n_beads", "bonds", "hidden", "activation", "priors", "temperature", "dihedral_features")
+#: How the MLP net sees a bonded dihedral φ: ``cos_sin`` = ``(cos φ, sin φ)`` (forces diverge as
+#: 1/sin θ where a bonded angle θ turns linear); ``weighted`` = ``sin θ₁ sin θ₂ (cos φ, sin φ)``
+#: (smooth everywhere: :func:`~.priors.dihedral_cos_sin_weighted`). Model files written before
+#: the choice existed are ``cos_sin``.
+DIHEDRAL_FEATURES = ("cos_sin", "weighted")
 
 
 class CGFeatures(nn.Module):
     """Invariant features ``(B, F)``: distances of all pairs, cos of bonded angles, cos and sin of
-    bonded dihedrals; standardised as ``(feature − mean) / std`` with fitted buffers."""
+    bonded dihedrals (``dihedrals="weighted"``: times the sines of their two angles,
+    :data:`DIHEDRAL_FEATURES`); standardised as ``(feature − mean) / std`` with fitted buffers."""
 
-    def __init__(self, graph: BeadGraph):
+    def __init__(self, graph: BeadGraph, dihedrals: str = "cos_sin"):
         super().__init__()
+        if dihedrals not in DIHEDRAL_FEATURES:
+            raise FlowforceError(f"unknown dihedral features {dihedrals!r}; valid: {', '.join(DIHEDRAL_FEATURES)}")
+        self.weighted = dihedrals == "weighted"
         n = graph.n_beads
         pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
         self.register_buffer("pairs", torch.tensor(pairs, dtype=torch.long).reshape(-1, 2))
@@ -67,7 +76,8 @@ class CGFeatures(nn.Module):
         return int(self.mean.shape[0])
 
     def raw(self, x: Tensor) -> Tensor:
-        cos, sin = dihedral_cos_sin(x, self.quads)
+        # A constant of the module: TorchScript and torch.export keep one branch.
+        cos, sin = dihedral_cos_sin_weighted(x, self.quads) if self.weighted else dihedral_cos_sin(x, self.quads)
         return torch.cat([distances(x, self.pairs), cos_angles(x, self.triples), cos, sin], dim=-1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -251,22 +261,26 @@ class CGEnergyNet(CGNet):
         priors: names from :data:`~openmm_flowforce.potentials.priors.PRIORS`, or a mapping
             name → constructor options, e.g. ``{"bonds": {}, "dihedrals": {"n_terms": 3}}``.
         temperature: K; the network's energy unit is kT at this temperature.
+        dihedral_features: :data:`DIHEDRAL_FEATURES` (``weighted`` for molecules whose bonded
+            angles can turn linear, e.g. Cα chains).
 
     Build from data with :meth:`from_data`; rebuild from :meth:`config` with :meth:`from_config`.
     """
 
     NET = "mlp"
     CONFIG_KEYS = CONFIG_KEYS
+    OPTIONAL_CONFIG_KEYS = ("dihedral_features",)  # older model files: cos_sin
 
     def __init__(self, n_beads: int, bonds: Sequence[Sequence[int]], hidden: Sequence[int] = (64, 64),
                  activation: str = "silu", priors: Sequence[str] | Mapping[str, Any] = tuple(DEFAULT_PRIORS),
-                 temperature: float = 300.0):
+                 temperature: float = 300.0, dihedral_features: str = "cos_sin"):
         graph, prior_options = self._init_priors(n_beads, bonds, priors, temperature)
         # No "net" key: MLP configs stay readable by versions that predate the other nets.
         self._config = {"n_beads": int(n_beads), "bonds": [list(b) for b in graph.bonds],
                         "hidden": [int(h) for h in hidden], "activation": str(activation),
-                        "priors": copy.deepcopy(prior_options), "temperature": float(temperature)}
-        self.features = CGFeatures(graph)
+                        "priors": copy.deepcopy(prior_options), "temperature": float(temperature),
+                        "dihedral_features": str(dihedral_features)}
+        self.features = CGFeatures(graph, str(dihedral_features))
         self.network = MLP(self.features.n_features, 1, hidden, activation, zero_last=True)
 
 

@@ -37,7 +37,7 @@ from ..conventions import kT as thermal_energy
 from ..errors import FlowforceError
 
 __all__ = ["BeadGraph", "FourierDihedrals", "HarmonicAngles", "HarmonicBonds", "PRIORS", "Repulsion",
-           "build_prior", "cos_angles", "dihedral_angles", "dihedral_cos_sin", "distances"]
+           "build_prior", "cos_angles", "dihedral_angles", "dihedral_cos_sin", "dihedral_cos_sin_weighted", "distances"]
 
 #: Floors on fitted standard deviations, so a constrained bond or angle gets a finite k.
 MIN_BOND_STD_NM = 1e-3
@@ -70,6 +70,27 @@ def dihedral_cos_sin(x: Tensor, quads: Tensor) -> tuple[Tensor, Tensor]:
     v = b0 - (b0 * axis).sum(-1, keepdim=True) * axis
     w = b2 - (b2 * axis).sum(-1, keepdim=True) * axis
     norm = torch.linalg.vector_norm(v, dim=-1) * torch.linalg.vector_norm(w, dim=-1)
+    return (v * w).sum(-1) / norm, (torch.cross(axis, v, dim=-1) * w).sum(-1) / norm
+
+
+def dihedral_cos_sin_weighted(x: Tensor, quads: Tensor) -> tuple[Tensor, Tensor]:
+    """``sin θ₁ sin θ₂ · (cos φ, sin φ)`` of the dihedral i–j–k–l, each ``(B, M)``, with θ₁, θ₂ the
+    angles i–j–k and j–k–l: smooth everywhere, also where an angle is linear.
+
+    ``(cos φ, sin φ)`` alone is undefined at θ = π and its gradient grows as 1/sin θ near it, so
+    an energy with any φ dependence through them has forces that diverge there (a CG net on
+    chignolin's Cα beads, whose Gly angle reaches 179°, blew up in MD this way). Weighted, the
+    features are ``(v·w, (b̂₁×v)·w) / (|b₀||b₂|)`` with ``v, w`` the bond vectors' parts normal
+    to the axis, polynomial in the unit bond vectors: bounded gradients, and zero at θ = π
+    where φ carries no information.
+    """
+    b0 = x[:, quads[:, 0]] - x[:, quads[:, 1]]
+    b1 = x[:, quads[:, 2]] - x[:, quads[:, 1]]
+    b2 = x[:, quads[:, 3]] - x[:, quads[:, 2]]
+    axis = b1 / torch.linalg.vector_norm(b1, dim=-1, keepdim=True)
+    v = b0 - (b0 * axis).sum(-1, keepdim=True) * axis
+    w = b2 - (b2 * axis).sum(-1, keepdim=True) * axis
+    norm = torch.linalg.vector_norm(b0, dim=-1) * torch.linalg.vector_norm(b2, dim=-1)
     return (v * w).sum(-1) / norm, (torch.cross(axis, v, dim=-1) * w).sum(-1) / norm
 
 

@@ -15,6 +15,12 @@ molecular dynamics without forces", JCTC 2023, arXiv:2203.11167) in three stages
    (:func:`force_outlier_threshold`): a sample is kept when the largest per-bead force norm
    ``max_I |F_I|`` is at most ``factor × (percentile-th percentile of max_I |F_I| over the data
    frames)`` (the flow's own forces on the training data; defaults 99.9 % and 3).
+   The same rule is applied to the forces of the CG net's **priors** at the training points
+   (``prior_outlier_factor``, :func:`prior_forces`): a flow fitted to few frames also puts
+   mass where the data never went, e.g. non-bonded beads on top of each other (chignolin from
+   1000 frames: 5 % of the samples, the closest pair at 0.1 σ of the repulsion prior), and
+   there its forces, which know nothing of the overlap, contradict the priors by up to
+   10¹² kJ/mol/nm: no net can fit such points, and its loss is then those points alone.
 3. **CG net.** A :class:`~openmm_flowforce.potentials.cg_net.CGNet` (priors fitted on the
    mapped data by Boltzmann inversion + an MLP or CGSchNet, :func:`build_cg_net`) is trained by force matching on
    ``(X_s, F_s)`` (:func:`~openmm_flowforce.training.cg.train_cg_net`).
@@ -26,6 +32,13 @@ with turned torsions, so the net learns the flow's free energy where the data ne
 ``cg_loss.kind: internal`` (generalised forces on bonds, angles and torsions, each scaled by its
 RMS: :mod:`~openmm_flowforce.training.internal_forces`) and ``cg_loss.energy_weight`` (also
 match the flow's energies ``−kT log q`` up to a constant).
+
+Options for a protein (issue 14; measured on chignolin's Cα beads in BENCHMARKS "Chignolin end
+to end"): ``net.dihedral_features: weighted`` (the MLP net's dihedral features stay smooth
+where a bonded angle turns linear), ``contact_factor`` (drop samples in which a pair of beads
+≥ 3 bonds apart is closer than the data ever had it:
+:func:`~openmm_flowforce.training.flow_samples.within_data_contacts`) and ``cg_loss.huber`` (a
+robust force loss: :func:`~openmm_flowforce.training.cg.huber_per_frame`).
 
 Force-matching (Noid et al., J. Chem. Phys. 128, 244114 (2008)) trains the same net on the
 mapped all-atom positions and the mapped (summed) all-atom forces instead; it needs forces.
@@ -53,12 +66,13 @@ from ..coordinates.cg_mapping import CGMapping
 from ..coordinates.force_maps import FORCE_MAPS, optimal_force_map
 from ..io import CHECKPOINT_FORMAT, atomic_write_npz, load_checkpoint, save_checkpoint
 from ..potentials.boltzmann import BoltzmannGenerator
-from ..potentials.cg_net import CGNet, cg_metadata, cg_net_class
+from ..potentials.cg_net import DIHEDRAL_FEATURES, CGNet, cg_metadata, cg_net_class
 from .boltzmann import FLOW_OPTIONS, split_frames, train_boltzmann_generator
 from .cg import train_cg_net
 from ..engine import data_hash, fingerprint, world
 from .flow_samples import (FORCE_OUTLIER_FACTOR, FORCE_OUTLIER_PERCENTILE, FlowEnsemble, drop_force_outliers,
-                           force_outlier_threshold, jitter_torsions, max_bead_force_norm, sample_flow_forces)
+                           force_outlier_threshold, jitter_torsions, max_bead_force_norm, sample_flow_forces,
+                           within_data_contacts)
 from .trainer import TRAIN_CONFIG_OPTIONS, TrainConfig
 from ..errors import FlowforceError
 from ..options import FRACTION, POSITIVE, POSITIVE_INT, SEED, Option, check_options
@@ -67,10 +81,10 @@ Tensor = torch.Tensor
 
 __all__ = ["CG_METHODS", "CGMethodResult", "CoarseGrainResult", "FORCE_OUTLIER_FACTOR", "FORCE_OUTLIER_PERCENTILE",
            "build_cg_net", "coarse_grain", "drop_force_outliers", "force_outlier_threshold", "max_bead_force_norm",
-           "sample_flow_forces", "save_cg_model"]
+           "prior_forces", "sample_flow_forces", "save_cg_model", "within_prior_forces"]
 
 #: CG net options accepted by :func:`coarse_grain` (``net=...``).
-NET_OPTIONS = ("hidden", "activation", "priors", "kind", "schnet")
+NET_OPTIONS = ("hidden", "activation", "priors", "kind", "schnet", "dihedral_features")
 #: ``net.kind``: which CG net (:data:`~openmm_flowforce.potentials.cg_net.CG_NETS`); ``auto``
 #: is the MLP below :data:`AUTO_SCHNET_MIN_BEADS` beads and CGSchNet from there on.
 NET_KINDS = ("auto", "mlp", "schnet")
@@ -91,7 +105,8 @@ SCHNET_OPTION_SCHEMA: dict[str, Option] = {"hidden": POSITIVE_INT, "interactions
 #: the net ``kind`` chooses uses its own and not the other's.
 NET_OPTION_SCHEMA: dict[str, Option] = {"hidden": Option(list, item=POSITIVE_INT), "activation": Option(str),
                                         "priors": Option(object), "kind": Option(str, choices=NET_KINDS),
-                                        "schnet": Option(dict, fields=SCHNET_OPTION_SCHEMA)}
+                                        "schnet": Option(dict, fields=SCHNET_OPTION_SCHEMA),
+                                        "dihedral_features": Option(str, choices=DIHEDRAL_FEATURES)}
 #: Every coarse-graining option (``flowforce cg --config`` keys), with its sections.
 #: ``cg_loss``: which force-matching loss trains the CG net. ``cartesian`` matches the force on
 #: every bead; ``internal`` the generalised forces on bonds, angles and torsions, each scaled by
@@ -101,6 +116,7 @@ CG_LOSS_OPTIONS: dict[str, Option] = {
     "kind": Option(str, choices=CG_LOSS_KINDS),
     "weights": Option(dict, fields={k: Option(float, minimum=0.0) for k in ("bond", "angle", "torsion")}),
     "energy_weight": Option(float, minimum=0.0, nullable=True),
+    "huber": Option(float, minimum=0.0, open_minimum=True, nullable=True),
 }
 #: ``cg_loss.energy_weight`` when not given: methods that give energies at their training points
 #: (flow-matching: −kT log q) match them with this weight; the others (force matching) with 0.
@@ -116,7 +132,9 @@ CG_OPTIONS: dict[str, Option] = {
     "flow": Option(dict, fields=FLOW_OPTIONS), "flow_train": Option(dict, fields=TRAIN_CONFIG_OPTIONS),
     "flow_samples": Option(int, minimum=2), "flow_ensemble": POSITIVE_INT, "cg_loss": Option(dict, fields=CG_LOSS_OPTIONS),
     "torsion_jitter": Option(dict, fields=JITTER_OPTIONS), "outlier_percentile": Option(float, minimum=0.0, maximum=100.0),
-    "outlier_factor": POSITIVE, "net": Option(dict, fields=NET_OPTION_SCHEMA),
+    "outlier_factor": POSITIVE, "prior_outlier_factor": POSITIVE,
+    "contact_factor": Option(float, minimum=0.0, open_minimum=True, nullable=True),
+    "net": Option(dict, fields=NET_OPTION_SCHEMA),
     "cg_train": Option(dict, fields=TRAIN_CONFIG_OPTIONS), "val_fraction": FRACTION, "seed": SEED,
     "force_map": Option(str, choices=("auto",) + FORCE_MAPS),
 }
@@ -134,8 +152,10 @@ class CGMethodInputs:
         temperature: K.
         work: prefix of intermediate files (``OUT`` without suffix), or None for none.
         options: method options (``flow``, ``flow_train``, ``flow_samples``, ``outlier_percentile``,
-            ``outlier_factor``, ``val_fraction``, ``seed``).
+            ``outlier_factor``, ``prior_outlier_factor``, ``val_fraction``, ``seed``).
         progress: show progress bars.
+        prior_forces: forces (kJ/mol/nm) of the CG net's priors at positions ``(T, n, 3)`` nm
+            (:func:`prior_forces`), for the prior outlier rule; None: no such rule.
     """
 
     positions: np.ndarray
@@ -145,6 +165,7 @@ class CGMethodInputs:
     work: Path | None
     options: dict[str, Any]
     progress: bool = True
+    prior_forces: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 @dataclass
@@ -239,18 +260,41 @@ def _flow_matching(inputs: CGMethodInputs) -> CGMethodResult:
         order = np.random.default_rng(int(opts["seed"]) + 1).permutation(len(x))
         x, f, u = x[order], f[order], u[order]
     x_kept, f_kept, kept = drop_force_outliers(x, f, threshold)
+    prior_threshold, by_priors = None, np.zeros(len(x), dtype=bool)
+    if inputs.prior_forces is not None:
+        within, prior_threshold = within_prior_forces(inputs.prior_forces, x, inputs.positions[:n],
+                                                      opts["outlier_percentile"], opts["prior_outlier_factor"])
+        by_priors = kept & ~within
+        kept = kept & within
+        x_kept, f_kept = x[kept], f[kept]
+    by_contacts = np.zeros(len(x), dtype=bool)
+    if opts["contact_factor"] is not None:
+        from ..potentials.priors import BeadGraph
+
+        far = BeadGraph.from_bonds(inputs.mapping.n_beads, inputs.mapping.bonds).nonbonded
+        within, _ = within_data_contacts(x, inputs.positions, far, float(opts["contact_factor"]))
+        by_contacts = kept & ~within
+        kept = kept & within
+        x_kept, f_kept = x[kept], f[kept]
     if len(x_kept) < 2:
-        raise FlowforceError(f"only {len(x_kept)} of {n} flow samples pass the force threshold {threshold:.4g} "
-                             "kJ/mol/nm; train the flow longer or raise outlier_factor")
+        raise FlowforceError(f"only {len(x_kept)} of {n} flow samples pass the force thresholds ({threshold:.4g} "
+                             "kJ/mol/nm on the flow's forces, "
+                             f"{'none' if prior_threshold is None else f'{prior_threshold:.4g}'} on the priors'); "
+                             "train the flow longer or raise outlier_factor, prior_outlier_factor or contact_factor")
     info = {"flow_checkpoint": None if flow_ckpt is None else str(flow_ckpt),
             "flow_steps": int(trainers[0].step), "flow_ensemble": len(models),
             "flow_best_val_nll": None if trainers[0].best_state is None else float(trainers[0].best_val),
             "flow_seconds": flow_seconds, "flow_samples": n, "non_finite_samples": int(non_finite),
             "outlier_rule": (f"keep a sample when max_I |F_I| <= {opts['outlier_factor']:g} x the "
                              f"{opts['outlier_percentile']:g}th percentile of max_I |F_I| of the flow's forces "
-                             "on the data frames"),
+                             "on the data frames"
+                             + ("" if prior_threshold is None else
+                                f", and max_I |F_prior,I| <= {opts['prior_outlier_factor']:g} x the same percentile "
+                                "of the priors' forces on the data frames")),
             "outlier_percentile": float(opts["outlier_percentile"]), "outlier_factor": float(opts["outlier_factor"]),
             "force_threshold_kj_mol_nm": threshold, "dropped_samples": int((~kept).sum()),
+            "prior_force_threshold_kj_mol_nm": prior_threshold, "dropped_by_priors": int(by_priors.sum()),
+            "contact_factor": opts["contact_factor"], "dropped_by_contacts": int(by_contacts.sum()),
             "training_frames": int(len(x_kept)), "sampling_seconds": time.perf_counter() - t0,
             "torsion_jitter_points": int(n_jitter),
             "median_max_force_on_data": float(np.median(max_bead_force_norm(on_data))),
@@ -266,6 +310,40 @@ CG_METHODS: dict[str, Callable[[CGMethodInputs], CGMethodResult]] = {
 
 
 # -- the whole run ----------------------------------------------------------------------------------
+def prior_forces(net: CGNet, positions: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Forces of ``net``'s priors alone, ``−∇ Σ E_prior`` ``(T, n, 3)`` kJ/mol/nm, at CG positions
+    ``(T, n, 3)`` nm (float64, in chunks; the net's parameters get no gradient)."""
+    parameter = next(net.parameters())
+    out = []
+    for start in range(0, len(positions), chunk):
+        x = torch.as_tensor(np.asarray(positions[start:start + chunk]), dtype=parameter.dtype,
+                            device=parameter.device).requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(net.prior_energy(x).sum(), x)
+        out.append(-grad.detach().cpu().double().numpy())
+    return np.concatenate(out) if out else np.zeros((0, net.n_beads, 3))
+
+
+def within_prior_forces(forces_of: Callable[[np.ndarray], np.ndarray], positions: np.ndarray, data: np.ndarray,
+                        percentile: float = FORCE_OUTLIER_PERCENTILE,
+                        factor: float = FORCE_OUTLIER_FACTOR) -> tuple[np.ndarray, float]:
+    """Which training points the priors can live with: the prior outlier rule (module docstring).
+
+    Args:
+        forces_of: the priors' forces (kJ/mol/nm) at positions ``(T, n, 3)`` nm, e.g.
+            ``lambda x: prior_forces(net, x)``.
+        positions: the candidate training points ``(T, n, 3)`` nm.
+        data: the data frames ``(T', n, 3)`` nm that set the threshold.
+        percentile, factor: the rule: keep a point when ``max_I |F_prior,I| ≤ factor ×`` the
+            ``percentile``-th percentile of the same on ``data``.
+
+    Returns:
+        ``(kept, threshold)``: a boolean ``(T,)`` and the threshold in kJ/mol/nm.
+    """
+    threshold = force_outlier_threshold(forces_of(data), percentile, factor)
+    return max_bead_force_norm(forces_of(positions)) <= threshold, threshold
+
+
 def net_kind(options: Mapping[str, Any], n_beads: int) -> str:
     """The CG net ``net.kind`` asks for (``auto``: by bead count, :data:`AUTO_SCHNET_MIN_BEADS`)."""
     kind = str(options.get("kind", "auto"))
@@ -278,7 +356,7 @@ def build_cg_net(mapping: CGMapping, positions: np.ndarray, temperature: float,
                  options: Mapping[str, Any]) -> CGNet:
     """A CG net with priors fitted to CG ``positions`` ``(T, n, 3)`` nm, from the ``net`` options."""
     kind = net_kind(options, mapping.n_beads)
-    own = {"mlp": ("hidden", "activation"), "schnet": ()}[kind]
+    own = {"mlp": ("hidden", "activation", "dihedral_features"), "schnet": ()}[kind]
     kwargs = {key: options[key] for key in (*own, "priors") if key in options}
     if kind == "schnet":
         kwargs.update(options.get("schnet") or {})
@@ -322,10 +400,11 @@ def _options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     defaults: dict[str, Any] = {
         "flow": {"n_layers": 6, "hidden": [64, 64], "n_components": 8},
         "flow_train": {"steps": 2000, "batch_size": 256, "validate_every": 100},
+        # No "huber" key in cg_loss: the CG nets cached by older runs keep their fingerprint.
         "flow_samples": 20000, "flow_ensemble": 1, "cg_loss": {"kind": "cartesian", "energy_weight": None},
         "torsion_jitter": dict(DEFAULT_TORSION_JITTER),
         "outlier_percentile": FORCE_OUTLIER_PERCENTILE, "outlier_factor": FORCE_OUTLIER_FACTOR,
-        "net": {"hidden": [64, 64]},
+        "prior_outlier_factor": FORCE_OUTLIER_FACTOR, "contact_factor": None, "net": {"hidden": [64, 64]},
         "cg_train": {"steps": 2000, "batch_size": 256, "lr": 3e-3, "validate_every": 100},
         "val_fraction": 0.1, "seed": 0, "force_map": "auto",
     }
@@ -357,8 +436,10 @@ def coarse_grain(positions: Any, topology: Any, temperature: float, out: str | P
         forces: all-atom forces ``(T, N, 3)`` kJ/mol/nm (force-matching only).
         options: overrides of the defaults: ``flow`` (CouplingFlow options), ``flow_train`` and
             ``cg_train`` (:class:`TrainConfig` fields), ``flow_samples``, ``outlier_percentile``,
-            ``outlier_factor``, ``net`` (``kind`` auto/mlp/schnet; the MLP's ``hidden``,
-            ``activation``; ``priors``; ``schnet``: ``hidden``, ``interactions``, ``n_rbf``,
+            ``outlier_factor``, ``prior_outlier_factor``, ``contact_factor``, ``cg_loss``
+            (``kind``, ``weights``, ``energy_weight``, ``huber``), ``torsion_jitter``,
+            ``flow_ensemble``, ``net`` (``kind`` auto/mlp/schnet; the MLP's ``hidden``,
+            ``activation``, ``dihedral_features``; ``priors``; ``schnet``: ``hidden``, ``interactions``, ``n_rbf``,
             ``cutoff_nm``, ``max_pairs``), ``val_fraction``,
             ``seed``. Sections are merged key by key over the defaults; unknown keys are rejected.
         progress: progress bars.
@@ -409,15 +490,18 @@ def coarse_grain(positions: Any, topology: Any, temperature: float, out: str | P
         f_cg = np.einsum("Ia,tac->tIc", weights, all_atom)
         info_map["force_map_rms_ratio"] = float(np.sqrt(np.mean(f_cg[train] ** 2))) / basic_rms
     work = out.with_suffix("") if out.suffix else out
-    inputs = CGMethodInputs(x_cg, f_cg, mapping, float(temperature), work, opts, progress)
+    with torch.random.fork_rng(devices=[]):  # the net's initial weights come from the seed alone
+        torch.manual_seed(int(opts["seed"]))
+        net = build_cg_net(mapping, x_cg[train], float(temperature), opts["net"]).to(torch.float64)
+    # The priors are fitted to the data before the method runs, so that it can drop training
+    # points where they and the method's forces cannot both hold (prior_outlier_factor).
+    inputs = CGMethodInputs(x_cg, f_cg, mapping, float(temperature), work, opts, progress,
+                            prior_forces=lambda positions: prior_forces(net, positions))
     t0 = time.perf_counter()
     result = CG_METHODS[method](inputs)
     method_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):  # the net's initial weights come from the seed alone
-        torch.manual_seed(int(opts["seed"]))
-        net = build_cg_net(mapping, x_cg[train], float(temperature), opts["net"]).to(torch.float64)
     state = work.with_name(work.name + ".state.ckpt")
     energy_weight = opts["cg_loss"]["energy_weight"]
     if energy_weight is None:
@@ -439,7 +523,8 @@ def coarse_grain(positions: Any, topology: Any, temperature: float, out: str | P
         internal = InternalForceLoss(internal_coordinates(mapping.cg_topology()), opts["cg_loss"].get("weights"))
     fit = train_cg_net(net, result.positions, result.forces, opts["cg_train"], val_fraction=float(opts["val_fraction"]),
                        checkpoint=state, progress=progress, mapping=mapping, fingerprint=trained_from,
-                       internal=internal, energies=energies, energy_weight=energy_weight)
+                       internal=internal, energies=energies, energy_weight=energy_weight,
+                       huber=opts["cg_loss"].get("huber"))
     info = {**result.info, **info_map, "method_seconds": method_seconds, "cg_seconds": time.perf_counter() - t0,
             "cg_steps": fit.steps, "cg_force_scale": fit.force_scale, "cg_initial_val_loss": fit.initial_val_loss,
             "cg_best_val_loss": fit.best_val_loss, "data_frames": int(len(x_cg)), "n_beads": mapping.n_beads}

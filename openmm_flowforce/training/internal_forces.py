@@ -132,8 +132,12 @@ class InternalForceLoss:
         """``G = P F``: ``(T, k)`` from ``P`` ``(T, k, 3n)`` and ``F`` ``(T, n, 3)``."""
         return (projections @ forces.reshape(len(forces), -1, 1)).squeeze(-1)
 
-    def __call__(self, projections: Tensor, predicted: Tensor, forces: Tensor) -> Tensor:
-        """The loss of predicted forces ``(B, n, 3)`` against ``forces`` at frames whose
-        :meth:`projections` are ``projections`` ``(B, k, 3n)``."""
+    def per_frame(self, projections: Tensor, predicted: Tensor, forces: Tensor) -> Tensor:
+        """The loss of each frame ``(B,)``: predicted forces ``(B, n, 3)`` against ``forces`` at
+        frames whose :meth:`projections` are ``projections`` ``(B, k, 3n)``."""
         delta = self.generalised(projections, predicted - forces) / self.scales.to(predicted)
-        return (delta.pow(2) * self.weights.to(predicted)).sum(-1).mean()
+        return (delta.pow(2) * self.weights.to(predicted)).sum(-1)
+
+    def __call__(self, projections: Tensor, predicted: Tensor, forces: Tensor) -> Tensor:
+        """The loss: the mean of :meth:`per_frame`."""
+        return self.per_frame(projections, predicted, forces).mean()
