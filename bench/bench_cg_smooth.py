@@ -82,6 +82,19 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def baoab_setup(x: torch.Tensor, masses: np.ndarray, temperature: float, dt_ps: float, friction: float,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
+    """BAOAB constants for walkers at ``x`` ``(W, n, 3)``: masses ``(1, n, 1)``, Maxwell–Boltzmann
+    velocities, the O-step's velocity factor ``exp(−γ dt)`` and its noise scale."""
+    from openmm_flowforce.conventions import kT
+
+    m = torch.as_tensor(masses, dtype=torch.float64)[None, :, None]
+    kt = kT(temperature)
+    v = torch.randn(x.shape, generator=gen, dtype=torch.float64) * (kt / m).sqrt()
+    c = math.exp(-friction * dt_ps)
+    return m, v, c, ((1.0 - c * c) * kt / m).sqrt()
+
+
 def langevin_walkers(net: torch.nn.Module, start: np.ndarray, masses: np.ndarray, temperature: float,
                      walkers: int, steps: int, every: int, dt_ps: float = 0.005, friction: float = 1.0,
                      seed: int = 0) -> tuple[np.ndarray, float]:
@@ -90,15 +103,9 @@ def langevin_walkers(net: torch.nn.Module, start: np.ndarray, masses: np.ndarray
     Returns the frames ``(walkers·steps/every, n, 3)`` nm of the walkers that stayed finite,
     and the fraction of walkers that did not (a bond longer than 1 nm or a non-finite value).
     """
-    from openmm_flowforce.conventions import kT
-
     gen = torch.Generator().manual_seed(seed)
     x = torch.as_tensor(start, dtype=torch.float64).expand(walkers, -1, -1).clone()
-    m = torch.as_tensor(masses, dtype=torch.float64)[None, :, None]
-    kt = kT(temperature)
-    v = torch.randn(x.shape, generator=gen, dtype=torch.float64) * (kt / m).sqrt()
-    c = math.exp(-friction * dt_ps)
-    noise = ((1.0 - c * c) * kt / m).sqrt()
+    m, v, c, noise = baoab_setup(x, masses, temperature, dt_ps, friction, gen)
     _, f = net.energy_and_forces(x)
     frames, alive = [], torch.ones(walkers, dtype=torch.bool)
     for step in range(1, steps + 1):

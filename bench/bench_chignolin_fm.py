@@ -62,16 +62,15 @@ def shape_of(frames: np.ndarray) -> tuple[float, float]:
 def walkers(net: torch.nn.Module, starts: np.ndarray, masses: np.ndarray, temperature: float, steps: int,
             dt_ps: float = 0.005, friction: float = 1.0, seed: int = 0) -> dict[str, Any]:
     """BAOAB walkers from ``starts`` ``(W, n, 3)``: blow-up fraction, temperature, shape."""
+    from bench_cg_smooth import baoab_setup  # bench/ is on sys.path when this script runs
+
     from openmm_flowforce.conventions import kT
 
     gen = torch.Generator().manual_seed(seed)
     begin = torch.as_tensor(starts, dtype=torch.float64)
     x = begin.clone()
-    m = torch.as_tensor(masses, dtype=torch.float64)[None, :, None]
+    m, v, c, noise = baoab_setup(x, masses, temperature, dt_ps, friction, gen)
     kt = kT(temperature)
-    v = torch.randn(x.shape, generator=gen, dtype=torch.float64) * (kt / m).sqrt()
-    c = math.exp(-friction * dt_ps)
-    noise = ((1.0 - c * c) * kt / m).sqrt()
     _, f = net.energy_and_forces(x)
     f = f.detach()
     alive = torch.ones(len(x), dtype=torch.bool)

@@ -63,14 +63,20 @@ def cos_angles(x: Tensor, triples: Tensor) -> Tensor:
 
 def dihedral_cos_sin(x: Tensor, quads: Tensor) -> tuple[Tensor, Tensor]:
     """(cos φ, sin φ) of the IUPAC dihedral i–j–k–l (mdtraj's sign), each ``(B, M)``."""
+    _, _, axis, v, w = _dihedral_frame(x, quads)
+    norm = torch.linalg.vector_norm(v, dim=-1) * torch.linalg.vector_norm(w, dim=-1)
+    return (v * w).sum(-1) / norm, (torch.cross(axis, v, dim=-1) * w).sum(-1) / norm
+
+
+def _dihedral_frame(x: Tensor, quads: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Bond vectors b₀, b₂, the unit axis b̂₁ and the parts v, w of b₀, b₂ normal to it."""
     b0 = x[:, quads[:, 0]] - x[:, quads[:, 1]]
     b1 = x[:, quads[:, 2]] - x[:, quads[:, 1]]
     b2 = x[:, quads[:, 3]] - x[:, quads[:, 2]]
     axis = b1 / torch.linalg.vector_norm(b1, dim=-1, keepdim=True)
     v = b0 - (b0 * axis).sum(-1, keepdim=True) * axis
     w = b2 - (b2 * axis).sum(-1, keepdim=True) * axis
-    norm = torch.linalg.vector_norm(v, dim=-1) * torch.linalg.vector_norm(w, dim=-1)
-    return (v * w).sum(-1) / norm, (torch.cross(axis, v, dim=-1) * w).sum(-1) / norm
+    return b0, b2, axis, v, w
 
 
 def dihedral_cos_sin_weighted(x: Tensor, quads: Tensor) -> tuple[Tensor, Tensor]:
@@ -84,12 +90,7 @@ def dihedral_cos_sin_weighted(x: Tensor, quads: Tensor) -> tuple[Tensor, Tensor]
     to the axis, polynomial in the unit bond vectors: bounded gradients, and zero at θ = π
     where φ carries no information.
     """
-    b0 = x[:, quads[:, 0]] - x[:, quads[:, 1]]
-    b1 = x[:, quads[:, 2]] - x[:, quads[:, 1]]
-    b2 = x[:, quads[:, 3]] - x[:, quads[:, 2]]
-    axis = b1 / torch.linalg.vector_norm(b1, dim=-1, keepdim=True)
-    v = b0 - (b0 * axis).sum(-1, keepdim=True) * axis
-    w = b2 - (b2 * axis).sum(-1, keepdim=True) * axis
+    b0, b2, axis, v, w = _dihedral_frame(x, quads)
     norm = torch.linalg.vector_norm(b0, dim=-1) * torch.linalg.vector_norm(b2, dim=-1)
     return (v * w).sum(-1) / norm, (torch.cross(axis, v, dim=-1) * w).sum(-1) / norm
 
