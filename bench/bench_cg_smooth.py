@@ -95,6 +95,21 @@ def baoab_setup(x: torch.Tensor, masses: np.ndarray, temperature: float, dt_ps: 
     return m, v, c, ((1.0 - c * c) * kt / m).sqrt()
 
 
+def baoab_step(net: torch.nn.Module, x: torch.Tensor, v: torch.Tensor, f: torch.Tensor, m: torch.Tensor, c: float,
+               noise: torch.Tensor, dt_ps: float, gen: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One BAOAB step of all walkers: new ``x, v, f`` and which walkers broke (a non-finite
+    coordinate or a bond between consecutive beads longer than 1 nm)."""
+    v = v + 0.5 * dt_ps * f / m
+    x = x + 0.5 * dt_ps * v
+    v = c * v + noise * torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    x = x + 0.5 * dt_ps * v
+    f = net.energy_and_forces(x)[1].detach()
+    v = v + 0.5 * dt_ps * f / m
+    bad = ~torch.isfinite(x).all(-1).all(-1) | ((x[:, 1:] - x[:, :-1]).norm(dim=-1) > 1.0).any(-1)
+    return x, v, f, bad
+
+
 def langevin_walkers(net: torch.nn.Module, start: np.ndarray, masses: np.ndarray, temperature: float,
                      walkers: int, steps: int, every: int, dt_ps: float = 0.005, friction: float = 1.0,
                      seed: int = 0) -> tuple[np.ndarray, float]:
@@ -109,13 +124,7 @@ def langevin_walkers(net: torch.nn.Module, start: np.ndarray, masses: np.ndarray
     _, f = net.energy_and_forces(x)
     frames, alive = [], torch.ones(walkers, dtype=torch.bool)
     for step in range(1, steps + 1):
-        v = v + 0.5 * dt_ps * f / m
-        x = x + 0.5 * dt_ps * v
-        v = c * v + noise * torch.randn(x.shape, generator=gen, dtype=torch.float64)
-        x = x + 0.5 * dt_ps * v
-        _, f = net.energy_and_forces(x)
-        v = v + 0.5 * dt_ps * f / m
-        bad = ~torch.isfinite(x).all(-1).all(-1) | ((x[:, 1:] - x[:, :-1]).norm(dim=-1) > 1.0).any(-1)
+        x, v, f, bad = baoab_step(net, x, v, f, m, c, noise, dt_ps, gen)
         if bool(bad.any()):
             alive &= ~bad
             x = torch.where(bad[:, None, None], torch.as_tensor(start, dtype=torch.float64), x)

@@ -62,7 +62,7 @@ def shape_of(frames: np.ndarray) -> tuple[float, float]:
 def walkers(net: torch.nn.Module, starts: np.ndarray, masses: np.ndarray, temperature: float, steps: int,
             dt_ps: float = 0.005, friction: float = 1.0, seed: int = 0) -> dict[str, Any]:
     """BAOAB walkers from ``starts`` ``(W, n, 3)``: blow-up fraction, temperature, shape."""
-    from bench_cg_smooth import baoab_setup  # bench/ is on sys.path when this script runs
+    from bench_cg_smooth import baoab_setup, baoab_step  # bench/ is on sys.path when this script runs
 
     from openmm_flowforce.conventions import kT
 
@@ -77,14 +77,7 @@ def walkers(net: torch.nn.Module, starts: np.ndarray, masses: np.ndarray, temper
     frames, temperatures = [], []
     dof = 3 * x.shape[1] - 3
     for step in range(1, steps + 1):
-        v = v + 0.5 * dt_ps * f / m
-        x = x + 0.5 * dt_ps * v
-        v = c * v + noise * torch.randn(x.shape, generator=gen, dtype=torch.float64)
-        x = x + 0.5 * dt_ps * v
-        _, f = net.energy_and_forces(x)
-        f = f.detach()
-        v = v + 0.5 * dt_ps * f / m
-        bad = ~torch.isfinite(x).all(-1).all(-1) | ((x[:, 1:] - x[:, :-1]).norm(dim=-1) > 1.0).any(-1)
+        x, v, f, bad = baoab_step(net, x, v, f, m, c, noise, dt_ps, gen)
         alive &= ~bad
         x, v, f = (torch.where(bad[:, None, None], a, b) for a, b in ((begin, x), (torch.zeros_like(v), v),
                                                                         (torch.zeros_like(f), f)))
