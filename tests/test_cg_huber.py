@@ -94,8 +94,9 @@ def test_huber_bounds_the_pull_of_an_outlier_frame(backbone):
 
 def test_huber_option_is_checked():
     assert _options({"cg_loss": {"huber": 2.5}})["cg_loss"]["huber"] == 2.5
-    # Off by default, and absent: the CG nets cached by earlier runs keep their fingerprint.
-    assert _options(None)["cg_loss"] == {"kind": "cartesian", "energy_weight": None}
+    # Off by default, and absent: the CG nets cached by earlier runs keep their fingerprint
+    # (kind auto is resolved before it is fingerprinted: cartesian for flow-matching, as before).
+    assert _options(None)["cg_loss"] == {"kind": "auto", "energy_weight": None}
     for bad in (0.0, -1.0, "x"):
         with pytest.raises(OptionError, match="cg_loss.huber"):
             _options({"cg_loss": {"huber": bad}})

@@ -119,9 +119,12 @@ def test_coarse_grain_force_matching_uses_the_optimal_map(alanine_md, tmp_path):
                           progress=False, constraints=[])
     assert result.info["force_map"] == "optimal"
     assert result.info["force_map_rms_ratio"] < 0.95
+    assert result.info["cg_loss_kind"] == "internal"  # cg_loss.kind auto, for force matching
     unknown = coarse_grain(md["positions"][:150], md["topology"], 300.0, tmp_path / "u.ckpt", "backbone",
-                           "force-matching", forces=md["forces"][:150], options=quick, progress=False)
+                           "force-matching", forces=md["forces"][:150],
+                           options={**quick, "cg_loss": {"kind": "cartesian"}}, progress=False)
     assert unknown.info["force_map"] == "basic" and "force_map_rms_ratio" not in unknown.info  # auto, no constraints
+    assert unknown.info["cg_loss_kind"] == "cartesian"
     with pytest.raises(FlowforceError, match="force_map: optimal maps all-atom forces for --method force-matching"):
         coarse_grain(md["positions"][:50], md["topology"], 300.0, tmp_path / "f.ckpt", "backbone", "flow-matching",
                      options={"force_map": "optimal"}, progress=False)

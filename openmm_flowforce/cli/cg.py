@@ -53,9 +53,10 @@ value is checked and unknown keys are refused):
   flow_samples: 20000
   flow_ensemble: 1          (K flows with seeds seed..seed+K-1, forces and energies averaged)
   torsion_jitter: {fraction: 0.3, sigma_rad: 1.0}   (flow-matching: extra turned points)
-  cg_loss:     {kind: cartesian, energy_weight: null, huber: null, weights: {bond: 1, angle: 1, torsion: 1}}
+  cg_loss:     {kind: auto, energy_weight: null, huber: null, weights: {bond: 1, angle: 1, torsion: 1}}
                (kind: cartesian = forces on beads | internal = generalised forces on bonds,
-               angles, torsions, each scaled by its RMS, times weights of its kind;
+               angles, torsions, each scaled by its RMS, times weights of its kind | auto =
+               internal for force-matching (one chain), cartesian for flow-matching;
                energy_weight: null = 1 for flow-matching, 0 for force-matching;
                huber: delta > 0 = a robust per-frame force loss, linear beyond delta RMS units)
   outlier_percentile: 99.9
@@ -216,7 +217,8 @@ def run(args: argparse.Namespace) -> int:
     if result.method == "force-matching":
         ratio = info.get("force_map_rms_ratio")
         print(f"forces      {info['force_map']} force map" + ("" if ratio is None else
-                                                             f", RMS {ratio:.2f} x the basic map's"))
+                                                             f", RMS {ratio:.2f} x the basic map's")
+              + f"; {info['cg_loss_kind']} force loss")
     if "dropped_samples" in info:
         print(f"flow        {info['flow_steps']} steps, validation NLL {info['flow_best_val_nll']}, "
               f"{info['flow_seconds']:.1f} s")

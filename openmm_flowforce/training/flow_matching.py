@@ -112,8 +112,13 @@ NET_OPTION_SCHEMA: dict[str, Option] = {"hidden": Option(list, item=POSITIVE_INT
 #: every bead; ``internal`` the generalised forces on bonds, angles and torsions, each scaled by
 #: its RMS and weighted by its kind (:mod:`~openmm_flowforce.training.internal_forces`).
 CG_LOSS_KINDS = ("cartesian", "internal")
+#: ``cg_loss.kind: auto`` (the default): ``internal`` for force matching (from 1000 alanine-
+#: dipeptide frames with the optimal force map it takes the CG MD's φ/ψ JS from 0.10 to 0.045,
+#: BENCHMARKS "Optimal force maps"), where the CG molecule has internal coordinates (one
+#: connected chain); ``cartesian`` otherwise (flow-matching: the energy term does better).
+AUTO_LOSS_KIND = {"force-matching": "internal"}
 CG_LOSS_OPTIONS: dict[str, Option] = {
-    "kind": Option(str, choices=CG_LOSS_KINDS),
+    "kind": Option(str, choices=("auto",) + CG_LOSS_KINDS),
     "weights": Option(dict, fields={k: Option(float, minimum=0.0) for k in ("bond", "angle", "torsion")}),
     "energy_weight": Option(float, minimum=0.0, nullable=True),
     "huber": Option(float, minimum=0.0, open_minimum=True, nullable=True),
@@ -401,7 +406,7 @@ def _options(options: Mapping[str, Any] | None) -> dict[str, Any]:
         "flow": {"n_layers": 6, "hidden": [64, 64], "n_components": 8},
         "flow_train": {"steps": 2000, "batch_size": 256, "validate_every": 100},
         # No "huber" key in cg_loss: the CG nets cached by older runs keep their fingerprint.
-        "flow_samples": 20000, "flow_ensemble": 1, "cg_loss": {"kind": "cartesian", "energy_weight": None},
+        "flow_samples": 20000, "flow_ensemble": 1, "cg_loss": {"kind": "auto", "energy_weight": None},
         "torsion_jitter": dict(DEFAULT_TORSION_JITTER),
         "outlier_percentile": FORCE_OUTLIER_PERCENTILE, "outlier_factor": FORCE_OUTLIER_FACTOR,
         "prior_outlier_factor": FORCE_OUTLIER_FACTOR, "contact_factor": None, "net": {"hidden": [64, 64]},
@@ -511,21 +516,26 @@ def coarse_grain(positions: Any, topology: Any, temperature: float, out: str | P
         raise FlowforceError(f"cg_loss.energy_weight needs energies at the training points, which --method {method} "
                              "does not give; set it to 0 or use --method flow-matching")
     energies = result.energies if energy_weight > 0 else None
+    internal, loss = None, dict(opts["cg_loss"])
+    if loss["kind"] == "internal" or (loss["kind"] == "auto" and AUTO_LOSS_KIND.get(method) == "internal"):
+        from .internal_forces import InternalForceLoss, internal_coordinates
+
+        try:
+            internal = InternalForceLoss(internal_coordinates(mapping.cg_topology()), loss.get("weights"))
+        except ValueError:
+            if loss["kind"] == "internal":
+                raise  # auto: no Z-matrix for this CG molecule (e.g. several chains), so Cartesian
+    loss["kind"] = "internal" if internal is not None else "cartesian"  # the fingerprint holds what ran
     hashed = (result.positions, result.forces) if energies is None else (result.positions, result.forces, energies)
     trained_from = fingerprint(data_hash(*hashed, float(temperature)),
                                {"method": method, "mapping": mapping.to_dict(), "net": opts["net"],
-                                "cg_loss": opts["cg_loss"],
-                                "val_fraction": float(opts["val_fraction"])})
-    internal = None
-    if opts["cg_loss"]["kind"] == "internal":
-        from .internal_forces import InternalForceLoss, internal_coordinates
-
-        internal = InternalForceLoss(internal_coordinates(mapping.cg_topology()), opts["cg_loss"].get("weights"))
+                                "cg_loss": loss, "val_fraction": float(opts["val_fraction"])})
     fit = train_cg_net(net, result.positions, result.forces, opts["cg_train"], val_fraction=float(opts["val_fraction"]),
                        checkpoint=state, progress=progress, mapping=mapping, fingerprint=trained_from,
                        internal=internal, energies=energies, energy_weight=energy_weight,
                        huber=opts["cg_loss"].get("huber"))
-    info = {**result.info, **info_map, "method_seconds": method_seconds, "cg_seconds": time.perf_counter() - t0,
+    info = {**result.info, **info_map, "cg_loss_kind": loss["kind"], "method_seconds": method_seconds,
+            "cg_seconds": time.perf_counter() - t0,
             "cg_steps": fit.steps, "cg_force_scale": fit.force_scale, "cg_initial_val_loss": fit.initial_val_loss,
             "cg_best_val_loss": fit.best_val_loss, "data_frames": int(len(x_cg)), "n_beads": mapping.n_beads}
     pdb_text = mapping.pdb_text(x_cg[0])
