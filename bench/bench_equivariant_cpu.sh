@@ -5,7 +5,7 @@
 # reference samples of the shared test set (W2, energy W2, TV, NLL, ESS).
 #
 #   bash bench/bench_equivariant_cpu.sh              DW-4: reverse KL and FAB
-#   TARGET=lj13 bash bench/bench_equivariant_cpu.sh  LJ-13: reverse KL (no aligned W2: minutes on
+#   TARGET=lj13 bash bench/bench_equivariant_cpu.sh  LJ-13: reverse KL and FAB (no aligned W2: minutes on
 #                                                    LJ-13; the preset's 100 kT energy cut applies)
 #
 # Writes into ${OUT:-bench/results/equivariant_cpu}. Small on purpose (the machine was shared
@@ -21,7 +21,8 @@ mkdir -p "$out"
 small="transform: affine, n_layers: 6, hidden: 16, egnn_layers: 1, n_importance: 20"
 echo "options: {$small}" > "$out/small.yaml"
 echo "options: {$small, min_buffer: 256}" > "$out/small_fab.yaml"
-run() {  # name method config steps [evaluate options]
+run() {  # name method config steps [evaluate options]; a run whose JSON exists is kept
+  [ -f "$out/$1.json" ] && { echo "kept $out/$1.json"; return; }
   timeout -s INT "$budget" flowforce sampler train --target "$target" --method "$2" --flow equivariant \
     --config "$out/$3" --steps "$4" --out "$out/$1.ckpt" --quiet || true
   flowforce sampler evaluate "$out/$1.ckpt" --reference "$data/$target/test.npy" -n 1000 "${@:5}" --out "$out/$1.json"
@@ -29,5 +30,6 @@ run() {  # name method config steps [evaluate options]
 case "$target" in
   dw4) run dw4_eq_reverse_kl reverse-kl small.yaml 5000
        run dw4_eq_fab fab small_fab.yaml 1000 ;;
-  lj13) run lj13_eq_reverse_kl reverse-kl small.yaml 5000 --no-align ;;
+  lj13) run lj13_eq_reverse_kl reverse-kl small.yaml 5000 --no-align
+        run lj13_eq_fab fab small_fab.yaml 1000 --no-align ;;
 esac
