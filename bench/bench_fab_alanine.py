@@ -19,6 +19,7 @@ Stages (each resumable; re-running the same command continues where it stopped):
    a JSON summary in ``--results``.
 
     python bench/bench_fab_alanine.py --quick                       # ~3 min on one core
+    python bench/bench_fab_alanine.py --ais-space cartesian         # HMC on Cartesian nm (the first runs)
     python bench/bench_fab_alanine.py --solvent implicit --steps 200 --eval-every 50
     python bench/bench_fab_alanine.py --solvent implicit --steps 20000 --eval-every 500 \\
         --reference-ns 50        # the long run; the same command resumes it
@@ -147,12 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=str(ROOT / "bench" / "results" / "fab_alanine"),
                         help="where the curve PNG and the JSON summary go")
     parser.add_argument("--quick", action="store_true", help="tiny run: 6 steps, batch 64, 500 samples")
+    parser.add_argument("--ais-space", choices=("internal", "cartesian"), default="internal",
+                        help="where FAB's HMC moves (option ais_space; default internal, the method's default "
+                             "for this flow); results of cartesian runs get the suffix _cartesian")
     args = parser.parse_args(argv)
     target = "alanine-dipeptide" + ("-implicit" if args.solvent == "implicit" else "")
-    options = dict(QUICK_OPTIONS if args.quick else FAB_OPTIONS)
+    options = {**(QUICK_OPTIONS if args.quick else FAB_OPTIONS), "ais_space": args.ais_space}
     steps, every, n_eval = (6, 3, 500) if args.quick else (args.steps, args.eval_every, args.n_eval)
     ns = args.reference_ns or (0.5 if args.quick else 5.0 if args.solvent == "vacuum" else 2.0)
-    tag = f"{args.solvent}{'_quick' if args.quick else ''}"
+    tag = f"{args.solvent}{'_cartesian' if args.ais_space == 'cartesian' else ''}{'_quick' if args.quick else ''}"
     work = Path(args.work or ROOT / "runs" / f"fab_alanine_{tag}")
     work.mkdir(parents=True, exist_ok=True)
     results = Path(args.results)

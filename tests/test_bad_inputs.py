@@ -151,7 +151,7 @@ def work(tmp_path_factory) -> Path:
         "cg_energy_fm.yaml": "cg_loss: {energy_weight: 1.0}\n", "cg_prior_factor.yaml": "prior_outlier_factor: 0\n",
         "cg_huber.yaml": "cg_loss: {huber: -1}\n", "cg_contact.yaml": "contact_factor: 0\n",
         "s_steps.yaml": "options: {steps: 'x'}\n", "s_lr.yaml": "options: {lr: -1}\n",
-        "s_target.yaml": "target_options: {bogus: 1}\n", "python_tag.yaml": "epochs: !!python/object/apply:os.getcwd []\n",
+        "s_target.yaml": "target_options: {bogus: 1}\n", "s_ais.yaml": "options: {ais_space: internal}\n", "python_tag.yaml": "epochs: !!python/object/apply:os.getcwd []\n",
     }
     for name, text in configs.items():
         (d / name).write_text(text)
@@ -347,6 +347,8 @@ CASES = [
           "--config {d}/s_lr.yaml", 2, "lr", "-1"),
     _case("sampler-config-unknown-target-option", "sampler train --target dw4 --method reverse-kl --out {d}/o.ckpt "
           "--config {d}/s_target.yaml", 2, "bogus"),
+    _case("sampler-config-internal-ais-on-toy", "sampler train --target dw4 --method fab --out {d}/o.ckpt "
+          "--config {d}/s_ais.yaml", 2, "ais_space", "flow: internal"),
     # -- 3. clear errors: flags -------------------------------------------------------------------
     _case("md-negative-friction", "md --friction-per-ps -1 --out {d}/o.npz", 2, "--friction-per-ps", "-1"),
     _case("md-zero-temperature", "md --temperature 0 --out {d}/o.npz", 2, "--temperature"),

@@ -1,4 +1,4 @@
-"""The data arguments shared by ``train``, ``cg`` and ``convert``: a ``.npz`` dataset, or
+"""The data arguments shared by ``train``, ``cg`` and ``convert``: ``.npz`` datasets, or
 trajectory files that mdtraj reads with ``--topology``, ``--forces``, ``--stride``,
 ``--select`` and ``--temperature`` (:func:`openmm_flowforce.data.trajectory.load_data`)."""
 from __future__ import annotations
@@ -9,8 +9,9 @@ from typing import Any
 from openmm_flowforce.cli.config import flag
 from openmm_flowforce.options import POSITIVE, POSITIVE_INT
 
-DATA_HELP = ("a .npz dataset (flowforce md / flowforce convert), or trajectory files mdtraj reads (DCD, XTC, TRR, "
-             "H5, NetCDF; several are joined in order) with --topology")
+DATA_HELP = ("one or more .npz datasets (flowforce md / flowforce convert; several are joined, their replicas kept "
+             "apart), or trajectory files mdtraj reads (DCD, XTC, TRR, H5, NetCDF; several are joined in order) "
+             "with --topology")
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, what: str = "DATA") -> None:

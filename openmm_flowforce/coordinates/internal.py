@@ -438,6 +438,91 @@ class InternalCoordinates(nn.Module):
         phi = torch.where(self.torsion_periodic, 2.0 * math.pi * ut - math.pi, wrap_torsion(narrow))
         return self._place(bonds, cos, sin, phi), -self._ladj(bonds, cos, phi)
 
+    # -- standardised internal coordinates (the HMC space of FAB) ----------------------
+    def _scale_log_sum(self) -> Tensor:
+        """Σ log s over the bond, cos θ and narrow-torsion scales (float64, 0-d)."""
+        narrow = self.narrow_torsions
+        return (self.bond_scale.log().sum() + self.cos_scale.log().sum()
+                + self.torsion_scale.index_select(0, narrow).log().sum())
+
+    def to_standard(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Cartesian positions → standardised internal coordinates ``z``, with log|det dz/dx|.
+
+        ``z = [(b − m_b)/s_b, (cos θ − m_w)/s_w, t]`` with ``t`` the torsion φ in radians
+        for circles and ``wrap(φ − μ)/s_φ`` for narrow torsions: the argument of Φ in
+        :meth:`to_unit` before Φ is applied, and φ itself on circles. Every entry has about
+        unit thermal spread under the force-field normalisation of
+        :func:`~openmm_flowforce.samplers.molecule_flow.prior_internal_coordinates`, and no
+        entry is bounded by the map (the physical range is checked by :meth:`from_standard`),
+        so HMC needs no boundaries. ``to_unit = standard_to_unit ∘ to_standard``, and the
+        two log-determinants add up to :meth:`to_unit`'s.
+
+        Returns:
+            z ``(B, 3N−6)`` and ``ladj`` ``(B,)`` = ``−Σ 2 log b − Σ log s`` (rigid-body
+            degrees of freedom factored out, as in :meth:`to_unit`).
+        """
+        self._check_shape(x)
+        dtype = x.dtype
+        r = self.rows
+        bonds = self._bonds(x)
+        cos = _cos_angle(x, *r[2:, :3].T)
+        torsions = _torsion(x, *r[3:].T)
+        zb = (bonds - self.bond_loc.to(dtype)) / self.bond_scale.to(dtype)
+        zw = (cos - self.cos_loc.to(dtype)) / self.cos_scale.to(dtype)
+        zt = torch.where(self.torsion_periodic, torsions, self._torsion_z(torsions))
+        ladj = -2.0 * torch.log(bonds).sum(-1) - self._scale_log_sum().to(dtype)
+        return torch.cat([zb, zw, zt], dim=-1), ladj
+
+    def from_standard(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Standardised internal coordinates → Cartesian positions (canonical frame).
+
+        Circle torsions may take any real value (2π-periodic); the others must map into the
+        physical range: bonds above 1e-4 nm, |cos θ| < 1, narrow torsions within π of
+        their centre (|t|·s_φ < π, where the map from t to φ is one-to-one). Outside it
+        the positions are those of the clamped values and ``valid`` is False.
+
+        Returns:
+            x ``(B, N, 3)`` nm, ``ladj`` ``(B,)`` = log|det dx/dz| = −(:meth:`to_standard`'s
+            at x), and ``valid`` ``(B,)`` bool.
+        """
+        n = self.n_atoms
+        if not isinstance(z, Tensor) or z.ndim != 2 or z.shape[1] != self.dim:
+            shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+            raise FlowforceError(f"expected z of shape (B, {self.dim}) (3N − 6 for N = {n} atoms), got {shape}")
+        dtype = z.dtype
+        zb, zw, zt = z[:, : n - 1], z[:, n - 1: 2 * n - 3], z[:, 2 * n - 3:]
+        bonds = self.bond_loc.to(dtype) + self.bond_scale.to(dtype) * zb
+        cos = self.cos_loc.to(dtype) + self.cos_scale.to(dtype) * zw
+        narrow_dev = self.torsion_scale.to(dtype) * zt
+        valid = ((bonds > MIN_BOND_NM).all(-1) & (cos.abs() < 1.0).all(-1)
+                 & (self.torsion_periodic | (narrow_dev.abs() < math.pi)).all(-1))
+        bonds = bonds.clamp_min(MIN_BOND_NM)
+        cos = cos.clamp(-1.0, 1.0)
+        sin = (1.0 - cos * cos).clamp_min(torch.finfo(dtype).tiny).sqrt()
+        phi = torch.where(self.torsion_periodic, zt, self.torsion_loc.to(dtype) + narrow_dev)
+        ladj = 2.0 * torch.log(bonds).sum(-1) + self._scale_log_sum().to(dtype)
+        return self._place(bonds, cos, sin, phi), ladj, valid
+
+    def standard_to_unit(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Standardised internal coordinates → the unit cube of :meth:`to_unit`, elementwise.
+
+        Φ on bonds, cos θ and narrow torsions; ``(t + π)/(2π)`` mod 1 on circles.
+
+        Returns:
+            u ``(B, 3N−6)`` and ``ladj`` ``(B,)`` = Σ log Φ'(z) − (number of circles)·log 2π.
+        """
+        n = self.n_atoms
+        dtype = z.dtype
+        head, zt = z[:, : 2 * n - 3], z[:, 2 * n - 3:]
+        ut = torch.where(self.torsion_periodic, torch.remainder((zt + math.pi) / (2.0 * math.pi), 1.0),
+                         torch.special.ndtr(zt))
+        ladj = _log_dnormal_cdf(head).sum(-1)
+        narrow = self.narrow_torsions
+        if narrow.numel() > 0:
+            ladj = ladj + _log_dnormal_cdf(zt.index_select(-1, narrow)).sum(-1)
+        n_periodic = self.torsion_periodic.to(torch.float64).sum()
+        return torch.cat([torch.special.ndtr(head), ut], dim=-1), ladj - (n_periodic * math.log(2.0 * math.pi)).to(dtype)
+
     def _place(self, bonds: Tensor, cos: Tensor, sin: Tensor, phi: Tensor) -> Tensor:
         """Positions ``(B, N, 3)``; internal arrays are indexed by Z-matrix row."""
         batch, n = bonds.shape[0], self.n_atoms

@@ -234,7 +234,8 @@ def save_dataset(
         temperature: K.
         forces: ``(T, N, 3)`` kJ/mol/nm (stored as float32), optional.
         timestep_fs, save_every_ps, source: metadata.
-        system: the reference ``openmm.System``; stored as XML so samples can be
+        system: the reference ``openmm.System``, or its XML as read from a dataset
+            (``Dataset.system_xml``, already checked on load); stored as XML so samples can be
             reweighted to it (a System holding a TorchForce cannot be stored). Not with
             ``cg_mapping``.
         replica: ``(T,)`` replica index of every frame (stored as int32).
@@ -283,7 +284,10 @@ def save_dataset(
         arrays["timestep_fs"] = np.array(float(timestep_fs))
     if save_every_ps is not None:
         arrays["save_every_ps"] = np.array(float(save_every_ps))
-    if system is not None:
+    if isinstance(system, str):
+        check_xml(system, f"the reference System for {path}")
+        arrays["system_xml"] = np.array(system)
+    elif system is not None:
         from openmm import XmlSerializer
         arrays["system_xml"] = np.array(XmlSerializer.serialize(system))
     atomic_write_npz(path, arrays)

@@ -41,8 +41,9 @@ def load_data(data: str | os.PathLike | Sequence[str | os.PathLike], topology: s
     """A :class:`Dataset` from a ``.npz`` dataset or from trajectory files with a topology.
 
     Args:
-        data: one ``.npz`` file (written by ``flowforce md`` / ``flowforce convert``), or
-            one or more trajectory files (concatenated in the order given).
+        data: one or more ``.npz`` files (written by ``flowforce md`` / ``flowforce
+            convert``; several are joined by :func:`~openmm_flowforce.data.join.join_datasets`,
+            replicas kept apart), or one or more trajectory files (concatenated in the order given).
         topology: topology file for trajectories (PDB, prmtop, psf, gro, H5...); must be
             None for a ``.npz``, which carries its own.
         forces: for trajectories, an array file of forces in kJ/mol/nm: ``.npy`` of shape
@@ -54,22 +55,28 @@ def load_data(data: str | os.PathLike | Sequence[str | os.PathLike], topology: s
         trust: as :func:`~openmm_flowforce.data.dataset.load_dataset`.
 
     Raises:
-        OptionError: trajectory options given with a ``.npz``, or a trajectory without ``topology``.
-        MissingFileError, BadFileError, FlowforceError: unreadable or mismatched files.
+        OptionError: trajectory options given with a ``.npz``, ``.npz`` and trajectory files
+            mixed, or a trajectory without ``topology``.
+        MissingFileError, BadFileError, FlowforceError: unreadable or mismatched files
+            (several ``.npz`` of different molecules, Systems or temperatures).
     """
     paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     if not paths:
         raise OptionError("no data files given")
     if any(_is_npz(p) for p in paths):
-        if len(paths) > 1:
-            raise OptionError(f"give one .npz dataset or trajectory files, not both or several .npz: {paths}")
+        if not all(_is_npz(p) for p in paths):
+            raise OptionError(f"give .npz datasets or trajectory files, not both: {paths}")
         given = {"--topology": topology, "--forces": forces, "--select": selection, "--temperature": temperature,
                  "--stride": None if stride == 1 else stride}
         extra = [name for name, value in given.items() if value is not None]
         if extra:
             raise OptionError(f"{', '.join(extra)} apply to trajectory files; {paths[0]} is a .npz dataset that "
                               "carries its own topology, forces and temperature")
-        return load_dataset(paths[0], trust=trust)
+        if len(paths) == 1:
+            return load_dataset(paths[0], trust=trust)
+        from .join import join_datasets
+
+        return join_datasets([load_dataset(p, trust=trust) for p in paths], [str(p) for p in paths])
     if topology is None:
         raise OptionError(f"{paths[0]} is read as {TRAJECTORY_HINT}; give its topology with --topology "
                           "(PDB, prmtop, psf, gro), or pass a .npz dataset")

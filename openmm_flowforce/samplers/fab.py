@@ -4,8 +4,9 @@ Midgley, Stimper, Simm, Schölkopf, Hernández-Lobato, "Flow Annealed Importance
 Bootstrap", ICLR 2023, arXiv 2208.01893. The flow q_θ (a smooth
 :class:`~openmm_flowforce.flows.RealFlow`; on molecule targets such as alanine dipeptide
 the Boltzmann generator on internal coordinates,
-:class:`~openmm_flowforce.samplers.molecule_flow.MoleculeFlow`, with HMC on the Cartesian
-coordinates) is trained to minimise the mass-covering
+:class:`~openmm_flowforce.samplers.molecule_flow.MoleculeFlow`, with HMC on its
+standardised internal coordinates, as fab-torch runs its alanine-dipeptide AIS, or on the
+Cartesian ones) is trained to minimise the mass-covering
 α-divergence with α = 2,
 
     D_2(p‖q_θ) ∝ ∫ p(x)²/q_θ(x) dx,        ∇_θ D_2 ∝ −∫ (p²/q_θ)·∇_θ log q_θ dx,
@@ -60,7 +61,7 @@ from typing import Any, Mapping
 import torch
 
 from ..reweighting import effective_sample_size
-from .ais import annealed_importance_sampling, beta_schedule
+from .ais import AISResult, annealed_importance_sampling, beta_schedule
 from .buffer import PrioritisedBuffer
 from .flow_training import COMMON_DEFAULTS, FlowSamplerMethod, TrainContext
 from .registry import register_method
@@ -90,6 +91,34 @@ def fab_log_densities(model, energy):
     return log_densities
 
 
+def fab_internal_log_densities(model, energy):
+    """:func:`fab_log_densities` on the standardised internal coordinates z of a
+    :class:`~openmm_flowforce.samplers.molecule_flow.MoleculeFlow` (``ais_space: internal``).
+
+    Both densities of z carry the Jacobian J = |det dx/dz| of the configuration x(z):
+    ``log q(z) = log q(x) + log J`` (evaluated directly on z) and ``log p(z) = −u(x) + log J``,
+    so ``2 log p − log q`` and the AIS weights are those of the Cartesian run; only the HMC
+    moves differ. Points outside the physical range (:meth:`MoleculeFlow.from_standard`)
+    get log densities −∞ (HMC rejects them) and zero gradients.
+    """
+
+    def log_densities(z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        with torch.enable_grad():
+            z = z.detach().requires_grad_(True)
+            log_q = model.log_prob_standard(z)
+            (grad_q,) = torch.autograd.grad(log_q.sum(), z)
+            x, log_jac, valid = model.from_standard(z)
+            log_p = log_jac - energy(x)
+            (grad_p,) = torch.autograd.grad(log_p.sum(), z)
+        outside = torch.full_like(log_q, -math.inf)
+        log_q, log_p = log_q.detach(), log_p.detach()
+        keep = valid[:, None]
+        return (torch.where(valid, log_q, outside), torch.where(valid, 2.0 * log_p - log_q, outside),
+                torch.where(keep, grad_q, 0.0), torch.where(keep, 2.0 * grad_p - grad_q, 0.0))
+
+    return log_densities
+
+
 def _ess(log_w: Tensor) -> float:
     log_w = torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf))
     return effective_sample_size(log_w) if bool(torch.isfinite(log_w).any()) else 0.0
@@ -104,13 +133,15 @@ class FABMethod(FlowSamplerMethod):
     ``n_hmc`` (HMC transitions per level), ``step_size`` (initial leapfrog step),
     ``target_accept``, ``buffer`` (prioritised replay on/off), ``buffer_size``,
     ``min_buffer``, ``n_updates`` (gradient steps per AIS batch with the buffer),
-    ``w_adjust_clip``. A "step" is one AIS batch (plus its ``n_updates`` updates).
+    ``w_adjust_clip``, ``ais_space`` (where HMC moves: ``"cartesian"``, or ``"internal"``,
+    the standardised internal coordinates of ``flow: internal`` and its default; see
+    :func:`fab_internal_log_densities`). A "step" is one AIS batch (plus its ``n_updates`` updates).
     """
 
     name = "fab"
     defaults = dict(COMMON_DEFAULTS, n_intermediate=2, spacing="geometric", n_leapfrog=5, n_hmc=1,
                     step_size=None, target_accept=0.65, buffer=True, buffer_size=4096, min_buffer=1024,
-                    n_updates=4, w_adjust_clip=10.0)
+                    n_updates=4, w_adjust_clip=10.0, ais_space=None)
 
     # -- state -------------------------------------------------------------------------
     def init_extra(self, model, target, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -148,17 +179,31 @@ class FABMethod(FlowSamplerMethod):
             extra["buffer"].load_state_dict(state["buffer"])
 
     # -- AIS ---------------------------------------------------------------------------
-    def run_ais(self, ctx: TrainContext, n: int, adapt: bool = True):
-        """AIS from the flow towards p²/q for ``n`` chains; samples are detached and mean free."""
+    def run_ais(self, ctx: TrainContext, n: int, adapt: bool = True) -> tuple[AISResult, Tensor]:
+        """AIS from the flow towards p²/q for ``n`` chains, in the option ``ais_space``.
+
+        Returns:
+            the AIS result with ``x`` replaced by the final configurations (detached, mean
+            free, Cartesian), and log q(x) there ``(n,)`` (cached by AIS; for the internal
+            space, log q(z) less the Jacobian).
+        """
         model, opts, extra = ctx.model, ctx.options, ctx.extra
+        internal = opts.get("ais_space", "cartesian") == "internal"
         with torch.no_grad():
             x0 = model.sample(n)
+            start = model.to_standard(x0) if internal else x0
+        log_densities = (fab_internal_log_densities if internal else fab_log_densities)(model, ctx.energy)
         result = annealed_importance_sampling(
-            x0, fab_log_densities(model, ctx.energy), extra["betas"], extra["step_sizes"],
+            start, log_densities, extra["betas"], extra["step_sizes"],
             n_leapfrog=int(opts["n_leapfrog"]), n_hmc=int(opts["n_hmc"]), adapt=adapt,
             target_accept=float(opts["target_accept"]))
+        log_q = result.final.log0
+        if internal:
+            with torch.no_grad():
+                x, log_jac, _ = model.from_standard(result.x)
+            result.x, log_q = x, log_q - log_jac
         result.x = model.project(result.x).detach()
-        return result
+        return result, log_q.detach()
 
     def _diagnostics(self, result, extra) -> dict[str, float]:
         log_w_flow = 0.5 * result.log_w_initial  # log p − log q at the flow samples
@@ -174,18 +219,18 @@ class FABMethod(FlowSamplerMethod):
         batch = int(opts["batch_size"])
         buffer: PrioritisedBuffer | None = extra["buffer"]
         if buffer is None:
-            result = self.run_ais(ctx, batch)
+            result, _ = self.run_ais(ctx, batch)
             weights = torch.softmax(torch.nan_to_num(result.log_w, nan=-math.inf), 0).detach()
             loss = -(weights * model.log_prob(result.x)).sum()
             skipped = float(not ctx.optimizer_step(loss))
             return {"loss": float(loss.detach()), **self._diagnostics(result, extra), "skipped": skipped}
 
         while len(buffer) < int(opts["min_buffer"]):  # Algorithm 2: fill with the initial flow's AIS samples
-            result = self.run_ais(ctx, batch)
-            buffer.add(result.x, result.log_w, result.final.log0)
-        result = self.run_ais(ctx, batch)
-        # final.log0 is log q at the final AIS samples (cached by AIS; projection leaves it unchanged).
-        buffer.add(result.x, result.log_w, result.final.log0)
+            result, log_q_final = self.run_ais(ctx, batch)
+            buffer.add(result.x, result.log_w, log_q_final)
+        result, log_q_final = self.run_ais(ctx, batch)
+        # log q at the final AIS samples (cached by AIS; projection leaves it unchanged).
+        buffer.add(result.x, result.log_w, log_q_final)
         losses, skipped = [], 0
         for _ in range(int(opts["n_updates"])):
             idx, x, log_q_old = buffer.sample(batch)

@@ -49,9 +49,11 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "lj13": dict(scale=1.0, n_layers=8, hidden=128, n_components=8, step_size=0.02, energy_cut=100.0),
     "lj55": dict(scale=1.5, n_layers=8, hidden=256, n_components=8, step_size=0.01, energy_cut=100.0),
     "default": dict(scale=1.0, n_layers=8, hidden=64, n_components=8, step_size=0.1),
-    # Molecules (MoleculeTarget): the Boltzmann generator on internal coordinates; HMC runs on
-    # Cartesian nm with unit mass, where X–H bonds of p²/q have ω ≈ 470 per unit time, so
-    # the leapfrog step must stay well below 2/ω ≈ 0.004 (adapted from there).
+    # Molecules (MoleculeTarget): the Boltzmann generator on internal coordinates. FAB's HMC
+    # runs on the standardised internal coordinates by default (INTERNAL_AIS_STEP_SIZE); this
+    # step_size is for ais_space: cartesian, HMC on Cartesian nm with unit mass, where X–H
+    # bonds of p²/q have ω ≈ 470 per unit time, so the leapfrog step must stay well below
+    # 2/ω ≈ 0.004 (adapted from there).
     "molecule": dict(flow="internal", scale=1.0, n_layers=8, hidden=128, n_components=8, step_size=0.001),
 }
 
@@ -128,10 +130,35 @@ def resolve_options(options: Mapping[str, Any], target: Any) -> dict[str, Any]:
     for key in ("scale", "lr", "step_size"):
         if key in opts and not (isinstance(opts[key], (int, float)) and opts[key] > 0):
             raise FlowforceError(f"option {key} must be a positive number, got {opts[key]!r}")
+    if "ais_space" in opts:
+        _resolve_ais_space(opts, step_size_given=options.get("step_size") is not None)
     cut = opts.get("energy_cut")
     if cut is not None and (isinstance(cut, bool) or not isinstance(cut, (int, float)) or not math.isfinite(cut)):
         raise FlowforceError(f"option energy_cut must be a finite number of kT or None, got {cut!r}")
     return opts
+
+
+#: Initial leapfrog step of FAB's HMC in the standardised internal coordinates
+#: (``ais_space: internal``), where every coordinate has about unit thermal spread; adapted
+#: from there towards the target acceptance.
+INTERNAL_AIS_STEP_SIZE = 0.05
+
+
+def _resolve_ais_space(opts: dict[str, Any], step_size_given: bool) -> None:
+    """``ais_space`` None → ``"internal"`` for ``flow: internal``, else ``"cartesian"``; the
+    internal space takes :data:`INTERNAL_AIS_STEP_SIZE` unless ``step_size`` was given.
+
+    Raises:
+        FlowforceError: ``ais_space: internal`` with a flow that has no internal coordinates.
+    """
+    if opts["ais_space"] is None:
+        opts["ais_space"] = "internal" if opts.get("flow") == "internal" else "cartesian"
+    if opts["ais_space"] == "internal":
+        if opts.get("flow") != "internal":
+            raise FlowforceError(f"ais_space: internal needs flow: internal (a molecule target), got flow: "
+                                 f"{opts.get('flow')}; use ais_space: cartesian")
+        if not step_size_given:
+            opts["step_size"] = INTERNAL_AIS_STEP_SIZE
 
 
 class EnergyCounter:

@@ -6,10 +6,14 @@ internal coordinates from the energy alone. :class:`MoleculeFlow` gives the pack
 smooth coupling flow; Noé et al. 2019, arXiv 1812.01729; Köhler, Krämer, Noé 2021, arXiv
 2110.00351) the interface of the flows the sampler methods train: flat Cartesian
 positions ``x (B, 3N)`` in nm, ``log_prob``, ``sample``, ``sample_and_log_prob``,
-``project``. FAB's AIS then runs HMC on Cartesian coordinates, where both log q and
-u = E/kT are invariant to rigid motions (log q is the density of the internal coordinates
-with respect to the Cartesian volume with the six rigid-body degrees of freedom factored
-out, so p/q weights are those of the molecule's shape).
+``project``. FAB's AIS runs HMC either on Cartesian coordinates (``ais_space:
+cartesian``), where both log q and u = E/kT are invariant to rigid motions (log q is the
+density of the internal coordinates with respect to the Cartesian volume with the six
+rigid-body degrees of freedom factored out, so p/q weights are those of the molecule's
+shape), or on the standardised internal coordinates (``ais_space: internal``,
+:meth:`MoleculeFlow.to_standard`), where every coordinate has about unit thermal spread
+and the stiff X–H bonds no longer set the leapfrog step. Both densities pick up the same
+Jacobian there, so the AIS weights are the same functions of the configuration.
 
 No MD data is used. The internal-coordinate normalisation (:func:`prior_internal_coordinates`)
 comes from the System and the built-in structure:
@@ -144,6 +148,24 @@ class MoleculeFlow(nn.Module):
 
     def sample(self, n: int) -> Tensor:
         return self.sample_and_log_prob(n)[0]
+
+    # -- the standardised internal coordinates (FAB's HMC space, ``ais_space: internal``) --
+    def to_standard(self, x: Tensor) -> Tensor:
+        """Flat positions → standardised internal coordinates ``z (B, 3N−6)``
+        (:meth:`~openmm_flowforce.coordinates.InternalCoordinates.to_standard`)."""
+        return self.generator.coordinates.to_standard(self._positions(x))[0]
+
+    def from_standard(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``z`` → flat positions ``(B, 3N)`` in the canonical frame, log|det dx/dz| and the
+        validity mask (:meth:`~openmm_flowforce.coordinates.InternalCoordinates.from_standard`)."""
+        x, ladj, valid = self.generator.coordinates.from_standard(z)
+        return x.reshape(x.shape[0], -1), ladj, valid
+
+    def log_prob_standard(self, z: Tensor) -> Tensor:
+        """log q(z) ``(B,)``: the flow's density of the standardised internal coordinates,
+        ``log q(x) + log|det dx/dz|`` at x(z), computed without leaving z."""
+        u, ladj = self.generator.coordinates.standard_to_unit(z)
+        return self.generator.flow.log_prob(u) + ladj
 
     def project(self, x: Tensor) -> Tensor:
         """Remove the (unweighted) centre of the atoms: HMC on a rigid-motion-invariant

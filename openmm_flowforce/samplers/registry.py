@@ -33,6 +33,7 @@ SAMPLER_OPTIONS: dict[str, Option] = {
     "weighting": Option(str, choices=("none", "variance")), "spacing": Option(str, choices=("geometric", "linear")),
     "transform": Option(str), "mean_free": Option(bool), "buffer": Option(bool),
     "flow": Option(str, choices=("real", "equivariant", "internal")),
+    "ais_space": Option(str, choices=("cartesian", "internal")),
     "divergence": Option(str, choices=("exact", "hutchinson")),
     "ema": Option(float, minimum=0.0, maximum=1.0, open_maximum=True),
 }
