@@ -151,12 +151,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ais-space", choices=("internal", "cartesian"), default="internal",
                         help="where FAB's HMC moves (option ais_space; default internal, the method's default "
                              "for this flow); results of cartesian runs get the suffix _cartesian")
+    parser.add_argument("--option", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="FAB options on top of the bench's (YAML values), e.g. n_intermediate=8")
+    parser.add_argument("--suffix", default="", help="appended to the result file names (e.g. _levels8)")
     args = parser.parse_args(argv)
     target = "alanine-dipeptide" + ("-implicit" if args.solvent == "implicit" else "")
-    options = {**(QUICK_OPTIONS if args.quick else FAB_OPTIONS), "ais_space": args.ais_space}
+    import yaml
+
+    extra = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--option takes KEY=VALUE, got {item!r}")
+        extra[key] = yaml.safe_load(value)
+    options = {**(QUICK_OPTIONS if args.quick else FAB_OPTIONS), "ais_space": args.ais_space, **extra}
     steps, every, n_eval = (6, 3, 500) if args.quick else (args.steps, args.eval_every, args.n_eval)
     ns = args.reference_ns or (0.5 if args.quick else 5.0 if args.solvent == "vacuum" else 2.0)
-    tag = f"{args.solvent}{'_cartesian' if args.ais_space == 'cartesian' else ''}{'_quick' if args.quick else ''}"
+    tag = (f"{args.solvent}{'_cartesian' if args.ais_space == 'cartesian' else ''}{args.suffix}"
+           f"{'_quick' if args.quick else ''}")
     work = Path(args.work or ROOT / "runs" / f"fab_alanine_{tag}")
     work.mkdir(parents=True, exist_ok=True)
     results = Path(args.results)
